@@ -1,0 +1,1 @@
+"""Tessera: LAION-scale image-text curation and LlamaGen-style text-to-image training."""

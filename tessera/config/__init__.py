@@ -1,0 +1,103 @@
+"""Run configs: one YAML file per run, validated into typed objects.
+
+`load_config(path, overrides)` reads the file, applies environment and command-line
+overrides, and validates. Every mistake (unknown key, wrong type, missing value) is raised
+as a ConfigError naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import ValidationError
+
+from tessera.config.base import Section
+from tessera.config.download import DownloadConfig, SourceConfig
+from tessera.config.ray import RayConfig
+
+# Environment variables that override one key each: paths and addresses.
+ENV_OVERRIDES = {
+    "TESSERA_DATA_ROOT": "data_root",
+    "TESSERA_RUNS_ROOT": "runs_root",
+    "TESSERA_SOURCE": "source.path",
+    "RAY_ADDRESS": "ray.address",
+}
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used, with the file and key that are wrong."""
+
+
+class RunConfig(Section):
+    name: str
+    data_root: str
+    runs_root: str = "runs"
+    ray: RayConfig = RayConfig()
+    source: SourceConfig
+    download: DownloadConfig = DownloadConfig()
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: cannot set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(origin: str, err: ValidationError) -> str:
+    lines = [f"{origin}: invalid run config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: missing value")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    environ: dict[str, str] | None = None,
+) -> RunConfig:
+    """Load a run config. Precedence: command-line overrides > environment > file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    environ = os.environ if environ is None else environ
+    for var, key in ENV_OVERRIDES.items():
+        if environ.get(var):
+            _set_dotted(tree, key, environ[var], f"{path} (environment {var})")
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value, f"{path} (override {item!r})")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(str(path), e)) from None
+
+
+__all__ = ["ConfigError", "RunConfig", "Section", "load_config"]

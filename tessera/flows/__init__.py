@@ -1,0 +1,1 @@
+"""Prefect flows: parameters in, stage calls, artifacts out. The stages work without Prefect."""

@@ -1,0 +1,38 @@
+"""The `curate` flow: download -> (score -> select -> caption -> tokenize) on Ray, from one config."""
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tessera.config import RunConfig, load_config
+from tessera.flows.common import ShardProgress, logger, publish_table, source_context
+from tessera.pipelines import download
+from tessera.pipelines.funnel import write_funnel
+from tessera.pipelines.store import ShardStore
+
+RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+
+
+@task(name="download", **RETRIES)
+def download_task(cfg: RunConfig, store: ShardStore) -> download.DownloadResult:
+    shards = download.prepare(cfg.source, cfg.download, store)
+    result = download.run(cfg.source, cfg.download, cfg.ray, store,
+                          on_shard=ShardProgress("download", len(shards)))
+    logger().info("Downloaded %d of %d rows; dropped %s.", result.downloaded, result.rows_in,
+                  ", ".join(f"{n} {r}" for r, n in sorted(result.dropped.items())) or "none")
+    return result
+
+
+@flow(name="curate", log_prints=True)
+def curate(config: str, overrides: list[str] | None = None) -> dict:
+    """Curate the data set a run config names; returns the funnel rows."""
+    cfg = load_config(config, overrides or [])
+    store = ShardStore(cfg.data_root)
+    funnel: list[dict] = []
+    with source_context(cfg):
+        funnel += download_task(cfg, store).funnel()
+    url = write_funnel(store, funnel)
+    publish_table("funnel", funnel, f"Rows kept and dropped per stage and reason ({url}).")
+    logger().info("Funnel written to %s.", url)
+    return {"funnel": funnel, "data_root": cfg.data_root}
+

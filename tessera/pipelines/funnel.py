@@ -1,0 +1,22 @@
+"""The funnel: how many rows each stage kept, and how many it dropped for each reason."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from tessera.pipelines.store import ShardStore
+
+FUNNEL_SCHEMA = pa.schema([
+    ("stage", pa.string()), ("outcome", pa.string()), ("reason", pa.string()), ("count", pa.int64()),
+])
+
+
+def write_funnel(store: ShardStore, rows: list[dict]) -> str:
+    """Write `reports/funnel.parquet` (one row per stage, outcome and reason); returns its URL."""
+    store.write_table(pa.Table.from_pylist(rows, schema=FUNNEL_SCHEMA), "reports", "funnel.parquet")
+    return store.url("reports", "funnel.parquet")
+
+
+def funnel_markdown(rows: list[dict]) -> str:
+    lines = ["| stage | outcome | reason | count |", "|---|---|---|---:|"]
+    lines += [f"| {r['stage']} | {r['outcome']} | {r['reason']} | {r['count']} |" for r in rows]
+    return "\n".join(lines)
