@@ -21,7 +21,7 @@ def demo(args) -> int:
     from tessera.flows.curate import curate
 
     out = os.path.abspath(args.dir)
-    overrides = [f"data_root={out}/data", f"runs_root={out}/runs",
+    overrides = [f"data_root={out}/data", f"runs_root={out}/runs", f"models_root={out}/models",
                  f"source.path={out}/source/laion-synthetic.parquet", *args.overrides]
     load_config(args.config, overrides)  # fail fast, before Prefect starts
     start = time.time()

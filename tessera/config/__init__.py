@@ -21,6 +21,7 @@ from tessera.config.ray import RayConfig
 ENV_OVERRIDES = {
     "TESSERA_DATA_ROOT": "data_root",
     "TESSERA_RUNS_ROOT": "runs_root",
+    "TESSERA_MODELS_ROOT": "models_root",
     "TESSERA_SOURCE": "source.path",
     "RAY_ADDRESS": "ray.address",
 }
@@ -34,6 +35,8 @@ class RunConfig(Section):
     name: str
     data_root: str
     runs_root: str = "runs"
+    # Where `tiny:NAME` model references are built (see tessera.models.tiny).
+    models_root: str = "models"
     ray: RayConfig = RayConfig()
     source: SourceConfig
     download: DownloadConfig = DownloadConfig()

@@ -1,0 +1,1 @@
+"""Torch modules and their weight loaders. No Ray or Prefect in here."""

@@ -1,0 +1,62 @@
+"""Tiny models for the demo and the tests, built offline in the real checkpoint formats.
+
+A config names a model by path or hub id (the real thing) or as `tiny:NAME`: the tiny model of
+that kind, built once under the run's `models_root` and then loaded through the very same code
+path as a real checkpoint. Nothing is ever downloaded for a tiny model.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+# NAME -> "module:function(path)" that builds and saves the tiny model at `path`.
+BUILDERS: dict[str, str] = {}
+
+PREFIX = "tiny:"
+
+
+def resolve(ref: str, models_root: str) -> str:
+    """The path or hub id to load for a config's model reference (building a tiny one if needed)."""
+    if not ref.startswith(PREFIX):
+        return ref
+    name = ref[len(PREFIX):]
+    if name not in BUILDERS:
+        raise ValueError(f"unknown tiny model {ref!r}; known: {', '.join(sorted(BUILDERS)) or 'none'}")
+    path = os.path.join(models_root, name)
+    if not os.path.exists(os.path.join(path, ".complete")):
+        module, func = BUILDERS[name].split(":")
+        builder: Callable[[str], None] = getattr(importlib.import_module(module), func)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        builder(tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        if os.path.exists(path):
+            import shutil
+
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    return path
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 512, special_tokens: list[str] | None = None,
+                    **fast_kwargs):
+    """A small byte-level BPE tokenizer trained in-process, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = special_tokens or ["<pad>", "<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **fast_kwargs)
+
+
+def caption_corpus() -> list[str]:
+    """Text like the synthetic set's captions, to train tiny tokenizers on."""
+    from tessera.pipelines.synthetic import COLORS, PLACES, SHAPES
+
+    return [f"a {c} {s} {p} on a {b} background. The image shows a {s}."
+            for c in COLORS for s in SHAPES for p in PLACES for b in COLORS if b != c]
