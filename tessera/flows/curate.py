@@ -31,6 +31,9 @@ def curate(config: str, overrides: list[str] | None = None) -> dict:
     funnel: list[dict] = []
     with source_context(cfg):
         funnel += download_task(cfg, store).funnel()
+        # <score and select tasks go here>
+        # <caption task goes here>
+        # <tokenize task goes here>
     url = write_funnel(store, funnel)
     publish_table("funnel", funnel, f"Rows kept and dropped per stage and reason ({url}).")
     logger().info("Funnel written to %s.", url)
