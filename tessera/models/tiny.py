@@ -11,7 +11,12 @@ import os
 from typing import Callable
 
 # NAME -> "module:function(path)" that builds and saves the tiny model at `path`.
-BUILDERS: dict[str, str] = {}
+BUILDERS: dict[str, str] = {
+    "clip": "tessera.models.clip:build_tiny",
+    "aesthetic": "tessera.models.aesthetic:build_tiny",
+    "nsfw": "tessera.models.nsfw:build_tiny",
+    "watermark": "tessera.models.watermark:build_tiny",
+}
 
 PREFIX = "tiny:"
 
