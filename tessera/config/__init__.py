@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tessera.config.base import Section
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
+from tessera.config.train import SampleConfig, TrainConfig
 
 # Environment variables that override one key each: paths and addresses.
 ENV_OVERRIDES = {
@@ -40,6 +41,9 @@ class RunConfig(Section):
     ray: RayConfig = RayConfig()
     source: SourceConfig
     download: DownloadConfig = DownloadConfig()
+    stage1: TrainConfig | None = None
+    stage2: TrainConfig | None = None
+    sample: SampleConfig | None = None
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

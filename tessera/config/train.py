@@ -1,0 +1,105 @@
+"""Config of the two training stages (`stage1`, `stage2`) and of sampling (`sample`)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from tessera.config.base import Section
+
+
+class CodesDataConfig(Section):
+    """The training stream over tokens/{resolution} shards."""
+
+    resolution: Literal[256, 512] = 256
+    # Caption features: "stored" uses {key}.t5.npy (error when absent), "encode" runs the text
+    # encoder on the caption, "auto" uses stored features when the sample has them and the chosen
+    # caption is the one they were computed from, and encodes otherwise.
+    text: Literal["auto", "stored", "encode"] = "auto"
+    # Which caption a sample is trained with: the re-caption (caption_long) when present, else
+    # the original; with short_caption_prob, caption_short takes its place (LlamaGen stage 2: 0.3).
+    caption: Literal["caption", "caption_long"] = "caption_long"
+    short_caption_prob: float = 0.0
+    # Probability of training on the flipped codes ({key}.codes_flip.npy) when a sample has them.
+    flip_prob: float = 0.0
+    seed: int = 0
+
+
+class OptimConfig(Section):
+    """AdamW with LlamaGen's defaults."""
+
+    lr_per_256: float = 1e-4  # learning rate per 256 images of global batch
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05  # on parameters of 2 or more dims only
+    grad_clip: float = 1.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at this fraction of the peak
+
+
+class TrainConfig(Section):
+    model: str = "GPT-XL"  # a name in tessera.models.gpt.GPT_CONFIGS
+    # Overrides of the model config (None: the config's value).
+    vocab_size: int | None = None
+    caption_dim: int | None = None  # None: the text encoder's dim, or the stored features' dim
+    text_rope: Literal["identity", "llamagen"] = "identity"
+    dropout: float | None = None  # token, residual and FFN dropout together
+    # Start from these weights only (fresh optimizer and step): "stage1" (the final checkpoint of
+    # this run's stage 1) or a checkpoint path, LlamaGen's included. Ignored when resuming.
+    init_from: str | None = None
+    text_encoder: str | None = None  # path, hub id or tiny:NAME; needed unless every sample has stored features
+    vq: str | None = None  # for sample grids during training
+    data: CodesDataConfig = CodesDataConfig()
+    optim: OptimConfig = OptimConfig()
+    global_batch: int = 256
+    micro_batch: int | None = None  # per worker and forward pass; None: global_batch / workers
+    max_steps: int = 1000
+    # Ray Train.
+    num_workers: int = 1
+    use_gpu: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block, for the large configs
+    use_ray: bool = True  # False: train in this process without Ray (one worker)
+    bf16: bool = True  # autocast to bf16 on GPU (CPU runs in fp32)
+    compile: bool = False
+    # Checkpoints, metrics, sample grids.
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0: never during training
+    sample_prompts: list[str] = ["a red circle on a blue background", "a green square in the center"]
+    peak_tflops: float | None = None  # per GPU, for MFU; None: known for A100/H100/H200, else no MFU
+
+    @model_validator(mode="after")
+    def _batches(self):
+        per_step = (self.micro_batch or 1) * self.num_workers
+        if self.micro_batch and self.global_batch % per_step:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of "
+                             f"micro_batch x num_workers = {per_step}")
+        if self.global_batch % self.num_workers:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of num_workers {self.num_workers}")
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // ((self.micro_batch or self.global_batch // self.num_workers) * self.num_workers)
+
+
+class SampleConfig(Section):
+    # A checkpoint path (ours or LlamaGen's); None: the latest of this run's stage 2, else stage 1.
+    checkpoint: str | None = None
+    # For checkpoints that do not carry their config (LlamaGen's): the model and its text RoPE.
+    model: str = "GPT-XL"
+    text_rope: Literal["identity", "llamagen"] = "llamagen"
+    resolution: Literal[256, 512] | None = None  # None: the checkpoint's training resolution, else 256
+    vq: str = "vq_ds16_t2i.pt"
+    text_encoder: str = "google/flan-t5-xl"
+    prompts: list[str] = ["a red circle on a blue background"]
+    images_per_prompt: int = 1
+    batch_size: int = 8
+    cfg_scale: float = 7.5
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 1000  # 0: off
+    top_p: float = 1.0
+    use_cache: bool = True
+    seed: int = 0
+    device: str = "cpu"

@@ -1,0 +1,367 @@
+"""The Llama generator: a text-conditioned GPT over VQ image codes, LlamaGen's t2i architecture.
+
+A sequence is 120 text positions (caption features through a small MLP, left-padded) followed by
+the image codes in raster order; the model predicts each code from everything before it.
+Parameter names match LlamaGen's released t2i checkpoints, so those load with strict=True.
+
+Pre-norm blocks: RMSNorm (fp32) -> fused qkv attention with 2D RoPE -> RMSNorm -> SwiGLU.
+Configurations are data (GPT_CONFIGS); the name of a config is the name of the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TEXT_POSITIONS = 120  # the text prefix: FLAN-T5 features, at most 120 tokens, left-padded
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    dim: int
+    n_layer: int
+    n_head: int
+    vocab_size: int = 16384
+    caption_dim: int = 2048
+    cls_token_num: int = TEXT_POSITIONS
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to this
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    # How the text positions are rotated. "llamagen": an all-zero table, which zeroes text queries
+    # and keys (LlamaGen issue #54); it is what the released checkpoints were trained with.
+    # "identity": no rotation, so text keys keep their content. Identity is the default for new
+    # training because it is the fix; sampling a LlamaGen checkpoint must use "llamagen".
+    text_rope: Literal["identity", "llamagen"] = "identity"
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1  # CFG: probability that a caption is replaced by the uncond embedding
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * (4 * self.dim) / 3)
+        return -(-hidden // self.multiple_of) * self.multiple_of
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+GPT_CONFIGS: dict[str, GPTConfig] = {
+    "GPT-B": GPTConfig(dim=768, n_layer=12, n_head=12),
+    "GPT-L": GPTConfig(dim=1024, n_layer=24, n_head=16),
+    "GPT-XL": GPTConfig(dim=1280, n_layer=36, n_head=20),
+    "GPT-XXL": GPTConfig(dim=1536, n_layer=48, n_head=24),
+    "GPT-3B": GPTConfig(dim=3200, n_layer=24, n_head=32),
+    # Tiny ones for tests and the CPU demo.
+    "GPT-nano": GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=256, caption_dim=32, multiple_of=32),
+    "GPT-tiny": GPTConfig(dim=64, n_layer=4, n_head=4, vocab_size=1024, caption_dim=64, multiple_of=64),
+}
+
+
+def gpt_config(name: str, **overrides) -> GPTConfig:
+    if name not in GPT_CONFIGS:
+        raise ValueError(f"unknown GPT config {name!r}; known: {', '.join(GPT_CONFIGS)}")
+    return GPT_CONFIGS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# Building blocks -------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class MLP(nn.Module):
+    """The caption projection: caption_dim -> dim -> dim, tanh-GELU, no biases."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features -> text prefix; with probability `drop` a caption becomes the uncond one."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.drop = cfg.class_dropout
+        # A fixed random "no caption" embedding: a buffer, saved with the weights, never trained.
+        self.register_buffer("uncond_embedding",
+                             torch.randn(cfg.cls_token_num, cfg.caption_dim) / cfg.caption_dim ** 0.5)
+        self.cap_proj = MLP(cfg.caption_dim, cfg.dim, cfg.dim)
+
+    def forward(self, caption: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if drop is None and self.training and self.drop > 0:
+            drop = torch.rand(caption.shape[0], device=caption.device) < self.drop
+        if drop is not None:
+            caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
+        return self.cap_proj(caption)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def rope_2d(grid: int, head_dim: int, base: float, text_positions: int,
+            text_mode: str) -> torch.Tensor:
+    """The rotary table (text_positions + grid*grid, head_dim/2, 2) of (cos, sin).
+
+    Image position (i, j): row frequencies on the first half of the rotary pairs, column
+    frequencies on the second. Text positions: zeros ("llamagen") or no rotation ("identity").
+    """
+    n_freq = head_dim // 4
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim // 2, 2)[:n_freq].float() / (head_dim // 2)))
+    angles = torch.outer(torch.arange(grid).float(), freqs)  # (grid, n_freq)
+    grid_angles = torch.cat([angles[:, None, :].expand(-1, grid, -1),
+                             angles[None, :, :].expand(grid, -1, -1)], dim=-1)
+    image = torch.stack([grid_angles.cos(), grid_angles.sin()], dim=-1).flatten(0, 1)
+    if text_mode == "llamagen":
+        text = torch.zeros(text_positions, head_dim // 2, 2)
+    elif text_mode == "identity":
+        text = torch.stack([torch.ones(text_positions, head_dim // 2),
+                            torch.zeros(text_positions, head_dim // 2)], dim=-1)
+    else:
+        raise ValueError(f"text_rope must be 'llamagen' or 'identity', not {text_mode!r}")
+    return torch.cat([text, image])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, T, H, D) by table (T, D/2, 2)."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], -1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position generated so far, for one layer."""
+
+    def __init__(self, batch: int, max_len: int, n_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        if self.cache is not None:
+            k, v = self.cache.update(start, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, rope, mask, start):
+        h = x + self.attention(self.attention_norm(x), rope, mask, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# The model ---------------------------------------------------------------------------------------
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, grid: int = 16):
+        super().__init__()
+        self.cfg = cfg
+        self.cls_embedding = CaptionEmbedder(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.set_grid(grid)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def set_grid(self, grid: int) -> None:
+        """Rebuild the RoPE table for a grid x grid image (never saved: stage 2 grows 16 -> 32)."""
+        self.grid = grid
+        device = self.tok_embeddings.weight.device
+        table = rope_2d(grid, self.cfg.head_dim, self.cfg.rope_base, self.cfg.cls_token_num,
+                        self.cfg.text_rope)
+        self.register_buffer("rope", table.to(device),
+                             persistent=False)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
+        nn.init.zeros_(self.output.weight)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid * self.grid
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.tok_embeddings.weight.numel()
+
+    def _blocks(self, h: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        rope = self.rope[start:start + h.shape[1]]
+        for layer in self.layers:
+            h = layer(h, rope, mask, start)
+        return self.output(self.norm(h)).float()
+
+    @staticmethod
+    def attention_mask(cond_mask: torch.Tensor | None, q_pos: torch.Tensor, n_keys: int) -> torch.Tensor | None:
+        """Causal mask (B, 1, Tq, Tk) that also hides left-padded text keys (a position always sees itself)."""
+        if cond_mask is None:
+            return None
+        k_pos = torch.arange(n_keys, device=q_pos.device)
+        causal = k_pos[None, :] <= q_pos[:, None]
+        key_ok = F.pad(cond_mask, (0, max(0, n_keys - cond_mask.shape[1])), value=True)[:, :n_keys]
+        mask = causal[None] & key_ok[:, None, :]
+        mask |= (k_pos[None, :] == q_pos[:, None])[None]
+        return mask[:, None]
+
+    def forward(self, idx: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
+                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, 1 + T, vocab) for the image tokens after the prefix and after each of idx (B, T).
+
+        cond: (B, 120, caption_dim) left-padded caption features; cond_mask: (B, 120) True where real.
+        Training passes idx = codes[:, :-1] and scores the logits against all codes.
+        """
+        h = torch.cat([self.cls_embedding(cond, drop_cond), self.tok_embeddings(idx)], dim=1)
+        h = self.tok_dropout(h)
+        t = h.shape[1]
+        if t > self.rope.shape[0]:
+            raise ValueError(f"sequence of {t} positions is longer than the {self.grid}x{self.grid} grid allows")
+        mask = self.attention_mask(cond_mask, torch.arange(t, device=h.device), t)
+        return self._blocks(h, 0, mask)[:, self.cfg.cls_token_num - 1:]
+
+    # Generation with a KV cache ------------------------------------------------------------------
+    def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
+        max_len = self.cfg.cls_token_num + self.num_image_tokens
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch, max_len, self.cfg.n_head, self.cfg.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def prefill(self, cond: torch.Tensor, cond_mask: torch.Tensor | None,
+                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the text prefix into the cache; logits (B, vocab) for the first image token."""
+        if cond_mask is None:
+            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        self._cond_mask = cond_mask
+        h = self.cls_embedding(cond, drop_cond)
+        mask = self.attention_mask(cond_mask, torch.arange(h.shape[1], device=h.device), h.shape[1])
+        return self._blocks(h, 0, mask)[:, -1]
+
+    def decode_step(self, token: torch.Tensor, index: int) -> torch.Tensor:
+        """Feed image token number `index` (B,); logits (B, vocab) for the next one."""
+        start = self.cfg.cls_token_num + index
+        h = self.tok_embeddings(token[:, None])
+        mask = self.attention_mask(self._cond_mask, torch.tensor([start], device=h.device), start + 1)
+        return self._blocks(h, start, mask)[:, -1]
+
+
+def build_gpt(name: str, grid: int = 16, device: str | torch.device = "cpu", **overrides) -> GPT:
+    with torch.device(device):
+        return GPT(gpt_config(name, **overrides), grid=grid)
+
+
+# Loading checkpoints -------------------------------------------------------------------------------
+WEIGHT_KEYS = ("model", "module", "state_dict")
+_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+
+
+def extract_state_dict(obj) -> dict[str, torch.Tensor]:
+    """The weights of a LlamaGen-style checkpoint: under `model`, `module` or `state_dict`, or bare."""
+    if isinstance(obj, dict):
+        for key in WEIGHT_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("checkpoint holds no state dict under 'model', 'module' or 'state_dict'")
+    out = {}
+    for name, tensor in obj.items():
+        for prefix in _PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        out[name] = tensor
+    return out
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load a checkpoint (local or fsspec URL) safely: tensors and plain containers only."""
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def load_weights(model: GPT, path_or_state) -> GPT:
+    """Load weights strictly (no missing or unexpected names) from a path or a loaded checkpoint."""
+    obj = read_checkpoint(path_or_state) if isinstance(path_or_state, str) else path_or_state
+    state = extract_state_dict(obj)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM estimate: 6N + 12 L d T."""
+    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden
+    matmul_params = cfg.n_layer * per_layer + cfg.caption_dim * cfg.dim + cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.dim * seq_len
+
+
+def mfu(cfg: GPTConfig, seq_len: int, tokens_per_s: float, peak_flops: float) -> float:
+    return flops_per_token(cfg, seq_len) * tokens_per_s / peak_flops if peak_flops else math.nan
