@@ -59,6 +59,7 @@ class DownloadResult:
 _REASONS = [
     (re.compile(r"(blocked_\w+)"), None),
     (re.compile(r"HTTP Error 30\d: .*infinite loop", re.S), "redirect_loop"),
+    (re.compile(r"HTTP Error 30\d: .*redirection to url .* is not allowed", re.S | re.I), "bad_scheme"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{}"),
     (re.compile(r"timed out|timeout", re.I), "timeout"),
     (re.compile(r"X-Robots-Tag"), "disallowed_by_site"),

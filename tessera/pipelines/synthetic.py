@@ -239,24 +239,24 @@ def make_rows(cfg: SyntheticConfig, base: str, slow_seconds: float = 30.0) -> li
     rows = []
     for i in range(cfg.num_images):
         p = picture(i, cfg.seed)
-        rows.append(_row(rng, f"{base}/img/{i}.jpg", p.caption, p.width, p.height))
+        rows.append(laion_row(rng, f"{base}/img/{i}.jpg", p.caption, p.width, p.height))
     if not cfg.bad_records:
         return rows
     for path in list(SERVED_BAD) + SERVED_ODD:
         url = f"{base}{path}" + (f"?s={slow_seconds:g}" if path == "/slow" else "")
-        rows.append(_row(rng, url, f"an image served at {path}", 600, 520))
+        rows.append(laion_row(rng, url, f"an image served at {path}", 600, 520))
     for url in UNFETCHABLE:
-        rows.append(_row(rng, url, "an address that must never be fetched", 600, 520))
-    rows.append(_row(rng, rows[0]["URL"], rows[0]["top_caption"], 600, 520))  # duplicate URL
+        rows.append(laion_row(rng, url, "an address that must never be fetched", 600, 520))
+    rows.append(laion_row(rng, rows[0]["URL"], rows[0]["top_caption"], 600, 520))  # duplicate URL
     # Caption trouble on good images: the image must still download.
     n = cfg.num_images
-    rows.append(_row(rng, f"{base}/img/{n}.jpg", "", 600, 520))
-    rows.append(_row(rng, f"{base}/img/{n + 1}.jpg", "a very long caption " * 300, 600, 520))
-    rows.append(_row(rng, f"{base}/img/{n + 2}.jpg", b"caf\xe9 \xff\xfe not utf-8", 600, 520))
+    rows.append(laion_row(rng, f"{base}/img/{n}.jpg", "", 600, 520))
+    rows.append(laion_row(rng, f"{base}/img/{n + 1}.jpg", "a very long caption " * 300, 600, 520))
+    rows.append(laion_row(rng, f"{base}/img/{n + 2}.jpg", b"caf\xe9 \xff\xfe not utf-8", 600, 520))
     return rows
 
 
-def _row(rng: random.Random, url: str, caption, width: int, height: int) -> dict:
+def laion_row(rng: random.Random, url: str, caption, width: int, height: int) -> dict:
     caps = [caption if isinstance(caption, str) else "undecodable caption"] * 5
     return {
         "URL": url,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import socket
-import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -27,8 +26,10 @@ METADATA_HOSTS = {"metadata", "metadata.google.internal", "instance-data", "inst
 BLOCKED_PREFIX = "blocked_"
 
 
-class BlockedAddress(urllib.error.URLError):
-    """Raised at connect or redirect time; its reason is one of the blocked_* reasons."""
+class BlockedAddress(Exception):
+    """Raised at connect or redirect time; `drop_reason` is one of the blocked_* reasons.
+
+    Not an OSError, so urllib lets it through unwrapped instead of retrying other addresses."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")

@@ -1,0 +1,157 @@
+"""The download stage end to end on the synthetic set: every bad kind, the counts, the images."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tessera.pipelines import download
+from tessera.pipelines.synthetic import SERVED_ODD, SyntheticServer, expected_outcomes
+
+from .download_helpers import outcomes, run_download, sample_meta, tar_samples, url_path, write_source
+
+NUM_IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def server():
+    with SyntheticServer(seed=0) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def downloaded(server, ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("download")
+    source = write_source(str(root / "source.parquet"), server, NUM_IMAGES)
+    result, store = run_download(source, str(root / "data"))
+    return source, result, store
+
+
+def test_every_bad_record_ends_with_its_reason(downloaded, server):
+    _, _, store = downloaded
+    by_path = {}
+    for url, outcome in outcomes(store).values():
+        by_path.setdefault(url_path(url, server.base), []).append(outcome)
+    for where, reason in expected_outcomes().items():
+        assert by_path[where] == [reason], where
+    for path in SERVED_ODD:
+        assert by_path[path] == ["downloaded"], path
+    # The duplicated URL downloads once and is dropped once.
+    assert sorted(by_path["/img/0.jpg"]) == ["downloaded", "duplicate_url"]
+
+
+def test_counts_add_up(downloaded):
+    source, result, store = downloaded
+    rows_in = pq.read_metadata(source.path).num_rows
+    per_row = outcomes(store)
+    assert sorted(per_row) == list(range(rows_in)), "every input row ends in exactly one place"
+    assert result.rows_in == rows_in
+    assert result.downloaded + sum(result.dropped.values()) == rows_in
+    counted = {}
+    for _, outcome in per_row.values():
+        counted[outcome] = counted.get(outcome, 0) + 1
+    assert counted.pop("downloaded") == result.downloaded
+    assert counted == result.dropped
+    funnel = result.funnel()
+    assert sum(r["count"] for r in funnel) == rows_in
+    assert len(tar_samples(store)) == result.downloaded
+
+
+def test_images_come_out_as_upright_rgb(downloaded):
+    _, _, store = downloaded
+    samples = tar_samples(store)
+    meta = sample_meta(samples)
+    for key, files in samples.items():
+        img = Image.open(io.BytesIO(files["jpg"]))
+        assert img.mode == "RGB", (meta[key]["url"], img.mode)
+        assert min(img.size) <= 512
+    rotated = next(k for k, m in meta.items() if m["url"].endswith("/odd/exif-rotated.jpg"))
+    width, height = Image.open(io.BytesIO(samples[rotated]["jpg"])).size
+    assert height > width, "the EXIF orientation was applied"
+    assert (meta[rotated]["original_width"], meta[rotated]["original_height"]) == (520, 640)
+
+
+def test_caption_trouble_does_not_stop_a_download(downloaded):
+    _, _, store = downloaded
+    captions = [files["txt"].decode() for files in tar_samples(store).values()]
+    assert "" in captions
+    assert any(len(c) > 5000 for c in captions)
+    assert any("\ufffd" in c for c in captions), "a non-UTF-8 caption is repaired, not fatal"
+
+
+def test_rerun_skips_done_shards(downloaded, ray_local):
+    source, result, store = downloaded
+    markers = {n: os.path.getmtime(store.path("download", n)) for n in store.list("download", ".done")}
+    again, _ = run_download(source, store.root)
+    assert again == result
+    assert {n: os.path.getmtime(store.path("download", n)) for n in markers} == markers
+
+
+def test_missing_url_column_is_a_clear_error(tmp_path, server):
+    source = write_source(str(tmp_path / "in.parquet"), server, 2)
+    source = source.model_copy(update={"columns": source.columns.model_copy(update={"url": "url_link"})})
+    from tessera.pipelines.store import ShardStore
+
+    with pytest.raises(download.InputError, match="no column 'url_link'.*source.columns.url"):
+        download.prepare(source, download.DownloadConfig(), ShardStore(str(tmp_path / "data")))
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("HTTP Error 404: Not Found", "http_404"),
+    ("HTTP Error 503: Service Unavailable", "http_503"),
+    ("HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.\n"
+     "The last 30x error message was:\nFound", "redirect_loop"),
+    ("HTTP Error 302: Found - Redirection to url 'file:///etc/passwd' is not allowed", "bad_scheme"),
+    ("<urlopen error timed out>", "timeout"),
+    ("The read operation timed out", "timeout"),
+    ("<urlopen error blocked_metadata: redirect to http://x>", "blocked_metadata"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
+    ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_site"),
+    ("something nobody expected", "download_error"),
+    (None, "download_error"),
+])
+def test_reason_for(message, reason):
+    assert download.reason_for(message) == reason
+
+
+KILL_SCRIPT = """
+import sys
+from tessera.config.ray import RayConfig
+from tessera.pipelines import download
+from tessera.pipelines.store import ShardStore
+from tests.download_helpers import download_config
+from tessera.config.download import SourceConfig
+source = SourceConfig(path=sys.argv[1], columns={"url": "URL", "caption": "TEXT"})
+download.run(source, download_config(max_tasks_in_flight=1), RayConfig(num_cpus=1), ShardStore(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_killed_download_resumes_to_the_same_result(server, ray_local, tmp_path):
+    source = write_source(str(tmp_path / "source.parquet"), server, 40)
+    root = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, source.path, str(root)],
+                            cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((root / "download").glob("*.done")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in (root / "download").glob("*.done"))
+    total = len(list((root / "download" / "_input").glob("*.parquet")))
+    assert 1 <= len(done_before) < total, "the kill must land mid-way"
+
+    resumed, store = run_download(source, str(root))
+    straight, reference = run_download(source, str(tmp_path / "straight"))
+    assert resumed == straight
+    assert sorted(p.name for p in (root / "download").glob("*.tmp-*")) == []
+    assert outcomes(store) == outcomes(reference)
+    assert {k: v["jpg"] for k, v in tar_samples(store).items()} == \
+        {k: v["jpg"] for k, v in tar_samples(reference).items()}
