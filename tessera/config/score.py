@@ -1,0 +1,139 @@
+"""The `filters` section: how samples are scored (score stage) and kept or dropped (select stage).
+
+Each score filter says where its score comes from (`source`), and how a score becomes keep or drop:
+an absolute threshold (`min` for higher-is-better scores, `max` for lower-is-better ones) or
+`keep_fraction`, a threshold chosen from the score's distribution. `target` then keeps an exact
+number (or fraction) of the survivors, ranked by one score.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from tessera.config.base import Section
+
+Source = Literal["compute", "metadata", "off"]
+
+
+class ClipModelConfig(Section):
+    # Any open_clip architecture name; the checkpoint is a path (file or folder with
+    # open_clip_config.json + weights) or "tiny:clip". Relative weight paths in this section
+    # are under the run's models_root. ViT-L-14 with OpenAI's weights feeds the
+    # LAION aesthetic and NSFW heads, which were trained on its embeddings.
+    model: str = "ViT-L-14"
+    checkpoint: str = "clip-vit-l-14/open_clip_pytorch_model.bin"
+    # OpenAI's CLIP weights were trained with QuickGELU.
+    force_quick_gelu: bool = True
+
+
+class ScoreFilterConfig(Section):
+    # compute: run the model; metadata: read `column` from the input; off: no such score.
+    source: Source = "compute"
+    column: str = ""
+    # When `source: metadata` and the input lacks `column`: compute instead, or drop the
+    # samples with the reason `<score>_missing`. Never guessed.
+    on_missing_column: Literal["compute", "drop"] = "compute"
+    weights: str = ""
+    min: float | None = None
+    max: float | None = None
+    keep_fraction: float | None = None
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        # A threshold given in the config replaces the class's default one.
+        keys = ("min", "max", "keep_fraction")
+        if any(k in self.model_fields_set for k in keys):
+            for k in keys:
+                if k not in self.model_fields_set:
+                    self.__dict__[k] = None
+        given = [k for k in ("min", "max", "keep_fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of min, max, keep_fraction (got {', '.join(given)})")
+        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
+            raise ValueError("keep_fraction must be in (0, 1]")
+        return self
+
+
+class ClipScoreConfig(ScoreFilterConfig):
+    column: str = "similarity"
+    min: float | None = 0.28
+
+
+class AestheticConfig(ScoreFilterConfig):
+    column: str = "aesthetic"
+    weights: str = "sac+logos+ava1-l14-linearMSE.pth"
+    min: float | None = 5.0
+
+
+class WatermarkConfig(ScoreFilterConfig):
+    column: str = "pwatermark"
+    weights: str = "watermark_model_v1.pt"
+    # timm architecture of the detector's backbone.
+    arch: str = "efficientnet_b3a"
+    image_size: int = 256
+    max: float | None = 0.5
+
+
+class NsfwConfig(ScoreFilterConfig):
+    column: str = "punsafe"
+    weights: str = "clip_autokeras_binary_nsfw.pth"
+    max: float | None = 0.5
+
+
+class SizeConfig(Section):
+    enabled: bool = True
+    # Of the original image, before download resizing.
+    min_side: int = 256
+    max_aspect_ratio: float = 3.0
+
+
+class CaptionRulesConfig(Section):
+    enabled: bool = True
+    min_words: int = 2
+    max_chars: int = 1000
+    # Letters over non-space characters: URLs, hashes and file names score low.
+    min_letter_fraction: float = 0.5
+
+
+class DedupConfig(Section):
+    enabled: bool = True
+    # Two images are near-duplicates when the cosine of their CLIP embeddings reaches this.
+    min_similarity: float = 0.95
+
+
+class TargetConfig(Section):
+    # Keep exactly `count` (or `fraction` of the downloaded samples) of those that pass every
+    # filter, ranked by `rank_by`; ties are broken by key.
+    count: int | None = None
+    fraction: float | None = None
+    rank_by: Literal["clip_score", "aesthetic", "pwatermark", "punsafe"] = "clip_score"
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if self.count is not None and self.fraction is not None:
+            raise ValueError("give target.count or target.fraction, not both")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError("target.fraction must be in (0, 1]")
+        return self
+
+
+class FiltersConfig(Section):
+    # Ray Data: samples per model batch, model actors, and what each actor holds.
+    batch_size: int = 64
+    concurrency: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    # bf16 autocast for the models on GPU.
+    precision: Literal["fp32", "bf16"] = "bf16"
+    clip: ClipModelConfig = ClipModelConfig()
+    size: SizeConfig = SizeConfig()
+    caption: CaptionRulesConfig = CaptionRulesConfig()
+    clip_score: ClipScoreConfig = ClipScoreConfig()
+    aesthetic: AestheticConfig = AestheticConfig()
+    watermark: WatermarkConfig = WatermarkConfig()
+    nsfw: NsfwConfig = NsfwConfig()
+    dedup: DedupConfig = DedupConfig()
+    target: TargetConfig = TargetConfig()
+    # Examples per side of each threshold in report.html.
+    report_examples: int = 6
