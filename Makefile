@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all lint ui lock clean
+.PHONY: setup demo test test-all ui lock clean bench-download
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ test-all: setup
 
 ui: setup
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+bench-download: setup
+	$(PY) -m bench.download
 
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new
