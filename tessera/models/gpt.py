@@ -333,18 +333,20 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
         raise ValueError("checkpoint holds no state dict under 'model', 'module' or 'state_dict'")
     out = {}
     for name, tensor in obj.items():
-        for prefix in _PREFIXES:
-            while name.startswith(prefix):
-                name = name[len(prefix):]
+        while name.startswith(_PREFIXES):
+            name = name.split(".", 1)[1]
         out[name] = tensor
     return out
 
 
 def read_checkpoint(path: str) -> dict:
-    """torch.load a checkpoint (local or fsspec URL) safely: tensors and plain containers only."""
+    """torch.load a checkpoint (local or fsspec URL) safely: tensors and plain containers only,
+    plus argparse.Namespace (training scripts often save their `args` beside the weights)."""
+    import argparse
+
     import fsspec
 
-    with fsspec.open(path, "rb") as f:
+    with fsspec.open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
@@ -352,7 +354,8 @@ def load_weights(model: GPT, path_or_state) -> GPT:
     """Load weights strictly (no missing or unexpected names) from a path or a loaded checkpoint."""
     obj = read_checkpoint(path_or_state) if isinstance(path_or_state, str) else path_or_state
     state = extract_state_dict(obj)
-    model.load_state_dict(state, strict=True)
+    # A model built on the meta device takes the checkpoint's tensors as its own.
+    model.load_state_dict(state, strict=True, assign=any(p.is_meta for p in model.parameters()))
     return model
 
 

@@ -1,0 +1,186 @@
+"""Sampling: images from prompts with classifier-free guidance, from any checkpoint (LlamaGen's too).
+
+CFG runs the batch twice, [conditional; unconditional], and mixes the logits u + s (c - u); the
+chosen token feeds both halves. With the KV cache the text prefix is run once (prefill) and
+every step feeds one token; without it every step reruns the whole sequence (the reference).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tessera.config import RunConfig
+from tessera.config.train import SampleConfig
+from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config, read_checkpoint
+from tessera.pipelines.checkpoint import latest_checkpoint, stage_dir
+from tessera.pipelines.store import ShardStore
+
+log = logging.getLogger(__name__)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+         generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, *,
+             cfg_scale: float = 7.5, temperature: float = 1.0, top_k: int = 1000, top_p: float = 1.0,
+             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Image codes (B, grid*grid) for caption features cond (B, 120, caption_dim)."""
+    model.eval()
+    b, n = cond.shape[0], model.num_image_tokens
+    if cond_mask is None:
+        cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+    guided = cfg_scale != 1.0
+    drop = None
+    if guided:
+        cond, cond_mask = torch.cat([cond, cond]), torch.cat([cond_mask, cond_mask])
+        drop = torch.arange(2 * b, device=cond.device) >= b
+
+    def next_token(logits: torch.Tensor) -> torch.Tensor:
+        if guided:
+            c, u = logits[:b], logits[b:]
+            logits = u + cfg_scale * (c - u)
+        return pick(logits.float(), temperature, top_k, top_p, generator)
+
+    tokens = torch.zeros(b, n, dtype=torch.long, device=cond.device)
+    both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+    if use_cache:
+        model.setup_cache(cond.shape[0], dtype=next(model.parameters()).dtype)
+        try:
+            logits = model.prefill(cond, cond_mask, drop)
+            for i in range(n):
+                tokens[:, i] = next_token(logits)
+                if i + 1 < n:
+                    logits = model.decode_step(both(tokens[:, i]), i)
+        finally:
+            model.clear_cache()
+    else:
+        for i in range(n):
+            logits = model(both(tokens[:, :i]), cond, cond_mask, drop)[:, -1]
+            tokens[:, i] = next_token(logits)
+    return tokens
+
+
+# Loading a generator from any checkpoint ----------------------------------------------------------
+def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
+                   device: str = "cpu") -> tuple[GPT, int]:
+    """The model of a checkpoint (ours carry their config; LlamaGen's take `fallback`) and its resolution."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if isinstance(meta, dict) and "model_config" in meta:
+        cfg = GPTConfig(**meta["model_config"])
+        resolution = resolution or meta.get("resolution", 256)
+    else:
+        cfg = fallback
+        resolution = resolution or 256
+    with torch.device(device):
+        model = GPT(cfg, grid=resolution // 16)
+    model.load_state_dict(extract_state_dict(ckpt), strict=True)
+    return model.eval(), resolution
+
+
+def encode_prompts(text_encoder, prompts: list[str], dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    from tessera.pipelines.codes_loader import left_pad
+
+    cond, mask = left_pad([f.float().cpu() for f in text_encoder.encode(prompts)], dim)
+    return cond.to(device), mask.to(device)
+
+
+def save_grid(images: torch.Tensor, path_or_file, nrow: int | None = None) -> None:
+    """Images in [-1, 1] (B, 3, H, W) as one PNG grid."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    nrow = nrow or max(1, int(len(images) ** 0.5 + 0.999))
+    grid = make_grid(((images.float().clamp(-1, 1) + 1) / 2).cpu(), nrow=nrow, padding=2)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path_or_file, format="PNG")
+
+
+def render(model: GPT, vq, text_encoder, prompts: list[str], *, batch_size: int = 8,
+           generator: torch.Generator | None = None, **sampling) -> tuple[torch.Tensor, float]:
+    """Decoded images (N, 3, H, W) in [-1, 1] for the prompts, and the generation tokens/s."""
+    device = next(model.parameters()).device
+    images, tokens_done, seconds = [], 0, 0.0
+    for i in range(0, len(prompts), batch_size):
+        cond, mask = encode_prompts(text_encoder, prompts[i:i + batch_size], model.cfg.caption_dim, device)
+        start = time.perf_counter()
+        codes = generate(model, cond, mask, generator=generator, **sampling)
+        seconds += time.perf_counter() - start
+        tokens_done += codes.numel()
+        with torch.no_grad():
+            images.append(vq.decode(codes.view(-1, model.grid, model.grid)).float().cpu())
+    return torch.cat(images), tokens_done / max(seconds, 1e-9)
+
+
+@dataclass
+class SampleResult:
+    checkpoint: str
+    grid: str
+    images: int
+    tokens_per_s: float
+
+    def funnel(self) -> list[dict]:
+        return [{"stage": "sample", "outcome": "generated", "reason": "", "count": self.images}]
+
+
+def find_checkpoint(cfg: RunConfig, run: str) -> str:
+    for stage in ("stage2", "stage1"):
+        url = latest_checkpoint(ShardStore(stage_dir(cfg.runs_root, run, stage)))
+        if url:
+            return url
+    raise FileNotFoundError(f"run {run!r} under {cfg.runs_root} has no checkpoint yet; "
+                            "train it first (make stage1) or set sample.checkpoint")
+
+
+def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = None,
+        prompts: list[str] | None = None) -> SampleResult:
+    """Sample the prompts from a checkpoint and write a PNG grid under {run}/samples/."""
+    from tessera.models.text_encoder import TextEncoder
+    from tessera.models.tiny import resolve
+    from tessera.models.vq import load_vq
+
+    scfg: SampleConfig = cfg.sample or SampleConfig()
+    run_name = run_name or cfg.name
+    path = checkpoint or scfg.checkpoint or find_checkpoint(cfg, run_name)
+    torch.manual_seed(scfg.seed)
+    model, resolution = load_generator(path, gpt_config(scfg.model, text_rope=scfg.text_rope),
+                                       scfg.resolution, scfg.device)
+    log.info("Sampling %s (%s, %dpx) on %s.", path, type(model).__name__, resolution, scfg.device)
+    text_encoder = TextEncoder.from_pretrained(resolve(scfg.text_encoder, cfg.models_root),
+                                               max_length=model.cfg.cls_token_num, device=scfg.device)
+    vq = load_vq(resolve(scfg.vq, cfg.models_root), device=scfg.device)
+    prompts = [p for p in (prompts or scfg.prompts) for _ in range(scfg.images_per_prompt)]
+    generator = torch.Generator(scfg.device).manual_seed(scfg.seed)
+    images, tps = render(model, vq, text_encoder, prompts, batch_size=scfg.batch_size, generator=generator,
+                         cfg_scale=scfg.cfg_scale, temperature=scfg.temperature, top_k=scfg.top_k,
+                         top_p=scfg.top_p, use_cache=scfg.use_cache)
+    out = ShardStore(stage_dir(cfg.runs_root, run_name, "samples"))
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{path.rstrip('/').rsplit('/', 1)[-1].removesuffix('.pt')}.png"
+    with out.open_atomic(name) as f:
+        save_grid(images, f, nrow=scfg.images_per_prompt if scfg.images_per_prompt > 1 else None)
+    log.info("Wrote %d images to %s (%.1f tokens/s).", len(images), out.url(name), tps)
+    return SampleResult(checkpoint=path, grid=out.url(name), images=len(images), tokens_per_s=tps)
