@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+from tessera.config.train import CodesDataConfig
+from tessera.pipelines.codes_loader import CodesLoader, left_pad, write_codes_shard, write_synthetic_codes
+from tessera.pipelines.store import ShardStore
+
+
+class CharEncoder:
+    """A stand-in text encoder: one feature row per character, so a caption is recognisable."""
+
+    dim = 4
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def encode(self, captions):
+        self.seen += captions
+        return [torch.tensor([[float(ord(ch)), 0, 0, 1] for ch in c]) for c in captions]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ShardStore(str(tmp_path / "data"))
+    write_synthetic_codes(s, 256, shards=3, per_shard=7, vocab=64, caption_dim=8)
+    return s
+
+
+def _loader(store, batch=4, prefetch=0, **cfg):
+    return CodesLoader(store, CodesDataConfig(**cfg), batch, prefetch=prefetch)
+
+
+def _take(loader, n):
+    return [loader.next_batch() for _ in range(n)]
+
+
+def _same(a, b):
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_batches_have_the_training_layout(store):
+    batch = _loader(store).next_batch()
+    assert batch["codes"].shape == (4, 256) and batch["codes"].dtype == torch.long
+    assert batch["cond"].shape == (4, 120, 8) and batch["cond_mask"].shape == (4, 120)
+    lengths = batch["cond_mask"].sum(1)
+    assert all(3 <= n <= 6 for n in lengths.tolist()) and batch["valid"].all()
+    # Left padding: the real features sit at the end, zeros before them.
+    assert batch["cond_mask"][:, -1].all() and not batch["cond_mask"][:, 0].any()
+    assert torch.all(batch["cond"][~batch["cond_mask"]] == 0)
+
+
+def test_order_is_a_function_of_the_seed(store):
+    a, b = _take(_loader(store), 6), _take(_loader(store), 6)
+    c = _take(_loader(store, seed=1), 6)
+    assert _same(a, b) and not _same(a, c)
+    # 21 samples, batches of 4: the sixth batch crosses into epoch 1, reshuffled.
+    loader = _loader(store)
+    _take(loader, 6)
+    assert loader.state_dict()["epoch"] == 1
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_restored_position_continues_the_stream_exactly(store, prefetch):
+    reference = _take(_loader(store), 9)
+    first = _loader(store, prefetch=prefetch)
+    _take(first, 4)
+    state = first.state_dict()
+    first.close()
+    resumed = _loader(store, prefetch=prefetch)
+    resumed.load_state_dict(state)
+    assert _same(_take(resumed, 5), reference[4:])
+    resumed.close()
+
+
+def test_workers_split_each_global_batch(store):
+    whole = _take(_loader(store, batch=6), 3)
+    parts = [_take(CodesLoader(store, CodesDataConfig(), 6, rank=r, world=2, prefetch=0), 3) for r in range(2)]
+    for i in range(3):
+        assert torch.equal(torch.cat([parts[0][i]["codes"], parts[1][i]["codes"]]), whole[i]["codes"])
+        assert torch.equal(torch.cat([parts[0][i]["cond"], parts[1][i]["cond"]]), whole[i]["cond"])
+
+
+def test_captions_are_encoded_when_features_are_not_stored(tmp_path):
+    s = ShardStore(str(tmp_path / "d"))
+    write_synthetic_codes(s, 256, shards=1, per_shard=5, stored_features=False)
+    enc = CharEncoder()
+    batch = CodesLoader(s, CodesDataConfig(), 5, text_encoder=enc, prefetch=0).next_batch()
+    assert batch["cond"].shape == (5, 120, 4)
+    assert len(enc.seen) == 5 and all(c.startswith("pattern number") for c in enc.seen)
+    assert batch["cond_mask"].sum(1).tolist() == [len(c) for c in enc.seen]
+    with pytest.raises(RuntimeError, match="no text encoder"):
+        CodesLoader(s, CodesDataConfig(), 5, prefetch=0).next_batch()
+
+
+def _captioned_shard(store, n=40):
+    rng = np.random.default_rng(0)
+    samples = [{"key": f"k{i:03d}", "codes": rng.integers(0, 16, (16, 16)), "t5": np.ones((3, 4)),
+                "meta": {"key": f"k{i:03d}", "caption": "orig", "caption_long": "a long caption",
+                         "caption_short": "short"}} for i in range(n)]
+    write_codes_shard(store, 256, "00000", samples)
+
+
+def test_short_caption_substitution(tmp_path):
+    s = ShardStore(str(tmp_path / "d"))
+    _captioned_shard(s)
+    enc = CharEncoder()
+    loader = CodesLoader(s, CodesDataConfig(short_caption_prob=0.3), 40, text_encoder=enc, prefetch=0)
+    batch = loader.next_batch()
+    # Substituted captions are encoded on the fly; the others use the stored features.
+    assert set(enc.seen) == {"short"} and 4 <= len(enc.seen) <= 20
+    assert (batch["cond_mask"].sum(1) == 5).sum() == len(enc.seen)
+    assert (batch["cond_mask"].sum(1) == 3).sum() == 40 - len(enc.seen)
+    enc2 = CharEncoder()
+    CodesLoader(s, CodesDataConfig(short_caption_prob=0.3, text="encode"), 40, text_encoder=enc2,
+                prefetch=0).next_batch()
+    assert enc2.seen.count("short") == len(enc.seen) and enc2.seen.count("a long caption") == 40 - len(enc.seen)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    s = ShardStore(str(tmp_path / "d"))
+    samples = [{"key": f"k{i}", "codes": np.zeros((16, 16)), "t5": np.ones((2, 4)), "meta": {"caption": "x"}}
+               for i in range(4)]
+    samples[1]["codes"] = np.zeros((32, 32))  # a 512px sample in the 256px folder
+    samples[2]["t5"] = None
+    write_codes_shard(s, 256, "00000", samples)
+    loader = CodesLoader(s, CodesDataConfig(text="stored"), 2, prefetch=0)
+    loader.next_batch()
+    assert dict(loader.skipped) == {"wrong_grid": 1, "no_stored_features": 1}
+
+
+def test_no_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the tokenize stage"):
+        CodesLoader(ShardStore(str(tmp_path)), CodesDataConfig(), 2, prefetch=0).next_batch()
+
+
+def test_flipped_codes_are_used_with_their_probability(store):
+    plain = _loader(store, batch=8).next_batch()["codes"].view(8, 16, 16)
+    flipped = _loader(store, batch=8, flip_prob=1.0).next_batch()["codes"].view(8, 16, 16)
+    assert torch.equal(flipped, plain.flip(-1))
+
+
+def test_left_pad_truncates_to_120():
+    cond, mask = left_pad([torch.ones(130, 2), torch.ones(0, 2)], 2)
+    assert mask[0].all() and not mask[1].any()
