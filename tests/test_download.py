@@ -155,3 +155,24 @@ def test_killed_download_resumes_to_the_same_result(server, ray_local, tmp_path)
     assert outcomes(store) == outcomes(reference)
     assert {k: v["jpg"] for k, v in tar_samples(store).items()} == \
         {k: v["jpg"] for k, v in tar_samples(reference).items()}
+
+
+def test_inputs_with_differing_types_and_duplicates_across_files(tmp_path):
+    import pyarrow as pa
+
+    from tessera.config.download import DownloadConfig, SourceConfig
+    from tessera.pipelines.store import ShardStore
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"URL": ["http://127.0.0.1:1/a", "http://127.0.0.1:1/b"], "TEXT": ["a", "b"],
+                                     "WIDTH": pa.array([640, 480], pa.int64())}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"URL": ["http://127.0.0.1:1/a", None], "TEXT": ["a again", "none"],
+                                     "WIDTH": pa.array([640.0, 1.5], pa.float64())}), folder / "part-1.parquet")
+    store = ShardStore(str(tmp_path / "data"))
+    shards = download.prepare(SourceConfig(path=str(folder)), DownloadConfig(shard_size=3), store)
+    assert shards == ["00000", "00001"]
+    rows = [r for s in shards for r in store.read_table("download/_input", f"{s}.parquet").to_pylist()]
+    assert [r["row_index"] for r in rows] == [0, 1, 2, 3]
+    assert [r["duplicate"] for r in rows] == [False, False, True, False]
+    assert [r["WIDTH"] for r in rows] == [640.0, 480.0, 640.0, 1.5]

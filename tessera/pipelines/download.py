@@ -103,7 +103,7 @@ def _input_files(store_fs_url: str) -> tuple[object, list[str]]:
 
 
 def _normalise(batch: pa.RecordBatch, columns: ColumnMap, present: list[str]) -> pa.Table:
-    """Rename to url/caption, keep carried columns, make types uniform across input files."""
+    """Rename to url/caption (captions as bytes: crawled text is not always UTF-8)."""
     names = batch.schema.names
     caption = batch.column(names.index(columns.caption))
     if pa.types.is_string(caption.type) or pa.types.is_large_string(caption.type):
@@ -113,11 +113,23 @@ def _normalise(batch: pa.RecordBatch, columns: ColumnMap, present: list[str]) ->
         "caption_bytes": caption.cast(pa.binary()),
     }
     for col in present:
-        arr = batch.column(names.index(col))
-        if col in ("WIDTH", "HEIGHT") or pa.types.is_floating(arr.type):
-            arr = arr.cast(pa.float64())
-        data[col] = arr
+        data[col] = batch.column(names.index(col))
     return pa.table(data)
+
+
+def _duplicate_mask(dataset: pads.Dataset, url_column: str) -> np.ndarray:
+    """True for every row whose non-empty URL already appeared in an earlier row.
+
+    One pass over the URL column only, 8 bytes of hash per row, and a single sort."""
+    digests = [
+        pd.util.hash_pandas_object(b.column(0).to_pandas().fillna(""), index=False).to_numpy(np.uint64)
+        for b in dataset.to_batches(columns=[url_column], batch_size=262_144)
+    ]
+    digests = np.concatenate(digests) if digests else np.empty(0, np.uint64)
+    first = np.zeros(len(digests), dtype=bool)
+    first[np.unique(digests, return_index=True)[1]] = True
+    empty = pd.util.hash_pandas_object(pd.Series([""]), index=False).to_numpy(np.uint64)[0]
+    return ~first & (digests != empty)
 
 
 def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> list[str]:
@@ -133,8 +145,14 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> lis
     missing = [c for c in source.columns.carry if c not in schema.names]
     if missing:
         log.info("The input has no %s column(s); they are not carried.", ", ".join(missing))
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    seen: np.ndarray = np.empty(0, dtype=np.uint64)
+    # Copies of LAION differ in numeric types (WIDTH is int64 in some, float64 in others).
+    schema = pa.schema([
+        f.with_type(pa.float64()) if f.name in present and f.name != "hash"
+        and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)) else f
+        for f in schema
+    ])
+    dataset = pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
+    duplicate = _duplicate_mask(dataset, source.columns.url)
     shards: list[str] = []
     pending: list[pa.Table] = []
     pending_rows = row_index = 0
@@ -153,17 +171,12 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> lis
     cols = [source.columns.url, source.columns.caption, *present]
     for batch in dataset.to_batches(columns=cols, batch_size=65_536):
         table = _normalise(batch, source.columns, present)
-        urls = table.column("url").to_pandas().fillna("")
-        digests = pd.util.hash_pandas_object(urls, index=False).to_numpy(np.uint64)
-        first = np.zeros(len(digests), dtype=bool)
-        first[np.unique(digests, return_index=True)[1]] = True
-        duplicate = ~first | np.isin(digests, seen)
-        seen = np.union1d(seen, digests)
-        table = table.append_column("row_index", pa.array(np.arange(row_index, row_index + len(urls)), pa.int64()))
-        table = table.append_column("duplicate", pa.array(duplicate & (urls != "").to_numpy()))
-        row_index += len(urls)
+        n = table.num_rows
+        table = table.append_column("row_index", pa.array(np.arange(row_index, row_index + n), pa.int64()))
+        table = table.append_column("duplicate", pa.array(duplicate[row_index:row_index + n]))
+        row_index += n
         pending.append(table)
-        pending_rows += table.num_rows
+        pending_rows += n
         if pending_rows >= cfg.shard_size:
             flush(final=False)
     flush(final=True)
