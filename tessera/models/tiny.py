@@ -16,6 +16,8 @@ BUILDERS: dict[str, str] = {
     "aesthetic": "tessera.models.aesthetic:build_tiny",
     "nsfw": "tessera.models.nsfw:build_tiny",
     "watermark": "tessera.models.watermark:build_tiny",
+    "vq": "tessera.models.vq:build_tiny",
+    "t5": "tessera.models.text_encoder:build_tiny",
 }
 
 PREFIX = "tiny:"

@@ -1,0 +1,72 @@
+"""The caption encoder: FLAN-T5's encoder (transformers T5EncoderModel), features without padding.
+
+LlamaGen conditions on FLAN-T5-XL encoder features (dim 2048) of at most 120 tokens. We return
+each caption's features at its own length (padding is added, left, by whoever batches them).
+"""
+from __future__ import annotations
+
+import torch
+
+MAX_LENGTH = 120
+
+
+class TextEncoder:
+    def __init__(self, model, tokenizer, max_length: int = MAX_LENGTH):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, max_length: int = MAX_LENGTH, device="cpu",
+                        dtype=None) -> "TextEncoder":
+        """A checkpoint folder or hub id (e.g. google/flan-t5-xl); bf16 is the usual dtype on GPU."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+        return cls(model.eval().to(device), tokenizer, max_length)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> list[torch.Tensor]:
+        """One float32 tensor [L_i, dim] per caption, 1 <= L_i <= max_length, padding removed."""
+        if not captions:
+            return []
+        batch = self.tokenizer([c or "" for c in captions], max_length=self.max_length, truncation=True,
+                               padding="longest", return_tensors="pt")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        if ids.shape[1] == 0:  # every caption empty, and a tokenizer that adds nothing
+            ids = torch.full((len(captions), 1), self.tokenizer.pad_token_id or 0, device=self.device)
+            mask = torch.zeros_like(ids)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        out = []
+        for h, m in zip(hidden, mask.bool()):
+            out.append((h[m] if m.any() else h[:1]).cpu())  # either padding side works
+        return out
+
+
+def build_tiny(path: str) -> None:
+    """A 2-layer T5 encoder (d_model 32) with a byte-level BPE tokenizer that ends captions with </s>."""
+    from tokenizers import processors
+    from transformers import T5Config, T5EncoderModel
+
+    from tessera.models.tiny import caption_corpus, train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(caption_corpus(), vocab_size=384, special_tokens=["<pad>", "</s>", "<unk>"],
+                                pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="right")
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", eos)])
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    T5EncoderModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
