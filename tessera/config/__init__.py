@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tessera.config.base import Section
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
+from tessera.config.score import FiltersConfig
 from tessera.config.train import SampleConfig, TrainConfig
 
 # Environment variables that override one key each: paths and addresses.
@@ -41,6 +42,8 @@ class RunConfig(Section):
     ray: RayConfig = RayConfig()
     source: SourceConfig
     download: DownloadConfig = DownloadConfig()
+    # Scoring and selection: the score and select stages read this one section.
+    filters: FiltersConfig = FiltersConfig()
     stage1: TrainConfig | None = None
     stage2: TrainConfig | None = None
     sample: SampleConfig | None = None

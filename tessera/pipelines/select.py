@@ -49,12 +49,14 @@ class SelectResult:
         return rows
 
 
-def load_scores(store: ShardStore, shards: list[str]) -> pd.DataFrame:
-    """Every scored sample, in shard then key order, with a `shard` column."""
+def load_scores(store: ShardStore, shards: list[str], decisions: bool = False) -> pd.DataFrame:
+    """Every scored sample, in shard then key order, with a `shard` column (and the last
+    selection's keep, reason and duplicate_of with `decisions`)."""
     frames = []
     for shard in shards:
         frame = store.read_table(score.SCORES, f"{shard}.parquet").to_pandas()
-        frame = frame.drop(columns=[c for c in DECISION_COLUMNS if c in frame])
+        if not decisions:
+            frame = frame.drop(columns=[c for c in DECISION_COLUMNS if c in frame])
         frame.insert(0, "shard", shard)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

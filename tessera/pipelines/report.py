@@ -1,0 +1,262 @@
+"""reports/report.html: one self-contained page that says why each image was kept or dropped.
+
+The funnel of every stage so far, where each score came from, the thresholds, a histogram per
+score (kept and dropped stacked, the threshold marked), and grids of example images kept and
+dropped nearest to each threshold. Images are inline (base64 JPEG thumbnails); no scripts, no
+external files, so it opens anywhere, including from an object store.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from tessera.filters import SCORE_FILTERS
+from tessera.pipelines import score, select
+from tessera.pipelines.store import ShardStore
+
+log = logging.getLogger(__name__)
+REPORT = ("reports", "report.html")
+THUMB = 128
+# Score columns with a histogram, and their titles.
+HISTOGRAMS = {
+    "clip_score": "CLIP image-text score", "aesthetic": "Aesthetic score", "pwatermark": "Watermark probability",
+    "punsafe": "NSFW probability", "short_side": "Original short side (px)", "aspect_ratio": "Aspect ratio",
+    "caption_words": "Caption words", "caption_letter_fraction": "Caption letter fraction",
+}
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d2430;padding:0 16px}
+h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;margin-top:34px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
+h3{font-size:15px;margin:18px 0 6px} .muted{color:#667085} table{border-collapse:collapse;font-size:13px}
+td,th{padding:4px 10px;border-bottom:1px solid #eef1f5;text-align:left} th{background:#f5f7fa}
+td.num{text-align:right;font-variant-numeric:tabular-nums} .bar{background:#4c78a8;height:10px;display:inline-block}
+.bar.drop{background:#e45756} .hists{display:flex;flex-wrap:wrap;gap:18px} .hist{border:1px solid #eef1f5;padding:8px}
+.grid{display:flex;flex-wrap:wrap;gap:8px} .card{width:128px;font-size:11px;line-height:1.25}
+.card img{width:128px;height:128px;object-fit:cover;display:block;border:3px solid #4c78a8}
+.card.dropped img{border-color:#e45756} .pair{display:flex;gap:24px;flex-wrap:wrap}
+.legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def funnel_table(rows: list[dict]) -> str:
+    top = max((r["count"] for r in rows), default=1) or 1
+    body = "".join(
+        f"<tr><td>{_e(r['stage'])}</td><td>{_e(r['outcome'])}</td><td>{_e(r['reason'])}</td>"
+        f"<td class=num>{r['count']:,}</td><td><span class='bar{'' if r['outcome'] != 'dropped' else ' drop'}' "
+        f"style='width:{max(1, int(300 * r['count'] / top))}px'></span></td></tr>"
+        for r in rows)
+    return f"<table><tr><th>stage</th><th>outcome</th><th>reason</th><th>count</th><th></th></tr>{body}</table>"
+
+
+def histogram_svg(values: np.ndarray, kept: np.ndarray, title: str, marks: list[tuple[float, str]],
+                  bins: int = 40, width: int = 360, height: int = 190) -> str:
+    """Kept (blue) and dropped (red) stacked per bin, each threshold a dashed line with its value."""
+    ok = ~np.isnan(values)
+    v, k = values[ok], kept[ok]
+    pad_l, pad_b, pad_t = 36, 28, 22
+    plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+           f"aria-label='{_e(title)}'><text x='{pad_l}' y='14' font-size='12' font-weight='600'>{_e(title)}</text>"]
+    if not len(v):
+        out.append(f"<text x='{pad_l}' y='{pad_t + 40}' font-size='12' fill='#667085'>no valid values</text></svg>")
+        return "".join(out)
+    lo, hi = float(v.min()), float(v.max())
+    for t, _ in marks:
+        lo, hi = min(lo, t), max(hi, t)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    n_keep, _ = np.histogram(v[k], edges)
+    n_drop, _ = np.histogram(v[~k], edges)
+    top = max(1, int((n_keep + n_drop).max()))
+    bw = plot_w / bins
+    x = lambda val: pad_l + (val - lo) / (hi - lo) * plot_w  # noqa: E731
+    for i in range(bins):
+        hk, hd = plot_h * n_keep[i] / top, plot_h * n_drop[i] / top
+        base = pad_t + plot_h
+        if hk:
+            out.append(f"<rect x='{pad_l + i * bw:.1f}' y='{base - hk:.1f}' width='{bw - 1:.1f}' height='{hk:.1f}' fill='#4c78a8'/>")
+        if hd:
+            out.append(f"<rect x='{pad_l + i * bw:.1f}' y='{base - hk - hd:.1f}' width='{bw - 1:.1f}' "
+                       f"height='{hd:.1f}' fill='#e45756'/>")
+    base = pad_t + plot_h
+    out.append(f"<line x1='{pad_l}' y1='{base}' x2='{pad_l + plot_w}' y2='{base}' stroke='#98a2b3'/>")
+    out.append(f"<text x='{pad_l}' y='{base + 14}' font-size='10'>{_fmt(lo)}</text>"
+               f"<text x='{pad_l + plot_w}' y='{base + 14}' font-size='10' text-anchor='end'>{_fmt(hi)}</text>"
+               f"<text x='{pad_l - 4}' y='{pad_t + 8}' font-size='10' text-anchor='end'>{top}</text>")
+    for i, (t, label) in enumerate(marks):
+        anchor = "end" if x(t) > pad_l + plot_w / 2 else "start"
+        nudge = -3 if anchor == "end" else 3
+        out.append(f"<line x1='{x(t):.1f}' y1='{pad_t}' x2='{x(t):.1f}' y2='{base}' stroke='#111' "
+                   f"stroke-width='1.5' stroke-dasharray='4 3'/>"
+                   f"<text x='{x(t) + nudge:.1f}' y='{pad_t + 10 + 12 * i}' font-size='10' text-anchor='{anchor}' "
+                   f"fill='#111'>{_e(label)} {_fmt(t)}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def thumbnails(store: ShardStore, wanted: pd.DataFrame) -> dict[str, str]:
+    """key -> data: URI of a small JPEG, for the samples in `wanted` (columns shard, key)."""
+    from PIL import Image
+
+    out: dict[str, str] = {}
+    for shard, keys in wanted.groupby("shard")["key"]:
+        keys = set(keys)
+        for sample in score.read_shard({"shard": shard}, store):
+            if sample["key"] not in keys or sample["image"] is None:
+                continue
+            try:
+                img = Image.open(io.BytesIO(sample["image"])).convert("RGB")
+                img.thumbnail((THUMB * 2, THUMB * 2))
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=80)
+                out[sample["key"]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            except Exception:  # noqa: BLE001 - a broken image just has no thumbnail
+                continue
+    return out
+
+
+def card(row, thumbs: dict[str, str], column: str | None) -> str:
+    src = thumbs.get(row["key"])
+    img = f"<img src='{src}' alt='{_e(row['key'])}'>" if src else "<div style='width:128px;height:128px;background:#eee'></div>"
+    value = f"{column} {_fmt(row[column])}<br>" if column else ""
+    reason = f"<b>{_e(row['reason'])}</b>" if row["reason"] else "kept"
+    extra = f"<br>dup of {_e(row['duplicate_of'])}" if row.get("duplicate_of") else ""
+    caption = _e(str(row.get("caption", ""))[:60])
+    return (f"<div class='card{'' if row['keep'] else ' dropped'}'>{img}{value}{reason}{extra}<br>"
+            f"<span class=muted>{_e(row['key'])}</span><br>{caption}</div>")
+
+
+def near_threshold(frame: pd.DataFrame, column: str, threshold: float, higher: bool, reason: str,
+                   n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The n samples passing this threshold closest to it, and the n dropped by it closest to it."""
+    values = frame[column]
+    passing = values >= threshold if higher else values <= threshold
+    distance = (values - threshold).abs()
+    above = frame[passing & (frame["error"] == "")].assign(_d=distance).sort_values(["_d", "key"]).head(n)
+    below = frame[frame["reason"] == reason].assign(_d=distance).sort_values(["_d", "key"]).head(n)
+    return above, below
+
+
+def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
+    """Write reports/report.html from the stored scores and thresholds; returns its URL."""
+    shards = store.done_shards(select.STAGE)
+    frame = select.load_scores(store, shards, decisions=True)
+    for col, default in (("keep", False), ("reason", ""), ("duplicate_of", "")):
+        if col not in frame:
+            frame[col] = default
+    frame["keep"] = frame["keep"].fillna(False).astype(bool)
+    frame["reason"] = frame["reason"].fillna("")
+    frame["duplicate_of"] = frame["duplicate_of"].fillna("")
+    summary = store.read_json("reports", "thresholds.json")
+    score_infos = {s: store.done_info(score.STAGE, s) for s in store.done_shards(score.STAGE)}
+    kept = frame["keep"].to_numpy(dtype=bool)
+
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Tessera filter report</title>"
+             f"<style>{STYLE}</style></head><body><h1>Filter report</h1>"
+             f"<p class=muted>{summary['samples']:,} scored samples in {len(shards)} shards; "
+             f"<b>{summary['kept']:,} kept</b>, {summary['samples'] - summary['kept']:,} dropped. "
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>"]
+
+    parts.append("<h2>Funnel</h2><p class=muted>Every input row ends kept or dropped with one reason; "
+                 "a sample failing several filters is dropped for the first in this order: "
+                 f"{_e(', '.join(summary['order']))}.</p>" + funnel_table(funnel))
+
+    # Where each score came from.
+    rows = []
+    for name, info in sorted(summary["sources"].items()):
+        column = SCORE_FILTERS[name].column
+        per_shard = {}
+        for s_info in score_infos.values():
+            src = s_info["sources"].get(name, {})
+            label = {"compute": "computed by the model", "metadata": f"input column {src.get('column')!r}",
+                     "missing": f"input column {src.get('column')!r} missing: dropped as {column}_missing"
+                     }.get(src.get("source"), "off")
+            if src.get("fallback_from"):
+                label += f" (input had no {src['fallback_from']!r} column)"
+            per_shard[label] = per_shard.get(label, 0) + 1
+        rows.append(f"<tr><td>{_e(column)}</td><td>{'<br>'.join(f'{_e(k)} ({v} shards)' for k, v in per_shard.items())}</td></tr>")
+    parts.append("<h2>Score sources</h2><table><tr><th>score</th><th>source</th></tr>" + "".join(rows) + "</table>")
+
+    # Thresholds.
+    rows = []
+    for name, desc in summary["filters"].items():
+        rule = ", ".join(f"{k} {_fmt(v)}" for k, v in desc.items() if k not in ("source",)) or "-"
+        rows.append(f"<tr><td>{_e(name)}</td><td>{_e(rule)}</td></tr>")
+    if summary.get("target"):
+        t = summary["target"]
+        rows.append(f"<tr><td>target</td><td>keep {t['requested']:,} ranked by {_e(t['rank_by'])}: kept {t['kept']:,}, "
+                    f"lowest kept {_e(t['rank_by'])} {_fmt(t['threshold'])}"
+                    f"{', short by ' + str(t['shortfall']) if t.get('shortfall') else ''}</td></tr>")
+    parts.append("<h2>Thresholds</h2><table><tr><th>filter</th><th>rule</th></tr>" + "".join(rows) + "</table>")
+
+    # Histograms with their thresholds.
+    marks: dict[str, list] = {}
+    for name, desc in summary["filters"].items():
+        if desc.get("threshold") is not None:
+            marks.setdefault(desc["score"], []).append((desc["threshold"], "threshold"))
+    if summary["filters"].get("size"):
+        marks.setdefault("short_side", []).append((summary["filters"]["size"]["min_side"], "min"))
+        marks.setdefault("aspect_ratio", []).append((summary["filters"]["size"]["max_aspect_ratio"], "max"))
+    if summary["filters"].get("caption"):
+        marks.setdefault("caption_words", []).append((summary["filters"]["caption"]["min_words"], "min"))
+        marks.setdefault("caption_letter_fraction", []).append(
+            (summary["filters"]["caption"]["min_letter_fraction"], "min"))
+    target = summary.get("target") or {}
+    if target.get("threshold") is not None:
+        marks.setdefault(target["rank_by"], []).append((target["threshold"], "target"))
+    hists = [histogram_svg(frame[col].to_numpy(dtype=np.float64), kept, title, marks.get(col, []))
+             for col, title in HISTOGRAMS.items() if col in frame]
+    parts.append("<h2>Score distributions</h2><p class=legend><span style='background:#4c78a8'></span>kept"
+                 "<span style='background:#e45756'></span>dropped (any reason); dashed: thresholds</p>"
+                 "<div class=hists>" + "".join(f"<div class=hist>{h}</div>" for h in hists) + "</div>")
+
+    # Examples nearest each threshold.
+    grids: list[tuple[str, str, pd.DataFrame, pd.DataFrame]] = []
+    for name, desc in summary["filters"].items():
+        if desc.get("threshold") is None or desc.get("score") not in frame:
+            continue
+        f = SCORE_FILTERS[name]
+        above, below = near_threshold(frame, f.column, desc["threshold"], f.higher_is_better, f.fail_reason, examples)
+        grids.append((f"{f.column} {desc['keep_if']} {_fmt(desc['threshold'])}", f.column, above, below))
+    if target.get("threshold") is not None:
+        col = target["rank_by"]
+        above = frame[frame["keep"]].assign(_d=(frame[col] - target["threshold"]).abs()).sort_values(["_d", "key"]).head(examples)
+        below = frame[frame["reason"] == "below_target"].assign(
+            _d=(frame[col] - target["threshold"]).abs()).sort_values(["_d", "key"]).head(examples)
+        grids.append((f"target: {col} {target['keep_if']} {_fmt(target['threshold'])}", col, above, below))
+    dups = frame[frame["reason"] == "near_duplicate"].sort_values("key").head(examples)
+    if len(dups):
+        originals = frame[frame["key"].isin(dups["duplicate_of"])].sort_values("key")
+        grids.append(("near-duplicates (kept original, dropped copy)", None, originals, dups))
+    wanted = pd.concat([g for _, _, a, b in grids for g in (a, b)] or [frame.head(0)])
+    thumbs = thumbnails(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
+    parts.append("<h2>Examples near each threshold</h2>")
+    if not grids:
+        parts.append("<p class=muted>No score thresholds are set.</p>")
+    for title, column, above, below in grids:
+        parts.append(f"<h3>{_e(title)}</h3><div class=pair>"
+                     f"<div><p class=muted>kept side ({len(above)})</p><div class=grid>"
+                     + "".join(card(r, thumbs, column) for _, r in above.iterrows()) + "</div></div>"
+                     f"<div><p class=muted>dropped by it ({len(below)})</p><div class=grid>"
+                     + "".join(card(r, thumbs, column) for _, r in below.iterrows()) + "</div></div></div>")
+    parts.append("</body></html>")
+    store.write_bytes("".join(parts).encode(), *REPORT)
+    url = store.url(*REPORT)
+    log.info("Filter report written to %s.", url)
+    return url
