@@ -29,6 +29,8 @@ def demo(args) -> int:
     print(f"\nThe demo finished in {time.time() - start:.0f} s. Everything it wrote is under {out}:")
     print(f"  {out}/data/download          image shards (img2dataset WebDataset tars + parquet)")
     print(f"  {out}/data/reports/funnel.parquet   rows kept and dropped, per stage and reason")
+    print(f"  {out}/data/scores               per-sample scores, keep and reason (parquet)")
+    print(f"  {out}/data/reports/report.html   the filter report: open it in a browser")
     return 0
 
 

@@ -17,6 +17,7 @@ from tessera.config.base import Section
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
+from tessera.config.tokenize import TokenizeConfig
 from tessera.config.train import SampleConfig, TrainConfig
 
 # Environment variables that override one key each: paths and addresses.
@@ -44,6 +45,7 @@ class RunConfig(Section):
     download: DownloadConfig = DownloadConfig()
     # Scoring and selection: the score and select stages read this one section.
     filters: FiltersConfig = FiltersConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
     stage1: TrainConfig | None = None
     stage2: TrainConfig | None = None
     sample: SampleConfig | None = None

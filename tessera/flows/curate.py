@@ -6,6 +6,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig, load_config
 from tessera.flows.common import ShardProgress, logger, publish_table, source_context
+from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.pipelines import download
 from tessera.pipelines.funnel import write_funnel
 from tessera.pipelines.store import ShardStore
@@ -31,7 +32,9 @@ def curate(config: str, overrides: list[str] | None = None) -> dict:
     funnel: list[dict] = []
     with source_context(cfg):
         funnel += download_task(cfg, store).funnel()
-        # <score and select tasks go here>
+        funnel += score_task(cfg, store).funnel()
+        funnel += select_task(cfg, store).funnel()
+        report_task(store, funnel, cfg.filters.report_examples)
         # <caption task goes here>
         # <tokenize task goes here>
     url = write_funnel(store, funnel)

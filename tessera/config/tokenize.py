@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator
+
+from tessera.config.base import Section
+
+
+class TokenizeConfig(Section):
+    """Pre-tokenization of the kept samples into WebDataset shards of VQ codes, per resolution."""
+
+    # The VQ tokenizer: LlamaGen's vq_ds16_t2i.pt (a path), or "tiny:vq" for the demo.
+    vq: str = "tiny:vq"
+    # A VQ_CONFIGS name for a bare checkpoint file (a tiny:vq folder carries its own).
+    vq_config: str = "VQ-16"
+    # Load the checkpoint's "ema" weights instead of "model".
+    vq_ema: bool = False
+    resolutions: list[int] = [256, 512]
+    # Also store the codes of the horizontally flipped image ({key}.codes_flip.npy).
+    flip: bool = False
+    # Caption features ({key}.t5.npy, float16, no padding): a T5 checkpoint path or hub id
+    # (e.g. google/flan-t5-xl), "tiny:t5", or None to leave them to training.
+    text_encoder: str | None = None
+    text_max_length: int = 120
+    # Which caption the features are of; a sample without it falls back to the original caption.
+    text_caption: Literal["caption", "caption_long", "caption_short"] = "caption_long"
+    # Ray Data: images per model call, model actors, and what each actor holds.
+    batch_size: int = 32
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+    # Shards handled per Ray Data pass (bounds what the driver buffers before writing).
+    shards_per_pass: int = 16
+
+    @field_validator("resolutions")
+    @classmethod
+    def _multiples_of_16(cls, v: list[int]) -> list[int]:
+        bad = [r for r in v if r <= 0 or r % 16]
+        if bad or not v:
+            raise ValueError(f"resolutions must be positive multiples of 16, got {v}")
+        return sorted(set(v))
