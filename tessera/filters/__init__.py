@@ -65,7 +65,7 @@ def build_filters(cfg: FiltersConfig, sources: dict[str, dict], models: dict | N
     if cfg.size.enabled:
         filters.append(SizeFilter(cfg.size.min_side, cfg.size.max_aspect_ratio))
     for name, sub in score_configs(cfg).items():
-        if name not in sources:
+        if sub.source == "off" or name not in sources:
             continue
         column = sources[name]["column"] if sources[name]["source"] != "compute" else None
         kwargs = dict(threshold=sub.min if sub.min is not None else sub.max, metadata_column=column)

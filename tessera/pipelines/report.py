@@ -251,9 +251,9 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
         parts.append("<p class=muted>No score thresholds are set.</p>")
     for title, column, above, below in grids:
         parts.append(f"<h3>{_e(title)}</h3><div class=pair>"
-                     f"<div><p class=muted>kept side ({len(above)})</p><div class=grid>"
+                     f"<div><p class=muted>pass it, nearest first (their final outcome below each) ({len(above)})</p><div class=grid>"
                      + "".join(card(r, thumbs, column) for _, r in above.iterrows()) + "</div></div>"
-                     f"<div><p class=muted>dropped by it ({len(below)})</p><div class=grid>"
+                     f"<div><p class=muted>dropped by it, nearest first ({len(below)})</p><div class=grid>"
                      + "".join(card(r, thumbs, column) for _, r in below.iterrows()) + "</div></div></div>")
     parts.append("</body></html>")
     store.write_bytes("".join(parts).encode(), *REPORT)

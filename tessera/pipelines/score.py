@@ -303,6 +303,7 @@ def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
         wm_size = cfg.watermark.image_size if any(Needs.PIXELS in f.needs and hasattr(f, "column")
                                                   for f in probe_filters) else None
         init_ray(ray_cfg)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images per shard
         expected = {s: store.done_info("download", s).get("downloaded") for s in todo}
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
         ds = ds.flat_map(read_shard, fn_kwargs={"store": store})
@@ -310,7 +311,8 @@ def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
                             fn_kwargs={"clip_preprocess": clip_pre, "watermark_size": wm_size})
         ds = ds.map_batches(ScoreActor, batch_size=cfg.batch_size, batch_format="numpy",
                             fn_constructor_kwargs={"cfg": cfg, "sources": sources, "paths": paths, "device": device},
-                            concurrency=cfg.concurrency, num_gpus=cfg.num_gpus_per_actor or None,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+                            num_gpus=cfg.num_gpus_per_actor or None,
                             num_cpus=cfg.num_cpus_per_actor)
         pending: dict[str, dict[str, list]] = {s: defaultdict(list) for s in todo}
         received: Counter = Counter()

@@ -166,6 +166,10 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
 
     frame = load_scores(store, shards)
     sources = store.done_info(score.STAGE, shards[-1])["sources"]
+    unscored = [n for n, sub in score_configs(cfg).items() if sub.source != "off" and n not in sources]
+    if unscored:
+        raise ValueError(f"filters.{unscored[0]} is on but the shards were scored without it; "
+                         f"remove the score/ markers to score again")
     filters = build_filters(cfg, sources)
     thresholds = choose_thresholds(cfg, filters, frame)
     rows = Counter(frame["shard"])
