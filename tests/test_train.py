@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+
+from tessera.config import RunConfig
+from tessera.config.train import TrainConfig
+from tessera.models.gpt import build_gpt
+from tessera.pipelines import train
+from tessera.pipelines.checkpoint import checkpoint_steps, load_checkpoint
+from tessera.pipelines.codes_loader import write_synthetic_codes
+from tessera.pipelines.store import ShardStore
+
+TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": False, "log_every": 1,
+        "optim": {"lr_per_256": 0.2}}
+
+
+def _config(tmp_path, stage1: dict | None = None, stage2: dict | None = None) -> RunConfig:
+    return RunConfig.model_validate({
+        "name": "t", "data_root": str(tmp_path / "data"), "runs_root": str(tmp_path / "runs"),
+        "models_root": str(tmp_path / "models"), "source": {"path": str(tmp_path / "src.parquet")},
+        "stage1": {**TINY, **(stage1 or {})}, "stage2": {**TINY, **(stage2 or {})} if stage2 is not None else None})
+
+
+@pytest.fixture
+def data(tmp_path):
+    store = ShardStore(str(tmp_path / "data"))
+    write_synthetic_codes(store, 256, shards=2, per_shard=6, vocab=64, caption_dim=32)
+    return store
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, data):
+    """Stop after 4 steps (the last checkpoint is at 2, as after a crash), rerun: the losses of the
+    resumed steps equal those of an uninterrupted run, and metrics.jsonl reads like one run.
+    12 samples in batches of 4, so the resumed steps cross an epoch boundary too."""
+    stage1 = {"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 2}
+    whole = train.run(_config(tmp_path, stage1), "stage1", run_name="whole")
+    expected = [m["loss"] for m in train.read_metrics(whole.run_dir)]
+    assert len(expected) == 6 and whole.step == 6
+
+    first = train.run(_config(tmp_path, stage1), "stage1", run_name="cut", stop_at=3)
+    assert first.step == 3 and checkpoint_steps(ShardStore(first.run_dir)) == [2]
+    resumed = train.run(_config(tmp_path, stage1), "stage1", run_name="cut")
+    got = [m["loss"] for m in train.read_metrics(resumed.run_dir)]
+    assert [m["step"] for m in train.read_metrics(resumed.run_dir)] == list(range(1, 7))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert len(set(got)) == 6  # the losses move: a resume that replayed batches would show it
+    assert checkpoint_steps(ShardStore(resumed.run_dir)) == [4, 6]  # keeps the last two
+
+    a, b = load_checkpoint(whole.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["data"] == b["data"] and a["step"] == b["step"] == 6 and a["data"]["epoch"] == 1
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6)
+    assert set(a) >= {"model", "optimizer", "step", "data", "rng", "config"}
+
+
+def test_stage2_starts_from_stage1_weights_only(tmp_path, data):
+    write_synthetic_codes(data, 512, shards=1, per_shard=4, vocab=64, caption_dim=32)
+    cfg = _config(tmp_path, {"max_steps": 3}, {"max_steps": 1, "init_from": "stage1",
+                                             "data": {"resolution": 512}, "optim": {"lr_per_256": 0.0}})
+    with pytest.raises(FileNotFoundError, match="train stage1 first"):
+        train.run(cfg, "stage2")
+    s1 = train.run(cfg, "stage1")
+    s2 = train.run(cfg, "stage2")
+    one, two = load_checkpoint(s1.checkpoint), load_checkpoint(s2.checkpoint)
+    assert two["step"] == 1 and two["config"]["resolution"] == 512
+    assert int(two["optimizer"]["state"]["tok_embeddings.weight"]["step"]) == 1  # fresh, not stage 1's
+    for k, v in one["model"].items():  # lr 0: the weights are still stage 1's
+        assert torch.equal(two["model"][k], v), k
+    # A rerun of stage 2 resumes stage 2 itself, not stage 1 again.
+    assert train.worker_conf(cfg, "stage2")["init_from"] == "stage1"
+
+
+def test_gradient_accumulation_matches_one_big_batch(data):
+    from tessera.pipelines.codes_loader import CodesLoader
+    from tessera.config.train import CodesDataConfig
+
+    batch = CodesLoader(data, CodesDataConfig(), 4, prefetch=0).next_batch()
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    cfg = TrainConfig(**TINY, dropout=0.0)
+    models = []
+    for micro in ([batch], halves):
+        torch.manual_seed(0)
+        model = build_gpt("GPT-nano", vocab_size=64, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0,
+                          class_dropout=0.0)
+        torch.nn.init.normal_(model.output.weight, std=0.02)
+        opt = train.build_optimizer(model, cfg, torch.device("cpu"))
+        out = train.train_step(model, opt, micro)
+        models.append((model, out))
+    assert float(models[0][1]["loss"]) == pytest.approx(float(models[1][1]["loss"]), rel=1e-5)
+    for p, q in zip(models[0][0].parameters(), models[1][0].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_optimizer_follows_llamagen_defaults():
+    cfg = TrainConfig(global_batch=512)
+    model = build_gpt("GPT-nano")
+    opt = train.build_optimizer(model, cfg, torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert opt.defaults["lr"] == pytest.approx(2e-4) and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_warmup_and_cosine_schedule():
+    cfg = TrainConfig(global_batch=256, max_steps=110, optim={"schedule": "cosine", "warmup_steps": 10})
+    assert train.lr_at(cfg, 0) == pytest.approx(1e-5) and train.lr_at(cfg, 9) == pytest.approx(1e-4)
+    assert train.lr_at(cfg, 60) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5))
+    assert train.lr_at(cfg, 110) == pytest.approx(1e-5)
+    assert train.lr_at(TrainConfig(), 12345) == pytest.approx(1e-4)
+
+
+def test_image_loss_ignores_samples_without_a_caption():
+    logits = torch.randn(2, 4, 8)
+    codes = torch.randint(0, 8, (2, 4))
+    loss = train.image_loss(logits, codes, torch.tensor([True, False]))
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits[0], codes[0])), rel=1e-6)
+
+
+def test_bad_batch_sizes_are_config_errors():
+    with pytest.raises(ValueError, match="multiple of"):
+        TrainConfig(global_batch=10, micro_batch=4)
+    assert TrainConfig(global_batch=16, micro_batch=4, num_workers=2).grad_accum == 2
+
+
+@pytest.mark.slow  # starting Ray Train workers takes most of a minute on 2 cores
+def test_training_through_ray_train(tmp_path, data, ray_local):
+    cfg = _config(tmp_path, {"max_steps": 3, "use_ray": True, "checkpoint_every": 2})
+    result = train.run(cfg, "stage1")
+    metrics = train.read_metrics(result.run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and result.step == 3
+    assert checkpoint_steps(ShardStore(result.run_dir)) == [2, 3]
+    assert {"loss", "grad_norm", "tokens_per_s", "images_per_s", "data_wait", "memory_gb"} <= set(metrics[0])
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert ShardStore(result.run_dir).list("tensorboard")
+
+
+@pytest.mark.slow
+def test_loss_falls_well_below_log_vocab(tmp_path):
+    store = ShardStore(str(tmp_path / "data"))
+    write_synthetic_codes(store, 256, shards=4, per_shard=32, vocab=512, caption_dim=32, classes=8)
+    cfg = _config(tmp_path, {"model": "GPT-tiny", "vocab_size": 512, "caption_dim": 32, "global_batch": 16,
+                             "max_steps": 150, "log_every": 10, "optim": {"lr_per_256": 0.02}})
+    result = train.run(cfg, "stage1")
+    assert result.last_loss < 0.5 * math.log(512), result.last_loss
