@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all ui lock clean bench-download
+.PHONY: setup demo test test-all ui lock clean bench-download bench-score report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,19 @@ ui: setup
 
 bench-download: setup
 	$(PY) -m bench.download
+
+# Filtering: the one-pass scorer against one pass per filter, and a headless-browser screenshot
+# of the demo's filter report (run `make demo` first; needs chromium, not needed by the tests).
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+bench-score: setup
+	$(PY) -m bench.score
+
+report-screenshot:
+	@test -n "$(CHROMIUM)" || { echo "No chromium found: open $(DEMO_DIR)/data/reports/report.html in a browser."; exit 1; }
+	@test -f $(DEMO_DIR)/data/reports/report.html || { echo "No report yet: run make demo first."; exit 1; }
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,4000 \
+		--screenshot=$(DEMO_DIR)/report.png file://$(DEMO_DIR)/data/reports/report.html
+	@echo "Screenshot of the filter report: $(DEMO_DIR)/report.png"
 
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new

@@ -33,6 +33,8 @@ def test_size_filter_drops_small_and_elongated_and_unknown_sizes():
     assert scores["short_side"].tolist()[:3] == [400, 200, 300]
     assert list(f.decide(scores)) == ["", "too_small", "aspect_ratio", "size_missing", "size_missing"]
     assert f.needs == Needs.METADATA
+    no_sizes = Batch(meta=pd.DataFrame({"key": ["a"]}))
+    assert list(f.decide(scored(f, no_sizes))) == ["size_missing"]
 
 
 def test_caption_rules():

@@ -16,8 +16,8 @@ class SizeFilter(Filter):
         self.max_aspect_ratio = max_aspect_ratio
 
     def score(self, batch: Batch) -> dict[str, np.ndarray]:
-        w = pd.to_numeric(batch.meta.get("original_width"), errors="coerce").to_numpy(dtype=np.float64)
-        h = pd.to_numeric(batch.meta.get("original_height"), errors="coerce").to_numpy(dtype=np.float64)
+        w, h = (pd.to_numeric(batch.meta[c], errors="coerce").to_numpy(dtype=np.float64) if c in batch.meta
+                else np.full(len(batch), np.nan) for c in ("original_width", "original_height"))
         valid = (w > 0) & (h > 0)
         short = np.where(valid, np.minimum(w, h), np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
