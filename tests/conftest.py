@@ -31,7 +31,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
     yield ray
     ray.shutdown()

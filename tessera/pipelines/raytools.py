@@ -46,8 +46,9 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("Starting a local Ray with %s CPUs.", cfg.num_cpus or "all")
+        # A local Ray listens on loopback only.
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=True, configure_logging=False, _node_ip_address="127.0.0.1")
 
 
 def run_shards(
