@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
-from tessera.filters import Batch, Needs, build_filters, resolve_sources
+from tessera.filters import Batch, Needs, ThresholdFilter, build_filters, resolve_sources
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -129,19 +129,14 @@ class BatchScorer:
             batch.watermark_pixels = watermark_pixels[idx]
         out: dict[str, np.ndarray] = {}
         for f in self.filters:
-            if not len(idx):
-                whole = f.score(Batch(meta=meta)) if f.needs == Needs.METADATA else {}
-                out.update(whole)
-                continue
             if f.needs == Needs.METADATA:  # metadata scores exist for unreadable images too
                 out.update(f.score(Batch(meta=meta)))
-                continue
-            for name, values in f.score(batch).items():
-                full = np.full(n, np.nan)
-                full[idx] = values
-                out[name] = full
-        for name in [c for f in self.filters if hasattr(f, "column") for c in [f.column]]:
-            out.setdefault(name, np.full(n, np.nan))
+            elif len(idx):
+                for name, values in f.score(batch).items():
+                    out[name] = np.full(n, np.nan)
+                    out[name][idx] = values
+            if isinstance(f, ThresholdFilter):
+                out.setdefault(f.column, np.full(n, np.nan))
         if self.clip is not None:
             emb = np.zeros((n, self.clip.embed_dim), dtype=np.float32)
             if len(idx):
@@ -299,9 +294,7 @@ def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
         use_gpu = cfg.num_gpus_per_actor > 0
         device = "cuda" if use_gpu else "cpu"
         clip_pre = preprocess_for(cfg.clip.model, paths["clip"]) if "clip" in paths else None
-        probe_filters = build_filters(cfg, sources)
-        wm_size = cfg.watermark.image_size if any(Needs.PIXELS in f.needs and hasattr(f, "column")
-                                                  for f in probe_filters) else None
+        wm_size = cfg.watermark.image_size if "watermark" in paths else None
         init_ray(ray_cfg)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images per shard
         expected = {s: store.done_info("download", s).get("downloaded") for s in todo}
