@@ -146,3 +146,23 @@ def test_one_clip_image_pass_feeds_every_clip_filter(scored, monkeypatch):
     for col in ("clip_score", "aesthetic", "punsafe"):
         assert np.isfinite(out[col][[0, 2]]).all() and np.isnan(out[col][1])
     assert out["embedding"].shape == (3, 32)
+
+
+def test_an_unreadable_shard_is_a_clear_error(tmp_path):
+    store = ShardStore(str(tmp_path))
+    store.write_bytes(b"not a tar" * 100, "download", "00007.tar")
+    with pytest.raises(RuntimeError, match=r"(?s)00007.tar cannot be read .*remove download/00007.done"):
+        score.read_shard({"shard": "00007"}, store)
+
+
+def test_no_downloads_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no finished download shards"):
+        score.run(FiltersConfig(), RayConfig(), ShardStore(str(tmp_path)), str(tmp_path / "models"))
+
+
+def test_missing_weights_are_named_before_any_work(tmp_path):
+    cfg = FiltersConfig.model_validate({"clip": {"checkpoint": "tiny:clip", "model": "tessera-tiny-clip"},
+                                        "aesthetic": {"weights": "nowhere/aesthetic.pth"}})
+    sources = {"aesthetic": {"source": "compute", "column": None}}
+    with pytest.raises(FileNotFoundError, match="filters.aesthetic.weights: .*nowhere/aesthetic.pth does not exist"):
+        score.model_paths(cfg, sources, str(tmp_path))

@@ -149,12 +149,17 @@ class BatchScorer:
 def read_shard(row: dict, store: ShardStore) -> list[dict]:
     """The samples of one download tar: key, image bytes (None when absent), caption, metadata."""
     samples: dict[str, dict] = defaultdict(dict)
-    with store.fs.open(store.path("download", f"{row['shard']}.tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            samples[key][ext] = tar.extractfile(member).read()
+    path = store.path("download", f"{row['shard']}.tar")
+    try:
+        with store.fs.open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                samples[key][ext] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError) as e:
+        raise RuntimeError(f"{store.url('download', row['shard'] + '.tar')} cannot be read ({e}); remove "
+                           f"download/{row['shard']}.done to download that shard again") from e
     out = []
     for key in sorted(samples):
         files = samples[key]
