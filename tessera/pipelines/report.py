@@ -227,7 +227,8 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
                  "<div class=hists>" + "".join(f"<div class=hist>{h}</div>" for h in hists) + "</div>")
 
     # Examples nearest each threshold.
-    grids: list[tuple[str, str, pd.DataFrame, pd.DataFrame]] = []
+    grids: list[tuple[str, str | None, pd.DataFrame, pd.DataFrame]] = []
+    sides = ("pass it, nearest first (their final outcome below each)", "dropped by it, nearest first")
     for name, desc in summary["filters"].items():
         if desc.get("threshold") is None or desc.get("score") not in frame:
             continue
@@ -243,17 +244,18 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
     dups = frame[frame["reason"] == "near_duplicate"].sort_values("key").head(examples)
     if len(dups):
         originals = frame[frame["key"].isin(dups["duplicate_of"])].sort_values("key")
-        grids.append(("near-duplicates (kept original, dropped copy)", None, originals, dups))
+        grids.append(("near-duplicates", None, originals, dups))
     wanted = pd.concat([g for _, _, a, b in grids for g in (a, b)] or [frame.head(0)])
     thumbs = thumbnails(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
     parts.append("<h2>Examples near each threshold</h2>")
     if not grids:
         parts.append("<p class=muted>No score thresholds are set.</p>")
     for title, column, above, below in grids:
+        left, right = ("the originals kept in their group", "the copies dropped") if column is None else sides
         parts.append(f"<h3>{_e(title)}</h3><div class=pair>"
-                     f"<div><p class=muted>pass it, nearest first (their final outcome below each) ({len(above)})</p><div class=grid>"
+                     f"<div><p class=muted>{left} ({len(above)})</p><div class=grid>"
                      + "".join(card(r, thumbs, column) for _, r in above.iterrows()) + "</div></div>"
-                     f"<div><p class=muted>dropped by it, nearest first ({len(below)})</p><div class=grid>"
+                     f"<div><p class=muted>{right} ({len(below)})</p><div class=grid>"
                      + "".join(card(r, thumbs, column) for _, r in below.iterrows()) + "</div></div></div>")
     parts.append("</body></html>")
     store.write_bytes("".join(parts).encode(), *REPORT)
