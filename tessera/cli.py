@@ -42,6 +42,24 @@ def curate_cmd(args) -> int:
     return 0
 
 
+def all_cmd(args) -> int:
+    from tessera.flows.all import all_stages
+
+    load_config(args.config, args.overrides)
+    all_stages(config=args.config, overrides=args.overrides, run=args.run, steps=args.steps)
+    return 0
+
+
+def submit_cmd(args) -> int:
+    from tessera.submit import SubmitError, submit
+
+    try:
+        return submit(args)
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -55,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("curate", help="download (and later stages) for a run config")
     _common(p)
     p.set_defaults(fn=curate_cmd)
+    p = sub.add_parser("all", help="curate, then train stage 1 and stage 2, then sample")
+    _common(p)
+    p.add_argument("--step", dest="steps", action="append", choices=["curate", "stage1", "stage2", "sample"],
+                   help="run only this step (repeatable; default: every step, in order)")
+    p.add_argument("--run", default=None, help="training run name under runs_root (default: the config's name)")
+    p.set_defaults(fn=all_cmd)
+    p = sub.add_parser("submit", help="run a tessera command as a Ray job on a cluster (ray job submit)")
+    from tessera.submit import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=submit_cmd)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
