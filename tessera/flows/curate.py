@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 from tessera.config import RunConfig, load_config
 from tessera.flows.common import ShardProgress, logger, publish_table, source_context
 from tessera.flows.filter_tasks import report_task, score_task, select_task
+from tessera.flows.tokenize_tasks import tokenize_task
 from tessera.pipelines import download
 from tessera.pipelines.funnel import write_funnel
 from tessera.pipelines.store import ShardStore
@@ -36,7 +37,7 @@ def curate(config: str, overrides: list[str] | None = None) -> dict:
         funnel += select_task(cfg, store).funnel()
         report_task(store, funnel, cfg.filters.report_examples)
         # <caption task goes here>
-        # <tokenize task goes here>
+        funnel += tokenize_task(cfg, store).funnel()
     url = write_funnel(store, funnel)
     publish_table("funnel", funnel, f"Rows kept and dropped per stage and reason ({url}).")
     logger().info("Funnel written to %s.", url)
