@@ -128,3 +128,12 @@ def test_clear_errors_for_scores_that_were_never_computed(tmp_path):
         select.run(cfg(nsfw={"source": "compute"}), store)
     with pytest.raises(ValueError, match="embeddings"):
         select.run(cfg(dedup={"enabled": True}), store)
+
+
+def test_a_score_missing_everywhere_drops_every_sample_with_its_reason(tmp_path):
+    store = ShardStore(str(tmp_path))
+    sources = {**SOURCES, "aesthetic": {"source": "missing", "column": "aesthetic"}}
+    write_scores(store, "00000", [row("a", aes=np.nan), row("b", aes=np.nan, clip=0.1)], sources=sources)
+    result = select.run(cfg(aesthetic={"source": "metadata", "on_missing_column": "drop", "keep_fraction": 0.5}), store)
+    assert decisions(store, ["00000"]) == {"a": "aesthetic_missing", "b": "low_clip_score"}
+    assert result.thresholds["filters"]["aesthetic"]["mode"] == "keep_fraction 0.5 (no valid scores)"

@@ -93,8 +93,12 @@ def choose_thresholds(cfg: FiltersConfig, filters: list, frame: pd.DataFrame) ->
             mode = "absolute" if f.threshold is not None else "none"
             if sub.keep_fraction is not None:
                 values = frame.loc[readable, f.column].to_numpy(dtype=np.float64)
-                f.threshold = f.threshold_for_fraction(values, sub.keep_fraction)
                 mode = f"keep_fraction {sub.keep_fraction}"
+                if np.isnan(values).all():  # every sample is dropped as <score>_missing anyway
+                    log.warning("%s: no valid scores to choose a keep_fraction threshold from.", f.column)
+                    mode += " (no valid scores)"
+                else:
+                    f.threshold = f.threshold_for_fraction(values, sub.keep_fraction)
             described[f.name] = {**f.describe(), "mode": mode}
         else:
             described[f.name] = f.describe()
