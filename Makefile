@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all ui lock clean bench-download bench-score report-screenshot
+.PHONY: setup demo test test-all ui lock clean stage1 stage2 sample bench-train bench-sample bench-download bench-score report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,27 @@ report-screenshot:
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,4000 \
 		--screenshot=$(DEMO_DIR)/report.png file://$(DEMO_DIR)/data/reports/report.html
 	@echo "Screenshot of the filter report: $(DEMO_DIR)/report.png"
+
+# Training and sampling: stage 1 (256px), stage 2 (512px, from the stage-1 weights), a PNG grid of
+# samples. RUN names the run under runs_root (default: the config's name); SET adds overrides,
+# e.g. make stage1 SET="stage1.max_steps=10". Rerunning a stage resumes from its newest checkpoint.
+RUN ?=
+SET ?=
+TRAIN_ARGS = --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
+stage1: setup
+	$(PY) -m tessera.cli stage1 $(TRAIN_ARGS)
+
+stage2: setup
+	$(PY) -m tessera.cli stage2 $(TRAIN_ARGS)
+
+sample: setup
+	$(PY) -m tessera.cli sample $(TRAIN_ARGS)
+
+bench-train: setup
+	$(PY) -m bench.train
+
+bench-sample: setup
+	$(PY) -m bench.sample
 
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new

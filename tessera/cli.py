@@ -60,6 +60,22 @@ def submit_cmd(args) -> int:
         return 2
 
 
+def train_cmd(args) -> int:
+    from tessera.flows import train as flows
+
+    load_config(args.config, args.overrides)
+    getattr(flows, args.command)(config=args.config, overrides=args.overrides, run=args.run)
+    return 0
+
+
+def sample_cmd(args) -> int:
+    from tessera.flows.train import sample
+
+    load_config(args.config, args.overrides)
+    sample(config=args.config, overrides=args.overrides, run=args.run, checkpoint=args.checkpoint)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -84,6 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(p)
     p.set_defaults(fn=submit_cmd)
+    for name, what in (("stage1", "train (or resume) stage 1, 256px"),
+                       ("stage2", "train (or resume) stage 2, 512px, from the stage-1 weights")):
+        p = sub.add_parser(name, help=what)
+        _common(p)
+        p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+        p.set_defaults(fn=train_cmd)
+    p = sub.add_parser("sample", help="a PNG grid of prompts from a checkpoint (default: the run's newest)")
+    _common(p)
+    p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint path, ours or LlamaGen's")
+    p.set_defaults(fn=sample_cmd)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
