@@ -144,3 +144,13 @@ def test_loss_falls_well_below_log_vocab(tmp_path):
                              "max_steps": 150, "log_every": 10, "optim": {"lr_per_256": 0.02}})
     result = train.run(cfg, "stage1")
     assert result.last_loss < 0.5 * math.log(512), result.last_loss
+
+
+def test_init_from_names_another_runs_stage_or_a_file(tmp_path):
+    cfg = _config(tmp_path, stage2={"init_from": "other/stage1", "data": {"resolution": 512}})
+    with pytest.raises(FileNotFoundError, match="'other' has no stage1"):
+        train.worker_conf(cfg, "stage2")
+    ShardStore(str(tmp_path / "runs" / "other" / "stage1")).write_bytes(b"x", "checkpoints", "step-00000007.pt")
+    assert train.worker_conf(cfg, "stage2")["init_from"].endswith("other/stage1/checkpoints/step-00000007.pt")
+    cfg.stage2.init_from = str(tmp_path / "t2i_XL_stage1_256.pt")
+    assert train.worker_conf(cfg, "stage2")["init_from"] == str(tmp_path / "t2i_XL_stage1_256.pt")

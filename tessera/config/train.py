@@ -44,8 +44,9 @@ class TrainConfig(Section):
     caption_dim: int | None = None  # None: the text encoder's dim, or the stored features' dim
     text_rope: Literal["identity", "llamagen"] = "identity"
     dropout: float | None = None  # token, residual and FFN dropout together
-    # Start from these weights only (fresh optimizer and step): "stage1" (the final checkpoint of
-    # this run's stage 1) or a checkpoint path, LlamaGen's included. Ignored when resuming.
+    # Start from these weights only (fresh optimizer and step): "stage1" (the newest checkpoint of
+    # this run's stage 1), "RUN/stage1" (another run's, under the same runs_root), or a checkpoint
+    # path, LlamaGen's included. Ignored once this stage has a checkpoint of its own (resume).
     init_from: str | None = None
     text_encoder: str | None = None  # path, hub id or tiny:NAME; needed unless every sample has stored features
     vq: str | None = None  # for sample grids during training

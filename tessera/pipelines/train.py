@@ -441,11 +441,14 @@ def worker_conf(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at
         run_dir = os.path.abspath(run_dir)
     init_from = tcfg.init_from
     if init_from and latest_checkpoint(ShardStore(run_dir)) is None:
-        if init_from in ("stage1", "stage2"):
-            source = latest_checkpoint(ShardStore(stage_dir(cfg.runs_root, run_name, init_from)))
+        # "stage1": this run's stage 1; "RUN/stage1": another run's, under the same runs_root.
+        source_run, _, source_stage = init_from.rpartition("/")
+        if source_stage in ("stage1", "stage2") and "://" not in init_from:
+            source_run = source_run or run_name
+            source = latest_checkpoint(ShardStore(stage_dir(cfg.runs_root, source_run, source_stage)))
             if source is None:
-                raise FileNotFoundError(f"{stage} starts from {init_from}, but run {run_name!r} has no {init_from} "
-                                        f"checkpoint under {cfg.runs_root}; train {init_from} first")
+                raise FileNotFoundError(f"{stage} starts from {init_from}, but run {source_run!r} has no "
+                                        f"{source_stage} checkpoint under {cfg.runs_root}; train {source_stage} first")
             init_from = source
         else:
             init_from = resolve(init_from, cfg.models_root)
