@@ -76,6 +76,16 @@ bench-train: setup
 bench-sample: setup
 	$(PY) -m bench.sample
 
+# Tokenize: a PNG grid of code-shard samples decoded beside their original images (run `make demo`
+# first; VISUAL_SET points it at the demo's output), and the encoding / shard-read benchmark.
+VISUAL_SET ?= data_root=$(DEMO_DIR)/data models_root=$(DEMO_DIR)/models
+.PHONY: visual-check bench-tokenize
+visual-check: setup
+	$(PY) -m tessera.pipelines.visual_check --config $(CONFIG) $(foreach s,$(VISUAL_SET),--set $(s))
+
+bench-tokenize: setup
+	$(PY) -m bench.tokenize
+
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new
 	mv requirements.lock.new requirements.lock
