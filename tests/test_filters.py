@@ -99,7 +99,7 @@ class Brightness(torch.nn.Module):
 
 def test_watermark_reads_pixels_and_takes_class_zero():
     f = WatermarkFilter(model=Brightness(), threshold=0.5)
-    pixels = np.stack([np.full((3, 8, 8), -1.0, np.float32), np.full((3, 8, 8), 1.0, np.float32)])
+    pixels = np.stack([np.full((8, 8, 3), 0, np.uint8), np.full((8, 8, 3), 255, np.uint8)])
     scores = scored(f, Batch(meta=pd.DataFrame({"key": ["dark", "bright"]}), watermark_pixels=pixels))
     assert scores["pwatermark"].iloc[0] < 0.5 < scores["pwatermark"].iloc[1]
     assert list(f.decide(scores)) == ["", "watermark"]

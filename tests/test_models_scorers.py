@@ -48,7 +48,7 @@ def test_tiny_clip_is_an_open_clip_checkpoint_loaded_by_name(models_root):
 
     model = clip.Clip(clip.TINY_ARCH, path)
     pixels = np.stack([model.preprocess(Image.new("RGB", (90, 60), c)) for c in ((255, 0, 0), (0, 0, 255))])
-    assert pixels.shape == (2, 3, 64, 64)
+    assert pixels.shape == (2, 64, 64, 3) and pixels.dtype == np.uint8
     images, texts = model.encode_images(pixels), model.encode_texts(["a red square", "a blue circle"])
     assert images.shape == texts.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, rtol=1e-5)
@@ -83,7 +83,7 @@ def test_watermark_loads_both_layouts(tmp_path, models_root, layout):
     from PIL import Image
 
     x = torch.from_numpy(np.stack([watermark.preprocess(Image.new("RGB", (300, 100), (9, 9, 9)))]))
-    assert x.shape == (1, 3, 256, 256)
+    assert x.shape == (1, 256, 256, 3)
     p = watermark.pwatermark(model, x)
     assert p.shape == (1,) and 0 < float(p[0]) < 1
 
@@ -92,3 +92,15 @@ def test_real_watermark_architecture_matches_the_published_head():
     model = watermark.build_detector("efficientnet_b3a")
     head = model.classifier
     assert (head[0].in_features, head[0].out_features, head[3].out_features, head[5].out_features) == (1536, 625, 256, 2)
+
+
+@pytest.mark.parametrize("shape", [(300, 451, 3), (451, 300, 3), (224, 224, 3), (100, 80, 3)])
+def test_clip_preprocess_matches_open_clips_eval_transform(shape):
+    import open_clip
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8))
+    pre = clip.ClipPreprocess(224)
+    ours = pre.normalize(torch.from_numpy(np.array(pre(img))[None]))[0]
+    theirs = open_clip.image_transform(224, is_train=False)(img)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

@@ -29,7 +29,7 @@ class Batch:
     meta: pd.DataFrame
     image_embedding: np.ndarray | None = None   # (N, D), L2-normalised
     text_embedding: np.ndarray | None = None    # (N, D), L2-normalised
-    watermark_pixels: np.ndarray | None = None  # (N, 3, H, W), the watermark detector's input
+    watermark_pixels: np.ndarray | None = None  # (N, H, W, 3) uint8, the watermark detector's input
 
     def __len__(self) -> int:
         return len(self.meta)

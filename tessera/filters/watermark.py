@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tessera.filters.base import Batch, Needs, ThresholdFilter, as_tensor
+from tessera.filters.base import Batch, Needs, ThresholdFilter
 from tessera.models.watermark import pwatermark
 
 
@@ -24,4 +24,5 @@ class WatermarkFilter(ThresholdFilter):
 
     def compute(self, batch: Batch) -> np.ndarray:
         with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-            return pwatermark(self.model, as_tensor(batch.watermark_pixels, self.model)).cpu().numpy()
+            pixels = torch.from_numpy(batch.watermark_pixels).to(next(self.model.parameters()).device)
+            return pwatermark(self.model, pixels).cpu().numpy()

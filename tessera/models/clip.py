@@ -32,24 +32,32 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ClipPreprocess:
-    """What turns a decoded image into CLIP's input: resize the short side, centre crop, normalise."""
+    """What turns a decoded image into CLIP's input: resize the short side and centre crop (on the
+    CPU, as uint8, a quarter of the bytes to move), then normalise (on the model's device)."""
 
     image_size: int
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
     def __call__(self, img) -> np.ndarray:
+        """(H, W, 3) uint8."""
         from PIL import Image
 
+        # The same arithmetic as open_clip's eval transform (torchvision Resize + CenterCrop).
         w, h = img.size
-        scale = self.image_size / min(w, h)
-        img = img.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
-                         Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
-        img = img.crop((left, top, left + self.image_size, top + self.image_size))
-        x = np.asarray(img, dtype=np.float32) / 255.0
-        return ((x - self.mean) / self.std).transpose(2, 0, 1).astype(np.float32)
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.image_size * long / short)
+        size = (self.image_size, new_long) if w <= h else (new_long, self.image_size)
+        img = img.resize(size, Image.BICUBIC)
+        left = int(round((size[0] - self.image_size) / 2.0))
+        top = int(round((size[1] - self.image_size) / 2.0))
+        return np.asarray(img.crop((left, top, left + self.image_size, top + self.image_size)), dtype=np.uint8)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float, normalised."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
 def _checkpoint_files(checkpoint: str) -> tuple[str, dict | None]:
@@ -119,7 +127,7 @@ class Clip:
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels).to(self.device)
+        x = self.preprocess.normalize(torch.from_numpy(pixels).to(self.device))
         with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
             emb = self.model.encode_image(x)
         return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()

@@ -41,15 +41,19 @@ def load_watermark(path: str, arch: str = "efficientnet_b3a") -> nn.Module:
 
 
 def preprocess(img, image_size: int = 256) -> np.ndarray:
+    """(H, W, 3) uint8: the image squashed to a square; normalised on the model's device."""
     from PIL import Image
 
-    x = np.asarray(img.resize((image_size, image_size), Image.BICUBIC), dtype=np.float32) / 255.0
-    return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32)
+    return np.asarray(img.resize((image_size, image_size), Image.BICUBIC), dtype=np.uint8)
 
 
 @torch.inference_mode()
 def pwatermark(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(model(pixels).float(), dim=-1)[:, 0]
+    """pwatermark of (N, H, W, 3) uint8 images."""
+    mean = torch.from_numpy(IMAGENET_MEAN).to(pixels.device).view(1, 3, 1, 1)
+    std = torch.from_numpy(IMAGENET_STD).to(pixels.device).view(1, 3, 1, 1)
+    x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    return torch.softmax(model(x).float(), dim=-1)[:, 0]
 
 
 def build_tiny(path: str, seed: int = 3) -> None:

@@ -190,9 +190,9 @@ def decode_batch(batch: dict, clip_preprocess, watermark_size: int | None) -> di
 
     n = len(batch["key"])
     errors = np.full(n, "", dtype=object)
-    clip = np.zeros((n, 3, clip_preprocess.image_size, clip_preprocess.image_size), np.float32) \
+    clip = np.zeros((n, clip_preprocess.image_size, clip_preprocess.image_size, 3), np.uint8) \
         if clip_preprocess else None
-    wm = np.zeros((n, 3, watermark_size, watermark_size), np.float32) if watermark_size else None
+    wm = np.zeros((n, watermark_size, watermark_size, 3), np.uint8) if watermark_size else None
     for i, data in enumerate(batch["image"]):
         img, errors[i] = decode_image(data)
         if img is None:
