@@ -139,7 +139,7 @@ def main() -> None:
         for res in (256, 512):
             b = args.batch if res == 256 or dev == "cuda" else max(1, args.batch // 4)
             enc[name, res] = bench_encode(name, res, b, args.repeats, dev)
-            print(f"  {name:8s} {res} px: {enc[name, res]:9.1f}")
+            print(f"  {name:8s} {res} px: {enc[name, res]:9.3g}")
 
     with tempfile.TemporaryDirectory() as root:
         store = write_shards(root, args.samples, 256)
@@ -155,12 +155,12 @@ def main() -> None:
     train = bench_train(args.gpt, 256, args.batch, args.repeats, dev)
     print("\nAgainst what training consumes at 256 px:")
     if train is not None:
-        print(f"  {args.gpt} training step (batch {args.batch}): {train:9.1f} samples/s")
-        print(f"  plain read / training:   {wds_rate / train:9.1f}x")
+        print(f"  {args.gpt} training step (batch {args.batch}): {train:9.3g} samples/s")
+        print(f"  plain read / training:   {wds_rate / train:9.0f}x")
         if loader_rate is not None:
-            print(f"  loader read / training:  {loader_rate / train:9.1f}x")
+            print(f"  loader read / training:  {loader_rate / train:9.0f}x")
     vq = enc["VQ-16", 256]
-    print(f"  LlamaGen's way re-encodes each image with VQ-16 ({vq:.1f} images/s here): shards read "
+    print(f"  LlamaGen's way re-encodes each image with VQ-16 ({vq:.3g} images/s here): shards read "
           f"{wds_rate / vq:.0f}x faster than that encoder alone can supply images.")
     if train is not None:
         print(f"  VQ-16 encode cost per image / {args.gpt} step cost per sample: {train / vq:.2f}")

@@ -168,3 +168,19 @@ def test_config_rejects_bad_resolutions():
     with pytest.raises(ValueError, match="multiples of 16"):
         TokenizeConfig(resolutions=[250])
     assert TokenizeConfig(resolutions=[512, 256, 256]).resolutions == [256, 512]
+
+
+def test_visual_check_puts_decoded_codes_under_their_originals(tokenized):
+    from tessera.pipelines.visual_check import TILE, render
+
+    store, _, models, _, _ = tokenized
+    vq = load_vq(resolve("tiny:vq", models))
+    grid = Image.open(io.BytesIO(render(store, vq, 256, count=3)))
+    assert grid.size == (3 * TILE, 2 * TILE)
+    px = np.asarray(grid, dtype=np.float32)
+    top, bottom = px[:TILE], px[TILE:]
+    # Each decoded tile is closer in colour to its own original than to its neighbours'.
+    for i in range(3):
+        own = np.abs(top[:, i * TILE:(i + 1) * TILE] - bottom[:, i * TILE:(i + 1) * TILE]).mean()
+        other = np.abs(top[:, ((i + 1) % 3) * TILE:((i + 1) % 3 + 1) * TILE] - bottom[:, i * TILE:(i + 1) * TILE]).mean()
+        assert own < other
