@@ -10,6 +10,7 @@ from tessera.pipelines import train
 from tessera.pipelines.checkpoint import checkpoint_steps, load_checkpoint
 from tessera.pipelines.codes_loader import write_synthetic_codes
 from tessera.pipelines.store import ShardStore
+from tests.conftest import REPO
 
 TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": False, "log_every": 1,
         "optim": {"lr_per_256": 0.2}}
@@ -137,13 +138,19 @@ def test_training_through_ray_train(tmp_path, data, ray_local):
 
 
 @pytest.mark.slow
-def test_loss_falls_well_below_log_vocab(tmp_path):
+def test_demo_config_loss_falls_well_below_log_vocab_and_grids_are_drawn(tmp_path):
+    """The demo's stage-1 section as written (tiny GPT, tiny T5 and VQ, Ray Train), on learnable
+    code shards shaped like the demo's (512-code vocabulary, 32-dim caption features)."""
+    from tessera.config import load_config
+
     store = ShardStore(str(tmp_path / "data"))
-    write_synthetic_codes(store, 256, shards=4, per_shard=32, vocab=512, caption_dim=32, classes=8)
-    cfg = _config(tmp_path, {"model": "GPT-tiny", "vocab_size": 512, "caption_dim": 32, "global_batch": 16,
-                             "max_steps": 150, "log_every": 10, "optim": {"lr_per_256": 0.02}})
+    write_synthetic_codes(store, 256, shards=2, per_shard=60, vocab=512, caption_dim=32, classes=8)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data_root={tmp_path / 'data'}", f"runs_root={tmp_path / 'runs'}",
+                                            f"models_root={tmp_path / 'models'}", "stage1.sample_every=60"])
     result = train.run(cfg, "stage1")
-    assert result.last_loss < 0.5 * math.log(512), result.last_loss
+    assert result.step == cfg.stage1.max_steps
+    assert result.last_loss < 0.5 * math.log(cfg.stage1.vocab_size), result.last_loss
+    assert ShardStore(result.run_dir).list("samples") == ["step-00000060.png"]
 
 
 def test_init_from_names_another_runs_stage_or_a_file(tmp_path):
@@ -154,3 +161,47 @@ def test_init_from_names_another_runs_stage_or_a_file(tmp_path):
     assert train.worker_conf(cfg, "stage2")["init_from"].endswith("other/stage1/checkpoints/step-00000007.pt")
     cfg.stage2.init_from = str(tmp_path / "t2i_XL_stage1_256.pt")
     assert train.worker_conf(cfg, "stage2")["init_from"] == str(tmp_path / "t2i_XL_stage1_256.pt")
+
+
+def _distributed_worker(rank: int, parallel: str, root: str, port: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = TrainConfig(**{**TINY, "global_batch": 4, "num_workers": 2, "max_steps": 3, "parallel": parallel,
+                             "dropout": 0.0})
+        out = train.train_worker({"train": cfg.model_dump(mode="json"), "stage": "stage1", "use_ray": False,
+                                  "run_dir": f"{root}/runs/{parallel}", "data_root": f"{root}/data"})
+        queue.put((parallel, rank, out["losses"]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_on_two_workers_agree(tmp_path, data):
+    """Two gloo processes (as torchrun would start them): DDP and FSDP2 give the same losses on
+    every worker, and the FSDP2 checkpoint holds full, unsharded weights that load strictly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    losses = {}
+    for port, parallel in enumerate(("ddp", "fsdp"), start=29533):
+        procs = [ctx.Process(target=_distributed_worker, args=(r, parallel, str(tmp_path), port, queue))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=300)
+        assert [p.exitcode for p in procs] == [0, 0]
+        for _ in range(2):
+            name, rank, values = queue.get(timeout=10)
+            losses[name, rank] = values
+    assert losses["ddp", 0] == losses["ddp", 1] == pytest.approx(losses["fsdp", 0], rel=1e-5)
+    ckpt = load_checkpoint(str(tmp_path / "runs" / "fsdp" / "checkpoints" / "step-00000003.pt"))
+    build_gpt("GPT-nano", vocab_size=64).load_state_dict(ckpt["model"], strict=True)
+    assert len(ckpt["rng"]) == 2

@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from tessera.config.base import Section
+from tessera.config.caption import CaptionConfig
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
@@ -45,6 +46,8 @@ class RunConfig(Section):
     download: DownloadConfig = DownloadConfig()
     # Scoring and selection: the score and select stages read this one section.
     filters: FiltersConfig = FiltersConfig()
+    # Re-captioning of the kept samples (LLaVA), between select and tokenize.
+    caption: CaptionConfig = CaptionConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     stage1: TrainConfig | None = None
     stage2: TrainConfig | None = None

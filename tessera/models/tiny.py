@@ -18,6 +18,7 @@ BUILDERS: dict[str, str] = {
     "watermark": "tessera.models.watermark:build_tiny",
     "vq": "tessera.models.vq:build_tiny",
     "t5": "tessera.models.text_encoder:build_tiny",
+    "llava": "tessera.models.llava:build_tiny",
 }
 
 PREFIX = "tiny:"

@@ -63,7 +63,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         cond_mask = batch["cond_mask"].to(device, non_blocking=True)
         valid = batch["valid"].to(device, non_blocking=True)
         last = i == n - 1
+        # Gradients are reduced across workers on the last micro-batch only (DDP and FSDP2).
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(last)
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
                     else contextlib.nullcontext())
         with sync:
@@ -133,6 +136,11 @@ def _dist_context(use_ray: bool, use_gpu: bool) -> Dist:
 
         ctx = ray.train.get_context()
         return Dist(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), True)
+    if dist.is_available() and dist.is_initialized():  # launched by torchrun or the like
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device(f"cuda:{local}" if use_gpu and torch.cuda.is_available() else "cpu")
+        return Dist(rank, world, device)
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     return Dist(device=device)
 
@@ -368,7 +376,9 @@ def train_worker(conf: dict) -> dict:
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint()
                 saved_at = step
-            if cfg.sample_every and step % cfg.sample_every == 0 and d.rank == 0 and conf.get("vq"):
+            # Sharded (FSDP) weights would need every worker to generate: grids are for DDP and one worker.
+            if (cfg.sample_every and step % cfg.sample_every == 0 and d.rank == 0 and conf.get("vq")
+                    and not (cfg.parallel == "fsdp" and d.world > 1)):
                 _sample_grid(raw_model, conf, cfg, text_encoder, run, step, metrics)
     finally:
         loader.close()
