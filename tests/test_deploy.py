@@ -75,28 +75,51 @@ def api(server):
     return temporary_settings(updates={PREFECT_API_URL: server["url"]})
 
 
-def test_deployment_runs_to_completed_through_a_worker(prefect_server, tmp_path):
+def small_overrides(tmp_path) -> list[str]:
+    return [f"data_root={tmp_path}/data", f"runs_root={tmp_path}/runs", f"models_root={tmp_path}/models",
+            f"source.path={tmp_path}/source.parquet", *SMALL]
+
+
+def register(server, tmp_path, *extra: str) -> list[str]:
+    overrides = small_overrides(tmp_path)
+    sets = [a for o in overrides for a in ("--set", o)]
+    with api(server):
+        assert deploy.main(["--pool", "tessera-test", "--config", "configs/demo.yaml", *sets,
+                            "--working-dir", str(REPO), *extra]) == 0
+    return overrides
+
+
+def test_make_deploy_registers_every_flow_with_the_work_pool(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
 
-    env = prefect_server["env"]
-    overrides = [f"data_root={tmp_path}/data", f"source.path={tmp_path}/source.parquet", *SMALL]
-    sets = [a for o in overrides for a in ("--set", o)]
-    with api(prefect_server):
-        assert deploy.main(["--pool", "tessera-test", "--config", "configs/demo.yaml", *sets,
-                            "--only", "curate", "--working-dir", str(REPO)]) == 0
+    overrides = register(prefect_server, tmp_path)
     with api(prefect_server), get_client(sync_client=True) as client:
         pool = client.read_work_pool("tessera-test")
         assert pool.type == "process"
         assert pool.base_job_template["variables"]["properties"]["env"]["default"]["HF_HUB_OFFLINE"] == "1"
+        for name in deploy.FLOWS:
+            d = client.read_deployment_by_name(f"{name}/{name}")
+            assert d.work_pool_name == "tessera-test"
+            assert d.parameters == {"config": "configs/demo.yaml", "overrides": overrides}
+            assert d.entrypoint == deploy.FLOWS[name].replace(":", ".")
+            assert d.job_variables["working_dir"] == str(REPO)
+    # Registering again updates in place: the same deployments, no second pool.
+    register(prefect_server, tmp_path, "--only", "curate")
+
+
+@pytest.mark.slow
+def test_deployment_runs_to_completed_through_a_worker(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    register(prefect_server, tmp_path, "--only", "curate")
+    with api(prefect_server), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("curate/curate")
-        assert deployment.parameters == {"config": "configs/demo.yaml", "overrides": overrides}
-        assert deployment.entrypoint == "tessera.flows.curate.curate"
         run = client.create_flow_run_from_deployment(deployment.id)
 
     worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "tessera-test", "--type", "process"],
-                   {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")
+                   {**prefect_server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         with api(prefect_server), get_client(sync_client=True) as client:
             while True:
                 state = client.read_flow_run(run.id).state
@@ -112,7 +135,6 @@ def test_deployment_runs_to_completed_through_a_worker(prefect_server, tmp_path)
 
 
 def test_build_deployments_names_every_flow_with_its_parameters():
-    pytest.importorskip("tessera.flows.train")
     deployments = deploy.build_deployments("configs/demo.yaml", ["download.shard_size=50"])
     assert [d.name for d in deployments] == list(deploy.FLOWS)
     assert {d.flow_name for d in deployments} == {"curate", "stage1", "stage2", "sample", "all"}

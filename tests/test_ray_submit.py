@@ -153,7 +153,8 @@ def test_submit_runs_the_demo_flow_on_a_local_head_with_token_auth(ray_head, tmp
     if done.returncode != 0:
         logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", ray_head["address"],
                                "tessera-test-curate"], env=ray_head["env"], capture_output=True, text=True)
-        pytest.fail(f"the job failed:\n{logs.stdout[:6000]}\n...\n{logs.stdout[-3000:]}")
+        pytest.fail(f"the job failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\njob log:\n"
+                    f"{logs.stdout[-6000:]}{logs.stderr[-2000:]}")
     assert job_status(ray_head, "tessera-test-curate") == "SUCCEEDED"
     assert sorted(p.name for p in (data / "download").glob("*.done")) == ["00000.done", "00001.done"]
     assert (data / "reports" / "funnel.parquet").exists()

@@ -1,0 +1,79 @@
+"""The `all` flow: steps in order, one config for all, a subset on request, links to the outputs."""
+from __future__ import annotations
+
+import pytest
+
+from tessera.flows import all as all_module  # first: it sets Prefect's defaults before Prefect loads
+from tessera.pipelines.store import ShardStore
+from prefect import flow  # noqa: E402,I001
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    """Replace the four step flows with flows that record their call and write what the real ones
+    write, so that `all` itself is what the test exercises."""
+    calls: list[tuple[str, dict]] = []
+    store = ShardStore(str(tmp_path / "data"))
+
+    @flow(name="curate")
+    def curate(config, overrides=None):
+        calls.append(("curate", {"config": config, "overrides": overrides}))
+        store.write_json({"filters": {}}, "reports", "thresholds.json")
+        store.write_bytes(b"<html></html>", "reports", "report.html")
+        return {"funnel": [], "data_root": store.root}
+
+    def training(name):
+        @flow(name=name)
+        def step(config, overrides=None, run=None):
+            calls.append((name, {"config": config, "overrides": overrides, "run": run}))
+            run_dir = str(tmp_path / "runs" / (run or "demo") / name)
+            return {"run_dir": run_dir, "checkpoint": f"{run_dir}/checkpoints/0000010.pt"}
+        return step
+
+    @flow(name="sample")
+    def sample(config, overrides=None, run=None):
+        calls.append(("sample", {"config": config, "overrides": overrides, "run": run}))
+        return {"grid": str(tmp_path / "runs" / "grid.png")}
+
+    for name, fn in (("curate", curate), ("stage1", training("stage1")), ("stage2", training("stage2")),
+                     ("sample", sample)):
+        monkeypatch.setattr(all_module, name, fn)
+    return calls, tmp_path
+
+
+def overrides(tmp_path):
+    return [f"data_root={tmp_path}/data", f"runs_root={tmp_path}/runs"]
+
+
+def test_all_runs_every_step_in_order_with_one_config(recorded):
+    calls, tmp_path = recorded
+    results = all_module.all_stages(config="configs/demo.yaml", overrides=overrides(tmp_path), run="r1")
+    assert [name for name, _ in calls] == ["curate", "stage1", "stage2", "sample"]
+    assert all(kw["config"] == "configs/demo.yaml" and kw["overrides"] == overrides(tmp_path) for _, kw in calls)
+    assert [kw.get("run") for _, kw in calls[1:]] == ["r1", "r1", "r1"]
+    assert list(results) == ["curate", "stage1", "stage2", "sample"]
+
+    links = dict(all_module.publish_summary(f"{tmp_path}/data", results))
+    assert links["reports/report.html"].endswith("data/reports/report.html")
+    assert links["reports/thresholds.json"].endswith("data/reports/thresholds.json")
+    assert "reports/funnel.parquet" not in links  # not written by the recording curate
+    assert links["stage2 checkpoint"].endswith("r1/stage2/checkpoints/0000010.pt")
+    assert links["sample grid"].endswith("grid.png")
+
+
+def test_all_runs_only_the_steps_asked_for(recorded):
+    calls, tmp_path = recorded
+    all_module.all_stages(config="configs/demo.yaml", overrides=overrides(tmp_path),
+                          steps=["sample", "stage2"])
+    assert [name for name, _ in calls] == ["stage2", "sample"]  # still in pipeline order
+
+
+def test_all_refuses_an_unknown_step_or_a_bad_config_before_any_step(recorded):
+    calls, tmp_path = recorded
+    with pytest.raises(ValueError, match="unknown step"):
+        all_module.all_stages(config="configs/demo.yaml", overrides=overrides(tmp_path), steps=["stage3"])
+    from tessera.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        all_module.all_stages(config="configs/demo.yaml", overrides=["download.nope=1"])
+    assert calls == []

@@ -1,0 +1,78 @@
+"""Reruns after a failure redo only the unfinished shards, and end where an uninterrupted run ends."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tessera.config import load_config
+from tessera.flows import curate as curate_module
+from tessera.flows.common import source_context
+from tessera.pipelines import download
+from tessera.pipelines.store import ShardStore
+
+SMALL = ["source.synthetic.num_images=30", "source.synthetic.bad_records=false",
+         "download.shard_size=10", "download.timeout=10"]
+
+
+def overrides(root: Path, source: Path) -> list[str]:
+    return [f"data_root={root}/data", f"runs_root={root}/runs", f"models_root={root.parent}/models",
+            f"source.path={source}", *SMALL]
+
+
+def contents(data: Path) -> dict[str, object]:
+    """What a run produced: every table's rows (in any order), every tar's members, every JSON
+    file (markers, manifests, thresholds) but img2dataset's timing stats."""
+    out: dict[str, object] = {}
+    for path in sorted(p for p in data.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(data))
+        if path.suffix == ".parquet":
+            out[rel] = sorted(json.dumps(r, sort_keys=True, default=str) for r in pq.read_table(path).to_pylist())
+        elif path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                out[rel] = {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+                            for m in tar.getmembers() if m.isfile()}
+        elif path.suffix in (".json", ".done") and not path.name.endswith("_stats.json"):
+            out[rel] = json.loads(path.read_text())
+    return out
+
+
+@pytest.fixture
+def no_task_retries(monkeypatch):
+    """Fail fast: Prefect's own task retries (with their backoff) would only repeat the failure."""
+    monkeypatch.setattr(curate_module, "download_task", curate_module.download_task.with_options(retries=0))
+
+
+@pytest.mark.slow
+def test_rerun_after_a_failed_shard_redoes_only_that_shard(ray_local, tmp_path, no_task_retries):
+    source = tmp_path / "source.parquet"  # shared, so that both runs fetch the same URLs
+    reference = tmp_path / "reference"
+    curate_module.curate(config="configs/demo.yaml", overrides=overrides(reference, source))
+
+    run = tmp_path / "interrupted"
+    cfg = load_config("configs/demo.yaml", overrides(run, source))
+    store = ShardStore(cfg.data_root)
+    with source_context(cfg):
+        shards = download.prepare(cfg.source, cfg.download, store)
+    assert shards == ["00000", "00001", "00002"]
+    # One input shard becomes unreadable: its task fails on every try, the others finish.
+    broken = Path(store.path(download.INPUT, "00001.parquet"))
+    good = broken.read_bytes()
+    broken.write_bytes(b"not a parquet file")
+    with pytest.raises(Exception, match="00001"):
+        curate_module.curate(config="configs/demo.yaml", overrides=overrides(run, source))
+    assert sorted(store.done_shards("download")) == ["00000", "00002"]
+    assert not (run / "data" / "reports" / "funnel.parquet").exists()
+    finished = {s: Path(store.path("download", f"{s}.tar")).stat().st_mtime_ns for s in ("00000", "00002")}
+
+    broken.write_bytes(good)
+    curate_module.curate(config="configs/demo.yaml", overrides=overrides(run, source))
+    # The finished shards were not redone, and the result is the uninterrupted run's.
+    assert {s: Path(store.path("download", f"{s}.tar")).stat().st_mtime_ns for s in finished} == finished
+    assert contents(run / "data") == contents(reference / "data")
+    funnel = pq.read_table(run / "data" / "reports" / "funnel.parquet").to_pylist()
+    assert {"stage": "download", "outcome": "downloaded", "reason": "", "count": 30} in funnel
