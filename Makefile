@@ -8,6 +8,7 @@ DEMO_DIR ?= $(CURDIR)/demo-output
 CONFIG ?= configs/demo.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -92,3 +93,26 @@ lock: setup
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+# Orchestration (README, "Running at scale"). `make deploy` registers the curate, stage1, stage2,
+# sample and all deployments with the process work pool POOL on the Prefect server at
+# PREFECT_API_URL (default: the `make ui` one), `make worker` runs their flow runs, `make serve` does
+# both in one process. `make submit` runs FLOW as a Ray job on the cluster whose job API is at
+# RAY_API_SERVER_ADDRESS, with Ray's token authentication (token in ~/.ray/auth_token).
+POOL ?= tessera
+FLOW ?= all
+PREFECT_API_URL ?= http://127.0.0.1:4200/api
+RAY_API_SERVER_ADDRESS ?= http://127.0.0.1:8265
+FLOW_ARGS = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+.PHONY: deploy serve worker submit
+deploy: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m tessera.flows.deploy --pool $(POOL) $(FLOW_ARGS)
+
+serve: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m tessera.flows.deploy --serve $(FLOW_ARGS)
+
+worker: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/prefect worker start --pool $(POOL)
+
+submit: setup
+	$(PY) -m tessera.cli submit --address $(RAY_API_SERVER_ADDRESS) -- $(FLOW) $(FLOW_ARGS) $(if $(RUN),--run $(RUN))
