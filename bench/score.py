@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import numpy as np
-import pandas as pd
 import torch
 
 
