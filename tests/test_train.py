@@ -16,6 +16,15 @@ TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": Fal
         "optim": {"lr_per_256": 0.2}}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(tmp_path, stage1: dict | None = None, stage2: dict | None = None) -> RunConfig:
     return RunConfig.model_validate({
         "name": "t", "data_root": str(tmp_path / "data"), "runs_root": str(tmp_path / "runs"),
