@@ -184,3 +184,11 @@ def test_visual_check_puts_decoded_codes_under_their_originals(tokenized):
         own = np.abs(top[:, i * TILE:(i + 1) * TILE] - bottom[:, i * TILE:(i + 1) * TILE]).mean()
         other = np.abs(top[:, ((i + 1) % 3) * TILE:((i + 1) % 3 + 1) * TILE] - bottom[:, i * TILE:(i + 1) * TILE]).mean()
         assert own < other
+
+
+def test_parquet_cells_become_plain_json():
+    import pandas as pd
+
+    cells = [pd.NA, float("nan"), np.float32("nan"), None, np.int64(3), np.float32(0.5), np.bool_(True), "x"]
+    assert [tokenize._json_value(v) for v in cells] == [None, None, None, None, 3, 0.5, True, "x"]
+    assert json.dumps([tokenize._json_value(v) for v in cells])

@@ -87,10 +87,13 @@ def _read_tar(store: ShardStore, shard: str, wanted: set[str]) -> tuple[dict[str
 
 
 def _json_value(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        return None if v != v else float(v)
+    """A parquet cell as plain JSON: numpy scalars unwrapped, NaN and NA as None."""
+    import pandas as pd
+
+    if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and v != v):
+        return None
+    if isinstance(v, np.generic):
+        return v.item()
     return v
 
 
@@ -107,6 +110,7 @@ def read_shard(item: dict, store: ShardStore, text_caption: str) -> list[dict]:
     members, _ = _read_tar(store, shard, set(kept["key"]))
     rows = []
     for rec in kept.to_dict("records"):
+        rec = {k: _json_value(v) for k, v in rec.items()}
         key = rec["key"]
         files = members.get(key, {})
         try:
@@ -118,9 +122,10 @@ def read_shard(item: dict, store: ShardStore, text_caption: str) -> list[dict]:
         sample = {
             "key": key, "caption": caption,
             "caption_long": cap.get("caption_long"), "caption_short": cap.get("caption_short"),
-            "url": rec.get("url") or meta.get("url"), "hash": _json_value(rec.get("hash", meta.get("hash"))),
+            "url": rec.get("url") or meta.get("url"),
+            "hash": rec["hash"] if rec.get("hash") is not None else _json_value(meta.get("hash")),
             "sha256": rec.get("sha256") or meta.get("sha256"),
-            "scores": {c: _json_value(rec[c]) for c in score_cols},
+            "scores": {c: rec[c] for c in score_cols},
         }
         width = rec.get("original_width") or meta.get("original_width") or 0
         height = rec.get("original_height") or meta.get("original_height") or 0

@@ -25,27 +25,28 @@ log = logging.getLogger(__name__)
 TILE = 256
 
 
-def read_samples(store: ShardStore, res: int, count: int) -> list[tuple[str, np.ndarray]]:
-    """The first `count` (key, codes) of the finished code shards at `res`."""
-    out: list[tuple[str, np.ndarray]] = []
+def read_samples(store: ShardStore, res: int, count: int) -> list[tuple[str, str, np.ndarray]]:
+    """The first `count` (shard, key, codes) of the finished code shards at `res`."""
+    out: list[tuple[str, str, np.ndarray]] = []
     for shard in store.done_shards(tokens_folder(res)):
         with store.fs.open(store.path(tokens_folder(res), f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
             for m in tar:
                 if m.name.endswith(".codes.npy"):
-                    out.append((m.name[: -len(".codes.npy")], np.load(io.BytesIO(tar.extractfile(m).read()))))
+                    out.append((shard, m.name[: -len(".codes.npy")], np.load(io.BytesIO(tar.extractfile(m).read()))))
                     if len(out) == count:
                         return out
     return out
 
 
-def original_images(store: ShardStore, keys: list[str]) -> dict[str, bytes]:
-    """JPEG bytes of the keys from the download shards (img2dataset keys start with the shard name)."""
+def original_images(store: ShardStore, keys: list[tuple[str, str]]) -> dict[str, bytes]:
+    """Image bytes of the (shard, key)s from the download shards."""
     found: dict[str, bytes] = {}
-    for shard in sorted({k[:5] for k in keys}):
+    wanted = {k for _, k in keys}
+    for shard in sorted({s for s, _ in keys}):
         with store.fs.open(store.path("download", f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
             for m in tar:
                 key, _, ext = m.name.partition(".")
-                if key in keys and ext in ("jpg", "png", "webp"):
+                if key in wanted and ext in ("jpg", "png", "webp"):
                     found[key] = tar.extractfile(m).read()
     return found
 
@@ -58,11 +59,11 @@ def render(store: ShardStore, vq, res: int, count: int = 8) -> bytes | None:
     samples = read_samples(store, res, count)
     if not samples:
         return None
-    codes = torch.from_numpy(np.stack([c.astype(np.int64) for _, c in samples]))
+    codes = torch.from_numpy(np.stack([c.astype(np.int64) for _, _, c in samples]))
     decoded = ((vq.decode(codes).permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    originals = original_images(store, [k for k, _ in samples])
+    originals = original_images(store, [(s, k) for s, k, _ in samples])
     grid = Image.new("RGB", (TILE * len(samples), 2 * TILE), (128, 128, 128))
-    for i, ((key, _), dec) in enumerate(zip(samples, decoded)):
+    for i, ((_, key, _), dec) in enumerate(zip(samples, decoded)):
         if key in originals:
             img = centre_crop(Image.open(io.BytesIO(originals[key])).convert("RGB"), res)
             grid.paste(img.resize((TILE, TILE), Image.BICUBIC), (i * TILE, 0))
