@@ -5,6 +5,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig, load_config
+from tessera.flows.caption_tasks import caption_task
 from tessera.flows.common import ShardProgress, logger, publish_table, source_context
 from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.flows.tokenize_tasks import tokenize_task
@@ -36,7 +37,8 @@ def curate(config: str, overrides: list[str] | None = None) -> dict:
         funnel += score_task(cfg, store).funnel()
         funnel += select_task(cfg, store).funnel()
         report_task(store, funnel, cfg.filters.report_examples)
-        # <caption task goes here>
+        captions = caption_task(cfg, store)
+        funnel += captions.funnel() if captions else []
         funnel += tokenize_task(cfg, store).funnel()
     url = write_funnel(store, funnel)
     publish_table("funnel", funnel, f"Rows kept and dropped per stage and reason ({url}).")

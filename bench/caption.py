@@ -1,0 +1,84 @@
+"""Captioning throughput: captions/s of the caption stage's model actor at batch sizes 1, 8 and 32,
+and each one's ratio to batch 1, measured in the same run.
+
+    python -m bench.caption [--model tiny:llava] [--device cpu|cuda] [--images 64] [--max-new-tokens 16]
+
+The actor's whole per-batch work is timed: JPEG decoding, the processor, batched (left-padded)
+generation, decoding and the output checks. The default is the demo's tiny LLaVA on the CPU; give
+a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf, a local folder) and --device cuda on a GPU node.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+
+import numpy as np
+
+
+def jpeg_batch(n: int) -> list[bytes]:
+    from tessera.pipelines.synthetic import draw, picture
+
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        draw(picture(i, 0)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def main() -> None:
+    import torch
+
+    from tessera.config.caption import CaptionConfig
+    from tessera.models.tiny import resolve
+    from tessera.pipelines.caption import CaptionActor
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny:llava")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=64, help="images captioned per batch size")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as models_root:
+        path = resolve(args.model, models_root)
+        images = jpeg_batch(args.images)
+        rates = {}
+        for batch_size in [int(b) for b in args.batches.split(",")]:
+            cfg = CaptionConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=batch_size,
+                                precision="bf16" if args.device == "cuda" else "fp32")
+            actor = CaptionActor(cfg, path, args.device, torch.get_num_threads())
+
+            def batch(start: int) -> dict:
+                part = images[start:start + batch_size]
+                return {"shard": np.array(["00000"] * len(part), dtype=object),
+                        "key": np.array([f"{start + i:09d}" for i in range(len(part))], dtype=object),
+                        "image": np.array(part, dtype=object),
+                        "caption": np.array(["a picture"] * len(part), dtype=object)}
+
+            actor(batch(0))  # warm-up
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            done = 0
+            for s in range(0, args.images, batch_size):
+                done += len(actor(batch(s))["key"])
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            rates[batch_size] = done / (time.perf_counter() - start)
+    base = rates[min(rates)]
+    print(f"Captioning with {args.model} on {args.device} ({torch.get_num_threads()} threads), "
+          f"{args.images} images, {args.max_new_tokens} new tokens each:")
+    print(f"{'batch':>6} {'captions/s':>11} {'vs batch ' + str(min(rates)):>12}")
+    for b, r in rates.items():
+        print(f"{b:>6} {r:>11.2f} {r / base:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
