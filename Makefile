@@ -87,6 +87,13 @@ visual-check: setup
 bench-tokenize: setup
 	$(PY) -m bench.tokenize
 
+# Caption: captions/s of the LLaVA caption actor at batch sizes 1, 8 and 32 (tiny LLaVA on CPU by
+# default; CAPTION_BENCH="--model llava-hf/llava-1.5-7b-hf --device cuda" on a GPU node).
+CAPTION_BENCH ?=
+.PHONY: bench-caption
+bench-caption: setup
+	$(PY) -m bench.caption $(CAPTION_BENCH)
+
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new
 	mv requirements.lock.new requirements.lock
