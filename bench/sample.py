@@ -32,6 +32,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = build_gpt(args.model, grid=args.res // 16, device=device).to(dtype)
+    model.set_grid(model.grid)  # the RoPE table stays in fp32
     torch.nn.init.normal_(model.output.weight, std=0.02)
     cond = torch.randn(args.batch, 120, model.cfg.caption_dim, device=device, dtype=dtype)
     mask = torch.ones(args.batch, 120, dtype=torch.bool, device=device)

@@ -51,6 +51,7 @@ def generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = No
              use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """Image codes (B, grid*grid) for caption features cond (B, 120, caption_dim)."""
     model.eval()
+    cond = cond.to(next(model.parameters()).dtype)
     b, n = cond.shape[0], model.num_image_tokens
     if cond_mask is None:
         cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
@@ -169,6 +170,9 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = No
     torch.manual_seed(scfg.seed)
     model, resolution = load_generator(path, gpt_config(scfg.model, text_rope=scfg.text_rope),
                                        scfg.resolution, scfg.device)
+    if scfg.device.startswith("cuda"):
+        model = model.to(torch.bfloat16)
+        model.set_grid(model.grid)  # the RoPE table stays in fp32
     log.info("Sampling %s (%s, %dpx) on %s.", path, type(model).__name__, resolution, scfg.device)
     text_encoder = TextEncoder.from_pretrained(resolve(scfg.text_encoder, cfg.models_root),
                                                max_length=model.cfg.cls_token_num, device=scfg.device)

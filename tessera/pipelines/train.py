@@ -426,6 +426,7 @@ class TrainResult:
     skipped: dict
 
     def funnel(self) -> list[dict]:
+        """Samples the loader skipped since the stage (re)started (unreadable, wrong grid, ...)."""
         return [{"stage": self.stage, "outcome": "dropped", "reason": r, "count": n}
                 for r, n in sorted(self.skipped.items())]
 
@@ -493,7 +494,8 @@ def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | 
         step = train_worker(conf)["step"]
     history = read_metrics(conf["run_dir"])
     ckpt = latest_checkpoint(ShardStore(conf["run_dir"]))
-    skipped = {}
+    unusable = history[-1].get("skipped_samples", 0) if history else 0
+    skipped = {"unusable_sample": unusable} if unusable else {}
     if ckpt:
         # The step counter of the newest checkpoint is where the stage stands.
         step = int(ckpt.rsplit("step-", 1)[1].removesuffix(".pt")) if step is None else step
