@@ -53,7 +53,7 @@ def prefect_server(tmp_path_factory):
     log = home / "server.log"
     proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 90
+    deadline = time.time() + 240  # a busy machine can take minutes to migrate a fresh database
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
