@@ -112,7 +112,7 @@ def ray_head(tmp_path):
     log = tmp_path / "head.log"
     proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     try:
         while True:
             try:
