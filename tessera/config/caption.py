@@ -30,7 +30,7 @@ class CaptionConfig(Section):
     repetition_ngram: int = 3
     max_repetition: float = 0.5
     # Ray Data: images per generate call, model actors, what each actor holds. num_actors 0 means
-    # one per GPU (num_gpus_per_actor > 0) or one per CPU slot (num_cpus_per_actor) of the cluster.
+    # one per GPU (num_gpus_per_actor > 0) or one per CPU slot (num_cpus_per_actor), less one for reading.
     batch_size: int = 8
     num_actors: int = 0
     num_cpus_per_actor: float = 1

@@ -215,7 +215,7 @@ def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
 
 
 def num_actors(cfg: CaptionConfig) -> int:
-    """The configured pool size, or one actor per GPU (per CPU slot without GPUs) of the cluster."""
+    """The configured pool size, or one actor per GPU (per CPU slot, less one, without GPUs)."""
     if cfg.num_actors:
         return cfg.num_actors
     import ray
@@ -223,7 +223,8 @@ def num_actors(cfg: CaptionConfig) -> int:
     resources = ray.cluster_resources()
     if cfg.num_gpus_per_actor > 0:
         return max(1, int(resources.get("GPU", 0) // cfg.num_gpus_per_actor))
-    return max(1, int(resources.get("CPU", 1) // cfg.num_cpus_per_actor))
+    # One CPU stays free for the tasks that read and decode shards (actors hold theirs for good).
+    return max(1, int((resources.get("CPU", 1) - 1) // cfg.num_cpus_per_actor))
 
 
 def _caption(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
