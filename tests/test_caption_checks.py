@@ -25,6 +25,8 @@ GOOD = "A red circle sits on a blue background. Its edge is soft and slightly bl
     ("a red circle a red circle a red circle a red circle on blue", "repetition"),
     ("A circle @@@@@@@@@@@@", "repetition"),
     ("the the the the the the the", "repetition"),
+    ("possIzu possIzu possIzu", "repetition"),
+    ("A red circle sits on a blue background, and a small shadow falls to the right of it.", ""),
 ])
 def test_check_gives_each_degenerate_output_its_reason(text, reason):
     assert check(text, PROMPT) == reason

@@ -40,15 +40,18 @@ def echoes_prompt(text: str, prompt: str) -> bool:
 
 
 def is_degenerate(text: str, ngram: int = 3, max_share: float = 0.5) -> bool:
-    """One word n-gram covers more than max_share of the words, or a short unit repeats in a row."""
+    """A word n-gram (n <= ngram) seen 3+ times covers more than max_share of the words, or a short
+    unit repeats 6+ times in a row."""
     if _REPEATED_RUN.search(text):
         return True
     words = _words(text)
-    if len(words) < 2 * ngram:
-        return False
-    grams = Counter(tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1))
-    top = grams.most_common(1)[0][1]
-    return top >= 3 and top * ngram / len(words) > max_share
+    for n in range(1, ngram + 1):
+        if len(words) < 3 * n:
+            break
+        top = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).most_common(1)[0][1]
+        if top >= 3 and top * n / len(words) > max_share:
+            return True
+    return False
 
 
 def check(text: str, prompt: str, ngram: int = 3, max_share: float = 0.5) -> str:
