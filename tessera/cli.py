@@ -18,19 +18,21 @@ def _common(p: argparse.ArgumentParser, default_config: str | None = None) -> No
 
 
 def demo(args) -> int:
-    from tessera.flows.curate import curate
+    from tessera.flows.all import all_stages
 
     out = os.path.abspath(args.dir)
     overrides = [f"data_root={out}/data", f"runs_root={out}/runs", f"models_root={out}/models",
                  f"source.path={out}/source/laion-synthetic.parquet", *args.overrides]
-    load_config(args.config, overrides)  # fail fast, before Prefect starts
+    cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
     start = time.time()
-    curate(config=args.config, overrides=overrides)
+    all_stages(config=args.config, overrides=overrides)
     print(f"\nThe demo finished in {time.time() - start:.0f} s. Everything it wrote is under {out}:")
     print(f"  {out}/data/download          image shards (img2dataset WebDataset tars + parquet)")
     print(f"  {out}/data/reports/funnel.parquet   rows kept and dropped, per stage and reason")
     print(f"  {out}/data/scores               per-sample scores, keep and reason (parquet)")
     print(f"  {out}/data/reports/report.html   the filter report: open it in a browser")
+    print(f"  {out}/data/tokens/{{256,512}}     WebDataset shards of VQ codes")
+    print(f"  {out}/runs/{cfg.name}           stage-1 and stage-2 checkpoints, metrics, sample grids")
     return 0
 
 
