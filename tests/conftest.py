@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Prefect's API log handler may outlive its temporary server at exit; do not print its complaint.
+logging.raiseExceptions = False
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
