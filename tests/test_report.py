@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 
-from tessera.pipelines import report, select
+from tessera.pipelines import report, score, select
 from tessera.pipelines.store import ShardStore
 
 from .fixtures import write_download_shard
@@ -51,9 +51,12 @@ def test_report_shows_funnel_sources_histograms_and_thresholds(tmp_path):
 
 
 def test_report_has_examples_on_both_sides_of_each_threshold(tmp_path):
-    _, url, _ = build(tmp_path)
+    store, url, _ = build(tmp_path)
     page = open(url).read()
     section = page.split("<h3>clip_score &gt;= 0.3</h3>")[1].split("<h3>")[0]
     assert "clip_score 0.31" in section and "clip_score 0.25" in section
     assert section.count("class='card dropped'") >= 1 and "<b>low_clip_score</b>" in section
+    # Each card carries its sample's caption, read from the download shard.
+    captions = [s["caption"][:60] for s in score.read_shard({"shard": "00000"}, store)]
+    assert any(caption in section for caption in captions)
     assert "near-duplicates" in page and "dup of" in page

@@ -61,6 +61,10 @@ def test_each_sample_gets_the_first_failing_filters_reason(tmp_path):
     assert funnel[0] == {"stage": "select", "outcome": "kept", "reason": "", "count": 1}
     assert sum(r["count"] for r in funnel) == 7
     assert store.is_done("select", "00000")
+    # Decisions are added to the scores file; every column the score stage wrote stays as it was.
+    stored = store.read_table("scores", "00000.parquet").to_pandas().set_index("key")
+    assert stored.loc["b", "url"] == "http://x/b.jpg" and stored.loc["f", "caption"] == ""
+    assert stored.loc["c", "reason"] == "low_aesthetic" and bool(stored.loc["a", "keep"])
 
 
 def test_target_count_is_exact_with_ties_broken_by_key(tmp_path):

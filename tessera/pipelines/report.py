@@ -110,34 +110,39 @@ def histogram_svg(values: np.ndarray, kept: np.ndarray, title: str, marks: list[
     return "".join(out)
 
 
-def thumbnails(store: ShardStore, wanted: pd.DataFrame) -> dict[str, str]:
-    """key -> data: URI of a small JPEG, for the samples in `wanted` (columns shard, key)."""
+def previews(store: ShardStore, wanted: pd.DataFrame) -> dict[str, tuple[str | None, str]]:
+    """key -> (data: URI of a small JPEG or None, caption), for the samples in `wanted` (columns
+    shard, key), read from their download shards."""
     from PIL import Image
 
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str | None, str]] = {}
     for shard, keys in wanted.groupby("shard")["key"]:
         keys = set(keys)
         for sample in score.read_shard({"shard": shard}, store):
-            if sample["key"] not in keys or sample["image"] is None:
+            if sample["key"] not in keys:
+                continue
+            out[sample["key"]] = (None, sample["caption"])
+            if sample["image"] is None:
                 continue
             try:
                 img = Image.open(io.BytesIO(sample["image"])).convert("RGB")
                 img.thumbnail((THUMB * 2, THUMB * 2))
                 buf = io.BytesIO()
                 img.save(buf, "JPEG", quality=80)
-                out[sample["key"]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+                out[sample["key"]] = ("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(),
+                                      sample["caption"])
             except Exception:  # noqa: BLE001 - a broken image just has no thumbnail
                 continue
     return out
 
 
-def card(row, thumbs: dict[str, str], column: str | None) -> str:
-    src = thumbs.get(row["key"])
+def card(row, shown: dict[str, tuple[str | None, str]], column: str | None) -> str:
+    src, caption = shown.get(row["key"], (None, ""))
     img = f"<img src='{src}' alt='{_e(row['key'])}'>" if src else "<div style='width:128px;height:128px;background:#eee'></div>"
     value = f"{column} {_fmt(row[column])}<br>" if column else ""
     reason = f"<b>{_e(row['reason'])}</b>" if row["reason"] else "kept"
     extra = f"<br>dup of {_e(row['duplicate_of'])}" if row.get("duplicate_of") else ""
-    caption = _e(str(row.get("caption", ""))[:60])
+    caption = _e(caption[:60])
     return (f"<div class='card{'' if row['keep'] else ' dropped'}'>{img}{value}{reason}{extra}<br>"
             f"<span class=muted>{_e(row['key'])}</span><br>{caption}</div>")
 
@@ -156,7 +161,7 @@ def near_threshold(frame: pd.DataFrame, column: str, threshold: float, higher: b
 def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
     """Write reports/report.html from the stored scores and thresholds; returns its URL."""
     shards = store.done_shards(select.STAGE)
-    frame = select.load_scores(store, shards, decisions=True)
+    frame = select.load_scores(store, shards, decisions=True, text=False)
     for col, default in (("keep", False), ("reason", ""), ("duplicate_of", "")):
         if col not in frame:
             frame[col] = default
@@ -246,7 +251,7 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
         originals = frame[frame["key"].isin(dups["duplicate_of"])].sort_values("key")
         grids.append(("near-duplicates", None, originals, dups))
     wanted = pd.concat([g for _, _, a, b in grids for g in (a, b)] or [frame.head(0)])
-    thumbs = thumbnails(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
+    shown = previews(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
     parts.append("<h2>Examples near each threshold</h2>")
     if not grids:
         parts.append("<p class=muted>No score thresholds are set.</p>")
@@ -254,9 +259,9 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
         left, right = ("the originals kept in their group", "the copies dropped") if column is None else sides
         parts.append(f"<h3>{_e(title)}</h3><div class=pair>"
                      f"<div><p class=muted>{left} ({len(above)})</p><div class=grid>"
-                     + "".join(card(r, thumbs, column) for _, r in above.iterrows()) + "</div></div>"
+                     + "".join(card(r, shown, column) for _, r in above.iterrows()) + "</div></div>"
                      f"<div><p class=muted>{right} ({len(below)})</p><div class=grid>"
-                     + "".join(card(r, thumbs, column) for _, r in below.iterrows()) + "</div></div></div>")
+                     + "".join(card(r, shown, column) for _, r in below.iterrows()) + "</div></div></div>")
     parts.append("</body></html>")
     store.write_bytes("".join(parts).encode(), *REPORT)
     url = store.url(*REPORT)

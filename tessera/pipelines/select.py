@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 STAGE = "select"
 KEPT = "kept"
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
+TEXT_COLUMNS = ("url", "caption", "sha256")
 
 
 @dataclass
@@ -49,14 +50,15 @@ class SelectResult:
         return rows
 
 
-def load_scores(store: ShardStore, shards: list[str], decisions: bool = False) -> pd.DataFrame:
+def load_scores(store: ShardStore, shards: list[str], decisions: bool = False, text: bool = True) -> pd.DataFrame:
     """Every scored sample, in shard then key order, with a `shard` column (and the last
-    selection's keep, reason and duplicate_of with `decisions`)."""
+    selection's keep, reason and duplicate_of with `decisions`). `text=False` leaves out the url,
+    caption and sha256 columns, which no decision reads and which take most of the memory."""
     frames = []
     for shard in shards:
-        frame = store.read_table(score.SCORES, f"{shard}.parquet").to_pandas()
-        if not decisions:
-            frame = frame.drop(columns=[c for c in DECISION_COLUMNS if c in frame])
+        table = store.read_table(score.SCORES, f"{shard}.parquet")
+        unwanted = ([] if decisions else list(DECISION_COLUMNS)) + ([] if text else list(TEXT_COLUMNS))
+        frame = table.drop_columns([c for c in unwanted if c in table.column_names]).to_pandas()
         frame.insert(0, "shard", shard)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -65,6 +67,18 @@ def load_scores(store: ShardStore, shards: list[str], decisions: bool = False) -
             frame[col] = pd.Series([], dtype=object) if frame.empty else ""
     frame["error"] = frame["error"].fillna("")
     return frame
+
+
+def write_decisions(store: ShardStore, shard: str, part: pd.DataFrame) -> None:
+    """Replace keep, reason and duplicate_of in scores/{shard}.parquet with this selection's."""
+    table = store.read_table(score.SCORES, f"{shard}.parquet")
+    table = table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names])
+    if table.column("key").to_pylist() != part["key"].tolist():
+        raise RuntimeError(f"scores/{shard}.parquet changed while selecting; run select again")
+    table = table.append_column("keep", pa.array(part["keep"].to_numpy(dtype=bool), pa.bool_()))
+    for col in ("reason", "duplicate_of"):
+        table = table.append_column(col, pa.array(part[col].astype(str).tolist(), pa.string()))
+    store.write_table(table, score.SCORES, f"{shard}.parquet")
 
 
 def load_embeddings(store: ShardStore, shards: list[str], rows: dict[str, int]) -> np.ndarray | None:
@@ -168,7 +182,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     for shard in store.done_shards(STAGE):  # never leave a mix of old and new decisions marked done
         store.fs.rm(store.path(*store.marker(STAGE, shard)))
 
-    frame = load_scores(store, shards)
+    frame = load_scores(store, shards, text=False)
     sources = store.done_info(score.STAGE, shards[-1])["sources"]
     unscored = [n for n, sub in score_configs(cfg).items() if sub.source != "off" and n not in sources]
     if unscored:
@@ -182,13 +196,14 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     frame["reason"] = reasons
     frame["keep"] = reasons == ""
 
+    # The frame is in shard order: each shard's rows are one slice of it.
+    ends = np.cumsum([rows[s] for s in shards])
+    parts = {s: frame.iloc[end - rows[s]:end] for s, end in zip(shards, ends)}
     for shard in shards:
-        part = frame[frame["shard"] == shard].drop(columns=["shard"])
-        table = pa.Table.from_pandas(part.reset_index(drop=True), preserve_index=False)
-        store.write_table(table, score.SCORES, f"{shard}.parquet")
+        write_decisions(store, shard, parts[shard])
     dropped = Counter(r for r in reasons if r)
     for shard in shards:
-        part = frame[frame["shard"] == shard]
+        part = parts[shard]
         store.mark_done(STAGE, shard, {"kept": int(part["keep"].sum()), "dropped": int((~part["keep"]).sum())})
         if on_shard:
             on_shard(shard)
