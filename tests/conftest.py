@@ -50,3 +50,14 @@ def reference_file(name: str) -> Path:
 
 
 sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

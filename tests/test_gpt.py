@@ -8,13 +8,7 @@ from tessera.models.gpt import (GPT, GPT_CONFIGS, build_gpt, extract_state_dict,
 from tests.conftest import reference_file
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference() -> dict:

@@ -5,13 +5,7 @@ from tessera.models.gpt import GPT, build_gpt, gpt_config
 from tessera.pipelines.sample import filter_logits, generate, load_generator, pick
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(text_rope: str = "identity", grid: int = 4) -> GPT:

@@ -16,13 +16,7 @@ TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": Fal
         "optim": {"lr_per_256": 0.2}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, stage1: dict | None = None, stage2: dict | None = None) -> RunConfig:

@@ -118,6 +118,22 @@ class ThresholdFilter(Filter):
                 "keep_if": ">=" if self.higher_is_better else "<=", "source": self.source}
 
 
+class EmbeddingHeadFilter(ThresholdFilter):
+    """A score from a small head on the CLIP image embedding (aesthetic, NSFW)."""
+
+    compute_needs = Needs.IMAGE_EMBEDDING
+
+    def __init__(self, head=None, **kwargs):
+        super().__init__(**kwargs)
+        self.head = head
+
+    def compute(self, batch: Batch) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.head(as_tensor(batch.image_embedding, self.head)).float().cpu().numpy()
+
+
 def as_tensor(array: np.ndarray, module):
     import torch
 

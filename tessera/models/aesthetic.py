@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tessera.models.weights import load_state_dict
+from tessera.models.weights import load_embedding_head, save_tiny_head
 
 
 class AestheticHead(nn.Module):
@@ -31,18 +31,8 @@ class AestheticHead(nn.Module):
 
 
 def load_aesthetic(path: str) -> AestheticHead:
-    """Load a predictor file strictly; its input width is read from the file."""
-    state = load_state_dict(path)
-    if "layers.0.weight" not in state:
-        raise ValueError(f"{path}: not an aesthetic predictor (no layers.0.weight; keys: {sorted(state)[:5]})")
-    head = AestheticHead(state["layers.0.weight"].shape[1])
-    head.load_state_dict(state, strict=True)
-    return head.eval()
+    return load_embedding_head(path, AestheticHead, "layers.0.weight", "an aesthetic predictor")
 
 
 def build_tiny(path: str, embed_dim: int = 32, seed: int = 1) -> None:
-    import os
-
-    torch.manual_seed(seed)
-    os.makedirs(path, exist_ok=True)
-    torch.save(AestheticHead(embed_dim).state_dict(), os.path.join(path, "aesthetic.pth"))
+    save_tiny_head(AestheticHead, path, "aesthetic.pth", embed_dim, seed)

@@ -5,12 +5,10 @@ variance, then 768 -> 64 -> 512 -> 256 -> 1 with ReLUs and a sigmoid. punsafe is
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from tessera.models.weights import load_state_dict
+from tessera.models.weights import load_embedding_head, save_tiny_head
 
 
 class Normalization(nn.Module):
@@ -42,15 +40,8 @@ class NsfwHead(nn.Module):
 
 
 def load_nsfw(path: str) -> NsfwHead:
-    state = load_state_dict(path)
-    if "linear_1.weight" not in state:
-        raise ValueError(f"{path}: not an NSFW head (no linear_1.weight; keys: {sorted(state)[:5]})")
-    head = NsfwHead(state["linear_1.weight"].shape[1])
-    head.load_state_dict(state, strict=True)
-    return head.eval()
+    return load_embedding_head(path, NsfwHead, "linear_1.weight", "an NSFW head")
 
 
 def build_tiny(path: str, embed_dim: int = 32, seed: int = 2) -> None:
-    torch.manual_seed(seed)
-    os.makedirs(path, exist_ok=True)
-    torch.save(NsfwHead(embed_dim).state_dict(), os.path.join(path, "nsfw.pth"))
+    save_tiny_head(NsfwHead, path, "nsfw.pth", embed_dim, seed)

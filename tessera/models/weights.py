@@ -18,6 +18,25 @@ def load_state_dict(path: str, key: str | None = None) -> dict[str, torch.Tensor
     return state
 
 
+def load_embedding_head(path: str, head_class, first_weight: str, what: str):
+    """A head on CLIP image embeddings, loaded strictly; its input width is read from `first_weight`."""
+    state = load_state_dict(path)
+    if first_weight not in state:
+        raise ValueError(f"{path}: not {what} (no {first_weight}; keys: {sorted(state)[:5]})")
+    head = head_class(state[first_weight].shape[1])
+    head.load_state_dict(state, strict=True)
+    return head.eval()
+
+
+def save_tiny_head(head_class, folder: str, filename: str, embed_dim: int, seed: int) -> None:
+    """A randomly initialised head of `embed_dim` inputs, saved like its released weights."""
+    import os
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(head_class(embed_dim).state_dict(), os.path.join(folder, filename))
+
+
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
