@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tessera.pipelines.raytools import OFFLINE_ENV
+from tessera.pipelines.raytools import WORKER_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Not uploaded with the working directory (beyond what .gitignore already leaves out).
@@ -70,11 +70,11 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 
 def runtime_env(working_dir: str, env: dict[str, str]) -> dict:
-    """The job's runtime env. The driver adds OFFLINE_ENV itself when it joins the cluster, and
+    """The job's runtime env. The driver adds WORKER_ENV itself when it joins the cluster, and
     Ray refuses a job whose driver sets a variable the job already sets: so those are left out."""
-    taken = sorted(set(env) & set(OFFLINE_ENV))
+    taken = sorted(set(env) & set(WORKER_ENV))
     if taken:
-        raise SubmitError(f"{', '.join(taken)}: set for every job already ({OFFLINE_ENV}); leave them out")
+        raise SubmitError(f"{', '.join(taken)}: set for every job already ({WORKER_ENV}); leave them out")
     out = {"working_dir": working_dir, "excludes": EXCLUDES}
     return {**out, "env_vars": dict(env)} if env else out
 

@@ -34,9 +34,10 @@ def ray_local():
     """One local Ray for the whole test session (starting Ray costs seconds)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    from tessera.config.ray import RayConfig
+    from tessera.pipelines.raytools import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
 

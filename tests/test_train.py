@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -130,7 +131,9 @@ def test_bad_batch_sizes_are_config_errors():
 
 @pytest.mark.slow  # starting Ray Train workers takes most of a minute on 2 cores
 def test_training_through_ray_train(tmp_path, data, ray_local):
+    # Relative roots, as in the shipped configs: they must mean the same inside the Ray Train workers.
     cfg = _config(tmp_path, {"max_steps": 3, "use_ray": True, "checkpoint_every": 2})
+    cfg = cfg.model_copy(update={k: os.path.relpath(getattr(cfg, k)) for k in ("data_root", "runs_root", "models_root")})
     result = train.run(cfg, "stage1")
     metrics = train.read_metrics(result.run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3] and result.step == 3

@@ -11,13 +11,15 @@ from tessera.config.ray import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Set in every worker: nothing phones home, nothing asks a hub.
-OFFLINE_ENV = {
+# Set in every worker: nothing phones home, nothing asks a hub, and Ray Train workers stay in
+# the job's working directory, so relative paths in a config mean the same there as in the driver.
+WORKER_ENV = {
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
 }
 
 
@@ -38,17 +40,19 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.update(OFFLINE_ENV)
-    runtime_env = {"env_vars": dict(OFFLINE_ENV)}
+    os.environ.update(WORKER_ENV)
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("Connecting to the Ray cluster at %s.", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("Starting a local Ray with %s CPUs.", cfg.num_cpus or "all")
-        # A local Ray listens on loopback only.
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True, configure_logging=False, _node_ip_address="127.0.0.1")
+        # The dashboard serves the state API, which Ray Train uses to clean up after a crashed
+        # run; it and the node address stay on loopback.
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
+                 _node_ip_address="127.0.0.1")
 
 
 def run_shards(
