@@ -74,9 +74,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+def stop_head(proc: subprocess.Popen) -> None:
     """Stop the head this test started (`ray start --block` stops its node on SIGTERM), then any
-    process of that node still alive, found by the node's own temp dir. Other Rays are untouched."""
+    process of that node still alive: they all sit in the session the head was started in (the
+    agents rename themselves, so nothing else names them). Other Rays are untouched."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -84,14 +85,10 @@ def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for pid in Path("/proc").iterdir():
-        if not pid.name.isdigit():
-            continue
-        try:
-            if temp_dir.encode() in (pid / "cmdline").read_bytes():
-                os.kill(int(pid.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture
@@ -107,10 +104,11 @@ def ray_head(tmp_path):
     dashboard = free_port()
     argv = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
             "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-            "--ray-client-server-port", str(free_port()), "--num-cpus", "2", "--temp-dir", temp_dir,
+            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+            "--num-cpus", "2", "--temp-dir", temp_dir,
             "--include-dashboard", "true", "--disable-usage-stats"]
     log = tmp_path / "head.log"
-    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 240
     try:
@@ -127,7 +125,7 @@ def ray_head(tmp_path):
             time.sleep(1)
         yield {"address": address, "env": env, "token": token}
     finally:
-        stop_head(proc, temp_dir)
+        stop_head(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
