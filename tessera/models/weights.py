@@ -1,6 +1,8 @@
 """Reading checkpoint files safely: safetensors, or torch.load with weights_only=True."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -30,8 +32,6 @@ def load_embedding_head(path: str, head_class, first_weight: str, what: str):
 
 def save_tiny_head(head_class, folder: str, filename: str, embed_dim: int, seed: int) -> None:
     """A randomly initialised head of `embed_dim` inputs, saved like its released weights."""
-    import os
-
     torch.manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
     torch.save(head_class(embed_dim).state_dict(), os.path.join(folder, filename))
@@ -42,8 +42,6 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 def weights_file(path: str) -> str:
     """A weights file given as itself or as a folder holding exactly one."""
-    import os
-
     if not os.path.isdir(path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"weights file {path} does not exist")

@@ -113,27 +113,29 @@ def histogram_svg(values: np.ndarray, kept: np.ndarray, title: str, marks: list[
 def previews(store: ShardStore, wanted: pd.DataFrame) -> dict[str, tuple[str | None, str]]:
     """key -> (data: URI of a small JPEG or None, caption), for the samples in `wanted` (columns
     shard, key), read from their download shards."""
-    from PIL import Image
-
     out: dict[str, tuple[str | None, str]] = {}
     for shard, keys in wanted.groupby("shard")["key"]:
         keys = set(keys)
         for sample in score.read_shard({"shard": shard}, store):
-            if sample["key"] not in keys:
-                continue
-            out[sample["key"]] = (None, sample["caption"])
-            if sample["image"] is None:
-                continue
-            try:
-                img = Image.open(io.BytesIO(sample["image"])).convert("RGB")
-                img.thumbnail((THUMB * 2, THUMB * 2))
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=80)
-                out[sample["key"]] = ("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(),
-                                      sample["caption"])
-            except Exception:  # noqa: BLE001 - a broken image just has no thumbnail
-                continue
+            if sample["key"] in keys:
+                out[sample["key"]] = (thumbnail(sample["image"]), sample["caption"])
     return out
+
+
+def thumbnail(data: bytes | None) -> str | None:
+    """A small JPEG as a data: URI, or None for a missing or broken image."""
+    from PIL import Image
+
+    if data is None:
+        return None
+    try:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img.thumbnail((THUMB * 2, THUMB * 2))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - a broken image just has no thumbnail
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def card(row, shown: dict[str, tuple[str | None, str]], column: str | None) -> str:

@@ -54,10 +54,10 @@ def load_scores(store: ShardStore, shards: list[str], decisions: bool = False, t
     """Every scored sample, in shard then key order, with a `shard` column (and the last
     selection's keep, reason and duplicate_of with `decisions`). `text=False` leaves out the url,
     caption and sha256 columns, which no decision reads and which take most of the memory."""
+    unwanted = ([] if decisions else list(DECISION_COLUMNS)) + ([] if text else list(TEXT_COLUMNS))
     frames = []
     for shard in shards:
         table = store.read_table(score.SCORES, f"{shard}.parquet")
-        unwanted = ([] if decisions else list(DECISION_COLUMNS)) + ([] if text else list(TEXT_COLUMNS))
         frame = table.drop_columns([c for c in unwanted if c in table.column_names]).to_pandas()
         frame.insert(0, "shard", shard)
         frames.append(frame)
