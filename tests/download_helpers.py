@@ -19,7 +19,7 @@ TIMEOUT = 2.0
 
 def download_config(**kw) -> DownloadConfig:
     base = dict(shard_size=10, timeout=TIMEOUT, thread_count=8, max_tasks_in_flight=2,
-                task_retries=1, urls=UrlPolicy(allow_loopback=True))
+                shard_retries=1, urls=UrlPolicy(allow_loopback=True))
     return DownloadConfig(**{**base, **kw})
 
 

@@ -152,7 +152,7 @@ def test_an_unreadable_shard_is_a_clear_error(tmp_path):
     store = ShardStore(str(tmp_path))
     store.write_bytes(b"not a tar" * 100, "download", "00007.tar")
     with pytest.raises(RuntimeError, match=r"(?s)00007.tar cannot be read .*remove download/00007.done"):
-        score.read_shard({"shard": "00007"}, store)
+        score.read_shard(store, "00007")
 
 
 def test_no_downloads_is_a_clear_error(tmp_path):

@@ -60,7 +60,7 @@ class DownloadConfig(Section):
     retries: int = 0
     user_agent_token: str | None = "tessera"
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
-    # Ray: one task per shard, retried on failure, with at most this many in flight.
+    # Ray: one task per shard, with at most this many in flight; attempts per shard beyond the first.
     max_tasks_in_flight: int = 64
-    task_retries: int = 3
+    shard_retries: int = 3
     urls: UrlPolicy = UrlPolicy()

@@ -16,9 +16,10 @@ import logging
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from tessera.config.download import ColumnMap, DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
+from tessera.pipelines.funnel import failed_shard_rows
 from tessera.pipelines.store import ShardStore, shard_name
 from tessera.pipelines.urlcheck import check_url
 
@@ -47,12 +49,14 @@ class DownloadResult:
     downloaded: int
     dropped: dict[str, int]
     shards: int
+    failed: dict[str, str] = field(default_factory=dict)
+    failed_rows: int = 0
 
     def funnel(self) -> list[dict]:
         rows = [{"stage": STAGE, "outcome": KEPT, "reason": "", "count": self.downloaded}]
         rows += [{"stage": STAGE, "outcome": "dropped", "reason": r, "count": n}
                  for r, n in sorted(self.dropped.items())]
-        return rows
+        return rows + failed_shard_rows(STAGE, self.failed, self.failed_rows)
 
 
 # Reasons ----------------------------------------------------------------------------------
@@ -154,6 +158,7 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> lis
     dataset = pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
     duplicate = _duplicate_mask(dataset, source.columns.url)
     shards: list[str] = []
+    rows_per_shard: dict[str, int] = {}
     pending: list[pa.Table] = []
     pending_rows = row_index = 0
 
@@ -162,8 +167,10 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> lis
         table = pa.concat_tables(pending) if pending else None
         while table is not None and (table.num_rows >= cfg.shard_size or (final and table.num_rows)):
             name = shard_name(len(shards))
-            store.write_table(table.slice(0, cfg.shard_size), INPUT, f"{name}.parquet")
+            part = table.slice(0, cfg.shard_size)
+            store.write_table(part, INPUT, f"{name}.parquet")
             shards.append(name)
+            rows_per_shard[name] = part.num_rows
             table = table.slice(cfg.shard_size)
         pending = [table] if table is not None and table.num_rows else []
         pending_rows = table.num_rows if table is not None else 0
@@ -180,8 +187,8 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> lis
         if pending_rows >= cfg.shard_size:
             flush(final=False)
     flush(final=True)
-    store.write_json({"shards": shards, "rows": row_index, "files": files, "carried": present},
-                     INPUT, "_prepared.json")
+    store.write_json({"shards": shards, "rows": row_index, "rows_per_shard": rows_per_shard, "files": files,
+                      "carried": present}, INPUT, "_prepared.json")
     log.info("Cut %d input rows into %d shards of up to %d.", row_index, len(shards), cfg.shard_size)
     return shards
 
@@ -191,10 +198,8 @@ def _decode_caption(raw: bytes | None) -> str:
     return "" if raw is None else raw.decode("utf-8", errors="replace")
 
 
-def download_shard(name: str, cfg: DownloadConfig, store: ShardStore, carried: list[str]) -> dict:
-    """Download one input shard into `download/`. Safe to call again: a done shard is skipped."""
-    if store.is_done(STAGE, name):
-        return store.done_info(STAGE, name)
+def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: list[str]) -> dict:
+    """Download one input shard into `download/`; returns the shard's counts."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
@@ -255,7 +260,6 @@ def download_shard(name: str, cfg: DownloadConfig, store: ShardStore, carried: l
         store.write_table(pa.Table.from_pylist(rejected, schema=_REJECTED_SCHEMA), STAGE, f"{name}_rejected.parquet")
         for suffix in (".tar", ".parquet", "_stats.json"):
             store.move_in(os.path.join(out, f"{name}{suffix}"), STAGE, f"{name}{suffix}")
-        store.mark_done(STAGE, name, info)
         return info
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -270,34 +274,52 @@ def _accepted_schema(rows: list[dict], carried: list[str]) -> pa.Schema:
     return pa.schema(fields + [sample.schema.field(c) for c in carried])
 
 
+# Reading a finished shard ----------------------------------------------------------------------
+def read_samples(store: ShardStore, shard: str, wanted: set[str] | None = None) -> dict[str, dict[str, bytes]]:
+    """The files of a download tar by sample, {key: {ext: bytes}}: every sample, or the wanted keys.
+    An unreadable tar is an error naming the shard (the stage runtime records the shard as failed)."""
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with store.fs.open(store.path(STAGE, f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                if member.isfile() and (wanted is None or key in wanted):
+                    members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise RuntimeError(f"{store.url(STAGE, shard + '.tar')} cannot be read ({e}); remove "
+                           f"download/{shard}.done to download that shard again") from e
+    return members
+
+
 # The stage --------------------------------------------------------------------------------
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
     """Download every shard not yet done; return the stage's counts over all shards."""
-    from tessera.pipelines.raytools import init_ray, run_shards
+    from tessera.pipelines import runtime
+    from tessera.pipelines.raytools import init_ray
 
     shards = prepare(source, cfg, store)
-    carried = store.read_json(INPUT, "_prepared.json")["carried"]
-    removed = store.clear_temporaries(STAGE)
-    if removed:
-        log.info("Removed %d temporary file(s) left by an interrupted run.", removed)
-    todo = [s for s in shards if not store.is_done(STAGE, s)]
-    log.info("Download: %d of %d shards to do (%d already done).", len(todo), len(shards), len(shards) - len(todo))
-    if todo:
+    prepared = store.read_json(INPUT, "_prepared.json")
+    if any(not store.is_done(STAGE, s) for s in shards):
         init_ray(ray_cfg)
-        run_shards(STAGE, download_shard, [(s, (s, cfg, store, carried)) for s in todo],
-                   max_in_flight=cfg.max_tasks_in_flight, retries=cfg.task_retries, on_result=on_shard)
-    return summarize(store, shards)
+    ran = runtime.run_stage(STAGE, store, shards, download_shard,
+                            kwargs={"cfg": cfg, "carried": prepared["carried"]},
+                            max_in_flight=cfg.max_tasks_in_flight, retries=cfg.shard_retries, on_shard=on_shard)
+    return summarize(store, shards, ran.failed, prepared.get("rows_per_shard"))
 
 
-def summarize(store: ShardStore, shards: list[str]) -> DownloadResult:
-    infos = [store.done_info(STAGE, s) for s in shards]
+def summarize(store: ShardStore, shards: list[str], failed: dict[str, str],
+              rows_per_shard: dict[str, int] | None = None) -> DownloadResult:
+    infos = [store.done_info(STAGE, s) for s in shards if s not in failed]
     dropped: Counter = Counter()
     for info in infos:
         dropped.update(info["dropped"])
+    lost = sum((rows_per_shard or {}).get(s, 0) for s in failed)
     return DownloadResult(
-        rows_in=sum(i["rows_in"] for i in infos),
+        rows_in=sum(i["rows_in"] for i in infos) + lost,
         downloaded=sum(i["downloaded"] for i in infos),
         dropped=dict(dropped),
-        shards=len(shards),
+        shards=len(infos),
+        failed=failed,
+        failed_rows=lost,
     )

@@ -1,0 +1,51 @@
+"""Lineage after selection: which shards are selected, and what each stage's output was made from.
+
+select writes, per shard, a digest of its decisions (`select/{shard}.done` -> "decisions") and, for
+the whole run, a fingerprint (reports/thresholds.json -> "fingerprint"). Caption and tokenize key
+each shard's output on the shard's decisions digest and their own settings, so a re-selection redoes
+exactly the shards whose kept samples changed, and every marker carries the selection it belongs to.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from tessera.pipelines.store import ShardStore
+
+SELECT = "select"
+
+
+def input_shards(store: ShardStore) -> list[str]:
+    """Shards whose selection is final (and whose download is there)."""
+    return [s for s in store.done_shards(SELECT) if store.is_done("download", s)]
+
+
+def kept_count(store: ShardStore, shard: str) -> int:
+    return int(store.done_info(SELECT, shard)["kept"])
+
+
+def selection_id(store: ShardStore) -> str:
+    """The fingerprint of the current selection (thresholds, config, score inputs)."""
+    return store.read_json("reports", "thresholds.json")["fingerprint"]
+
+
+def selection_summary(keys, keep, reasons, duplicate_of) -> dict:
+    """A shard's select marker: its counts and a digest of what was decided, sample by sample."""
+    h = hashlib.sha256()
+    kept = 0
+    for key, k, reason, dup in zip(keys, keep, reasons, duplicate_of):
+        kept += bool(k)
+        h.update(f"{key}\x1f{bool(k)}\x1f{reason}\x1f{dup}\x1e".encode())
+    return {"kept": kept, "dropped": len(keys) - kept, "decisions": h.hexdigest()[:16]}
+
+
+def shard_fingerprints(store: ShardStore, shards: list[str], stage_lineage: str,
+                       upstream: tuple[str, ...] = ()) -> dict[str, str]:
+    """Per shard: its selection's decisions, the fingerprints of its markers in `upstream` stages
+    (absent counts as absent), and this stage's own settings."""
+    out = {}
+    for shard in shards:
+        parts = [store.done_info(SELECT, shard)["decisions"], stage_lineage]
+        for stage in upstream:
+            parts.append(store.done_info(stage, shard).get("fingerprint", "") if store.is_done(stage, shard) else "-")
+        out[shard] = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+    return out
