@@ -49,3 +49,17 @@ def shard_fingerprints(store: ShardStore, shards: list[str], stage_lineage: str,
             parts.append(store.done_info(stage, shard).get("fingerprint", "") if store.is_done(stage, shard) else "-")
         out[shard] = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
     return out
+
+
+def check_one_selection(store: ShardStore, folder: str, shards: list[str]) -> str | None:
+    """The one selection every shard of an output folder belongs to; an error naming the shards
+    when they come from different selections (a re-selection whose outputs were not all redone)."""
+    groups: dict[str | None, list[str]] = {}
+    for shard in shards:
+        groups.setdefault(store.done_info(folder, shard).get("selection"), []).append(shard)
+    if len(groups) > 1:
+        listed = "; ".join(f"{sel or 'no selection recorded'}: {', '.join(s[:5])}{' ...' if len(s) > 5 else ''}"
+                           for sel, s in groups.items())
+        raise ValueError(f"{store.url(folder)} mixes shards of {len(groups)} different selections ({listed}); "
+                         "run the curate flow again so that every shard belongs to the current selection")
+    return next(iter(groups), None)
