@@ -28,7 +28,7 @@ from tessera.pipelines.caption_checks import check, first_sentence
 from tessera.pipelines.score import decode_image
 from tessera.pipelines.funnel import failed_shard_rows
 from tessera.pipelines.download import read_samples
-from tessera.pipelines.lineage import input_shards, kept_count, selection_id, shard_fingerprints
+from tessera.pipelines.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -254,11 +254,12 @@ def num_actors(cfg: CaptionConfig) -> int:
 
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> CaptionResult:
-    infos = [store.done_info(STAGE, s) for s in shards if s not in failed]
+    markers = store.markers(STAGE)
+    infos = [markers[s] for s in shards if s not in failed]
     fallback: Counter = Counter()
     for info in infos:
         fallback.update(info["fallback"])
-    lost = sum(kept_count(store, s) for s in failed)
+    lost = kept_counts(store, failed)
     return CaptionResult(rows_in=sum(i["rows_in"] for i in infos) + lost,
                          captioned=sum(i["captioned"] for i in infos), fallback=dict(fallback),
                          shards=len(infos), failed=failed, failed_rows=lost)

@@ -300,7 +300,7 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
 
     shards = prepare(source, cfg, store)
     prepared = store.read_json(INPUT, "_prepared.json")
-    if any(not store.is_done(STAGE, s) for s in shards):
+    if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)
     ran = runtime.run_stage(STAGE, store, shards, download_shard,
                             kwargs={"cfg": cfg, "carried": prepared["carried"]},
@@ -310,7 +310,8 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str],
               rows_per_shard: dict[str, int] | None = None) -> DownloadResult:
-    infos = [store.done_info(STAGE, s) for s in shards if s not in failed]
+    markers = store.markers(STAGE)
+    infos = [markers[s] for s in shards if s not in failed]
     dropped: Counter = Counter()
     for info in infos:
         dropped.update(info["dropped"])

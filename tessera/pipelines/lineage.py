@@ -16,11 +16,14 @@ SELECT = "select"
 
 def input_shards(store: ShardStore) -> list[str]:
     """Shards whose selection is final (and whose download is there)."""
-    return [s for s in store.done_shards(SELECT) if store.is_done("download", s)]
+    downloaded = set(store.done_shards("download"))
+    return [s for s in store.done_shards(SELECT) if s in downloaded]
 
 
-def kept_count(store: ShardStore, shard: str) -> int:
-    return int(store.done_info(SELECT, shard)["kept"])
+def kept_counts(store: ShardStore, shards) -> int:
+    """Kept samples over these shards (the rows a later stage owes them)."""
+    markers = store.markers(SELECT)
+    return sum(int(markers[s]["kept"]) for s in shards)
 
 
 def selection_id(store: ShardStore) -> str:
@@ -42,11 +45,12 @@ def shard_fingerprints(store: ShardStore, shards: list[str], stage_lineage: str,
                        upstream: tuple[str, ...] = ()) -> dict[str, str]:
     """Per shard: its selection's decisions, the fingerprints of its markers in `upstream` stages
     (absent counts as absent), and this stage's own settings."""
+    selected = store.markers(SELECT)
+    above = [store.markers(stage) for stage in upstream]
     out = {}
     for shard in shards:
-        parts = [store.done_info(SELECT, shard)["decisions"], stage_lineage]
-        for stage in upstream:
-            parts.append(store.done_info(stage, shard).get("fingerprint", "") if store.is_done(stage, shard) else "-")
+        parts = [selected[shard]["decisions"], stage_lineage]
+        parts += [m[shard].get("fingerprint", "") if shard in m else "-" for m in above]
         out[shard] = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
     return out
 
@@ -54,9 +58,10 @@ def shard_fingerprints(store: ShardStore, shards: list[str], stage_lineage: str,
 def check_one_selection(store: ShardStore, folder: str, shards: list[str]) -> str | None:
     """The one selection every shard of an output folder belongs to; an error naming the shards
     when they come from different selections (a re-selection whose outputs were not all redone)."""
+    markers = store.markers(folder)
     groups: dict[str | None, list[str]] = {}
     for shard in shards:
-        groups.setdefault(store.done_info(folder, shard).get("selection"), []).append(shard)
+        groups.setdefault(markers[shard].get("selection"), []).append(shard)
     if len(groups) > 1:
         listed = "; ".join(f"{sel or 'no selection recorded'}: {', '.join(s[:5])}{' ...' if len(s) > 5 else ''}"
                            for sel, s in groups.items())

@@ -57,10 +57,9 @@ class ShardFailures(RuntimeError):
 
 
 # Markers --------------------------------------------------------------------------------------
-def marker_matches(store: ShardStore, stage: str, shard: str, fingerprint: str | None) -> bool:
-    if not store.is_done(stage, shard):
-        return False
-    return fingerprint is None or store.done_info(stage, shard).get("fingerprint") == fingerprint
+def matches(info: dict | None, fingerprint: str | None) -> bool:
+    """Whether a shard's marker (None when there is none) says it is done with these inputs."""
+    return info is not None and (fingerprint is None or info.get("fingerprint") == fingerprint)
 
 
 def failures(store: ShardStore, stage: str) -> dict[str, dict]:
@@ -176,16 +175,16 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
     run = StageRun(stage)
     for folder in (stage, *outputs):
         store.clear_temporaries(folder)
+    markers = store.markers(stage)
     todo = []
     for shard in shards:
-        fp = fingerprints.get(shard) if fingerprints is not None else None
-        if marker_matches(store, stage, shard, fp):
+        info = markers.get(shard)
+        if matches(info, fingerprints.get(shard) if fingerprints is not None else None):
             run.skipped += 1
-            info = store.done_info(stage, shard)
             if any(info.get(k) != v for k, v in stamp.items()):
                 store.mark_done(stage, shard, {**info, **stamp})
         else:
-            if store.is_done(stage, shard):  # stale: its old outputs must never look done again
+            if info is not None:  # stale: its old outputs must never look done again
                 store.fs.rm(store.path(*store.marker(stage, shard)))
             todo.append(shard)
     log.info("%s: %d of %d shards to do (%d already done).", stage, len(todo), len(shards), run.skipped)

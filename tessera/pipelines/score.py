@@ -295,9 +295,10 @@ def lineage(cfg: FiltersConfig, sources: dict, paths: dict) -> str:
 
 def fingerprints(store: ShardStore, shards: list[str], stage_lineage: str) -> dict[str, str]:
     """Per shard: this stage's lineage joined with the fingerprint of the shard's input marker."""
+    downloads = store.markers("download")
     out = {}
     for shard in shards:
-        upstream = store.done_info("download", shard).get("fingerprint") or ""
+        upstream = downloads[shard].get("fingerprint") or ""
         out[shard] = hashlib.sha256(f"{upstream}:{stage_lineage}".encode()).hexdigest()[:16]
     return out
 
@@ -324,11 +325,12 @@ def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
 
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> ScoreResult:
-    infos = [store.done_info(STAGE, s) for s in shards if s not in failed]
+    markers, downloads = store.markers(STAGE), store.markers("download")
+    infos = [markers[s] for s in shards if s not in failed]
     unreadable: Counter = Counter()
     for info in infos:
         unreadable.update(info["unreadable"])
-    lost = sum(int(store.done_info("download", s).get("downloaded", 0)) for s in failed)
+    lost = sum(int(downloads[s].get("downloaded", 0)) for s in failed)
     return ScoreResult(samples=sum(i["samples"] for i in infos), unreadable=dict(unreadable),
                        shards=len(infos), sources=infos[-1]["sources"] if infos else {},
                        failed=failed, failed_rows=lost)

@@ -36,8 +36,8 @@ from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.pipelines.download import read_samples
 from tessera.pipelines.funnel import failed_shard_rows
-from tessera.pipelines.lineage import input_shards, kept_count, selection_id, shard_fingerprints
-from tessera.pipelines.runtime import marker_matches
+from tessera.pipelines.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
+from tessera.pipelines.runtime import matches
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class TokenizeShard:
 
         fingerprint = self.fingerprints[shard]
         todo = [r for r in self.cfg.resolutions
-                if not marker_matches(store, tokens_folder(r), shard, fingerprint)]
+                if not matches(store.marker_info(tokens_folder(r), shard), fingerprint)]
         rows = read_shard(store, shard, self.cfg.text_caption)
         size = self.cfg.batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
@@ -321,10 +321,10 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
     text_path = resolve(cfg.text_encoder, models_root) if cfg.text_encoder else None
     fingerprints = shard_fingerprints(store, shards, lineage(cfg, vq_path, text_path), upstream=("caption",))
     selection = selection_id(store)
-    stale = [s for s in shards if not all(marker_matches(store, tokens_folder(r), s, fingerprints[s])
-                                          for r in cfg.resolutions)]
-    for shard in stale:  # a resolution added or removed by hand: the shard is not done
-        if store.is_done(STAGE, shard):
+    per_res = {r: store.markers(tokens_folder(r)) for r in cfg.resolutions}
+    done = set(store.done_shards(STAGE))
+    for shard in shards:  # a resolution missing (added, or removed by hand): the shard is not done
+        if shard in done and not all(matches(per_res[r].get(shard), fingerprints[shard]) for r in cfg.resolutions):
             store.fs.rm(store.path(*store.marker(STAGE, shard)))
     init_ray(ray_cfg)
     device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
@@ -335,11 +335,10 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
         fingerprints=fingerprints, stamp={"selection": selection}, num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, actors=cfg.num_actors, retries=cfg.shard_retries,
         outputs=tuple(tokens_folder(r) for r in cfg.resolutions), on_shard=on_shard)
-    for shard in (s for s in shards if s not in ran.done and s not in ran.failed):
-        for res in cfg.resolutions:  # kept as they were, but now part of this selection
-            info = store.done_info(tokens_folder(res), shard)
-            if info.get("selection") != selection:
-                store.mark_done(tokens_folder(res), shard, {**info, "selection": selection})
+    for res, markers in per_res.items():  # shards kept as they were, but now part of this selection
+        for shard in (s for s in shards if s not in ran.done and s not in ran.failed):
+            if markers[shard].get("selection") != selection:
+                store.mark_done(tokens_folder(res), shard, {**markers[shard], "selection": selection})
     result = summarize(store, shards, cfg.resolutions, ran.failed)
     for res in cfg.resolutions:
         write_manifest(store, res, shards, cfg, selection)
@@ -357,9 +356,10 @@ def _codebook_size(vq_path: str, cfg: TokenizeConfig) -> int:
 
 def summarize(store: ShardStore, shards: list[str], resolutions: list[int], failed: dict[str, str]) -> TokenizeResult:
     per: dict[int, dict] = {}
-    lost = sum(kept_count(store, s) for s in failed)
+    lost = kept_counts(store, failed)
     for res in resolutions:
-        infos = [store.done_info(tokens_folder(res), s) for s in shards if s not in failed]
+        markers = store.markers(tokens_folder(res))
+        infos = [markers[s] for s in shards if s not in failed]
         dropped: Counter = Counter()
         for info in infos:
             dropped.update(info["dropped"])
@@ -373,8 +373,8 @@ def summarize(store: ShardStore, shards: list[str], resolutions: list[int], fail
 def write_manifest(store: ShardStore, res: int, shards: list[str], cfg: TokenizeConfig, selection: str) -> dict:
     """tokens/{res}/manifest.json: the selection, shards, sample counts, bytes per sample, codebook usage."""
     folder = tokens_folder(res)
-    done = [s for s in shards if store.is_done(folder, s)]
-    infos = {s: store.done_info(folder, s) for s in done}
+    markers = store.markers(folder)
+    infos = {s: markers[s] for s in shards if s in markers}
     counts = None
     for info in infos.values():
         c = unpack_counts(info["code_counts"]).astype(np.int64)
