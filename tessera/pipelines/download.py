@@ -58,7 +58,7 @@ class DownloadResult:
 # Reasons ----------------------------------------------------------------------------------
 _REASONS = [
     # Refused while under way (urlcheck.BlockedAddress): a blocked address or a refused redirect.
-    (re.compile(r"^(blocked_\w+|bad_scheme|url_too_long|malformed_url|empty_url): "), None),
+    (re.compile(r"(?:^|urlopen error )(blocked_\w+|bad_scheme|url_too_long|malformed_url|empty_url): "), None),
     (re.compile(r"HTTP Error 30\d: .*infinite loop", re.S), "redirect_loop"),
     (re.compile(r"HTTP Error 30\d: .*redirection to url .* is not allowed", re.S | re.I), "bad_scheme"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{}"),
