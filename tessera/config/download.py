@@ -63,8 +63,8 @@ class DownloadConfig(Section):
     # Wall-clock seconds per download: connecting, TLS, redirects and the whole body together.
     timeout: float = 10.0
     retries: int = 0
-    # An egress proxy for every download, e.g. http://proxy.internal:3128. Proxy variables of the
-    # environment (http_proxy, https_proxy, no_proxy) are ignored by the downloader.
+    # An egress proxy for every download, e.g. http://proxy.internal:3128. The downloader ignores
+    # http_proxy / https_proxy; with a proxy set, hosts in no_proxy are fetched directly.
     proxy: str | None = None
     user_agent_token: str | None = "tessera"
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]

@@ -214,8 +214,8 @@ def make_opener(policy: UrlPolicy, proxy: str | None = None) -> urllib.request.O
 
     `timeout` given to `open` is a wall-clock deadline for the whole download: connecting, TLS,
     every redirect and every read of the body. Proxy variables of the environment are ignored;
-    with `proxy` every request goes through that proxy, and the target's resolved addresses are
-    checked before the request is sent (the proxy itself is trusted to be reached)."""
+    with `proxy` requests go through that proxy (except to hosts in no_proxy), and the target's
+    resolved addresses are checked before the request is sent (the proxy itself is trusted)."""
     # urllib points a proxied request's `host` at the proxy's host:port, as written in its URL.
     proxy_hostport = urlsplit(proxy).netloc.rsplit("@", 1)[-1] if proxy else None
 
