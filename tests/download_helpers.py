@@ -101,17 +101,34 @@ class _Drip(_Quiet):
 
 
 class _Proxy(_Quiet):
-    """A stand-in for an egress proxy: records each request line (or CONNECT) and answers 200 itself."""
+    """A stand-in for an egress proxy: records each request line; answers a GET itself, and
+    tunnels a CONNECT to the loopback port it names."""
 
-    def _answer(self):
-        self.server.requests.append(f"{self.command} {self.path}")
+    def do_GET(self):
+        self.server.requests.append(f"GET {self.path}")
         body = b"from the proxy"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_CONNECT = _answer
+    def do_CONNECT(self):
+        import selectors
+        import socket
+
+        self.server.requests.append(f"CONNECT {self.path}")
+        upstream = socket.create_connection(("127.0.0.1", int(self.path.rsplit(":", 1)[1])))
+        self.send_response(200)
+        self.end_headers()
+        with upstream, selectors.DefaultSelector() as sel:
+            sel.register(self.connection, selectors.EVENT_READ, upstream)
+            sel.register(upstream, selectors.EVENT_READ, self.connection)
+            while True:
+                for key, _ in sel.select():
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
 
 
 class LoopbackServer:

@@ -200,6 +200,23 @@ def test_download_proxy_carries_requests_and_the_target_is_checked_first():
     assert proxy.requests == ["GET http://127.0.0.1:9/a.jpg"]
 
 
+def test_https_through_download_proxy_is_tunnelled_and_keeps_the_deadline(tmp_path, monkeypatch):
+    cert, key = self_signed_cert(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    with LoopbackServer("proxy") as proxy, LoopbackServer("proxy", tls=(cert, key)) as server, \
+            LoopbackServer("drip", interval=0.2, tls=(cert, key)) as drip:
+        opener = make_opener(LOOPBACK_OK, proxy=proxy.base)
+        with opener.open(f"{server.base}/a.jpg", timeout=5) as r:
+            assert r.read() == b"from the proxy"  # the TLS server's answer, through the tunnel
+        assert server.requests == ["GET /a.jpg"]
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            with opener.open(f"{drip.base}/b.jpg", timeout=1.5) as r:
+                r.read()
+        assert time.monotonic() - start < 4
+    assert [r.split(" ")[0] for r in proxy.requests] == ["CONNECT", "CONNECT"]
+
+
 def test_a_proxy_is_written_as_a_url_with_a_port():
     from pydantic import ValidationError
 
