@@ -50,9 +50,11 @@ def test_opener_refuses_names_that_resolve_to_blocked_addresses(server):
 
 
 def test_hostile_urls_end_blocked(server, ray_local, tmp_path):
-    urls = hostile(server.base)
-    source = write_source(str(tmp_path / "source.parquet"), server, 3, extra_urls=list(urls))
-    result, store = run_download(source, str(tmp_path / "data"))
+    with LoopbackServer("drip") as drip:
+        # A server that drips its body byte by byte is cut at the download's deadline.
+        urls = {**hostile(server.base), f"{drip.base}/drip.jpg": "timeout"}
+        source = write_source(str(tmp_path / "source.parquet"), server, 3, extra_urls=list(urls))
+        result, store = run_download(source, str(tmp_path / "data"))
     ended = {url: outcome for url, outcome in outcomes(store).values()}
     for url, reason in urls.items():
         assert ended[url] == reason, url
