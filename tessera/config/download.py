@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from pydantic import field_validator
+
 from tessera.config.base import Section
 
 
@@ -56,11 +60,30 @@ class DownloadConfig(Section):
     # Decompression-bomb guard: pixels of the original, checked from the header before decoding.
     max_image_area: int = 89_478_485
     thread_count: int = 64
+    # Wall-clock seconds per download: connecting, TLS, redirects and the whole body together.
     timeout: float = 10.0
     retries: int = 0
+    # An egress proxy for every download, e.g. http://proxy.internal:3128. The downloader ignores
+    # http_proxy / https_proxy; with a proxy set, hosts in no_proxy are fetched directly.
+    proxy: str | None = None
     user_agent_token: str | None = "tessera"
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
     # Ray: one task per shard, with at most this many in flight; attempts per shard beyond the first.
     max_tasks_in_flight: int = 64
     shard_retries: int = 3
     urls: UrlPolicy = UrlPolicy()
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None \
+                or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: a proxy is written as http://host:port (or https://host:port)")
+        return value

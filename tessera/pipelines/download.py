@@ -61,7 +61,8 @@ class DownloadResult:
 
 # Reasons ----------------------------------------------------------------------------------
 _REASONS = [
-    (re.compile(r"(blocked_\w+)"), None),
+    # Refused while under way (urlcheck.BlockedAddress): a blocked address or a refused redirect.
+    (re.compile(r"(?:^|urlopen error )(blocked_\w+|bad_scheme|url_too_long|malformed_url|empty_url): "), None),
     (re.compile(r"HTTP Error 30\d: .*infinite loop", re.S), "redirect_loop"),
     (re.compile(r"HTTP Error 30\d: .*redirection to url .* is not allowed", re.S | re.I), "bad_scheme"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{}"),
@@ -207,7 +208,7 @@ def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: l
     from tessera.pipelines.urlcheck import install_guard
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    install_guard(cfg.urls)
+    install_guard(cfg.urls, proxy=cfg.proxy)
     rows = store.read_table(INPUT, f"{name}.parquet").to_pylist()
     accepted, rejected = [], []
     for row in rows:
