@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all ui lock clean stage1 stage2 sample bench-train bench-sample bench-download bench-score report-screenshot
+.PHONY: setup demo test test-fast ui lock clean stage1 stage2 sample bench-train bench-sample bench-download bench-score report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -32,10 +32,10 @@ demo: setup
 	DEMO_DIR=$(DEMO_DIR) $(PY) -m tessera.cli demo --config $(CONFIG) --dir $(DEMO_DIR)
 
 test: setup
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -q --durations=15
 
-test-all: setup
-	$(PY) -m pytest -q
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -q
 
 ui: setup
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
