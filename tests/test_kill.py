@@ -3,7 +3,6 @@ local Ray), then rerun, end exactly where an uninterrupted run ends."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil

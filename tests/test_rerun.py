@@ -59,7 +59,7 @@ def test_rerun_after_a_failed_shard_redoes_only_that_shard(ray_local, tmp_path, 
     cfg = load_config("configs/demo.yaml", overrides(run, source))
     store = ShardStore(cfg.data_root)
     with source_context(cfg):
-        shards = download.prepare(cfg.source, cfg.download, store)
+        shards = download.prepare(cfg.source, cfg.download, store, cfg.ray)
     assert shards == ["00000", "00001", "00002"]
     # One input shard becomes unreadable: its task fails on every try, the others finish.
     broken = Path(store.path(download.INPUT, "00001.parquet"))

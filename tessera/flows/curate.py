@@ -19,7 +19,7 @@ RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 
 @task(name="download", **RETRIES)
 def download_task(cfg: RunConfig, store: ShardStore) -> download.DownloadResult:
-    shards = download.prepare(cfg.source, cfg.download, store)
+    shards = download.prepare(cfg.source, cfg.download, store, cfg.ray)
     result = download.run(cfg.source, cfg.download, cfg.ray, store,
                           on_shard=ShardProgress("download", len(shards)))
     logger().info("Downloaded %d of %d rows; dropped %s.", result.downloaded, result.rows_in,

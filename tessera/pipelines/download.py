@@ -1,7 +1,8 @@
 """The download stage: input parquet -> img2dataset WebDataset shards, one Ray task per shard.
 
-1. `prepare` reads the input once in the driver: maps column names, marks duplicate URLs, and
-   cuts it into input shards of `shard_size` rows (`download/_input/{shard}.parquet`).
+1. `prepare` cuts the input into shards of `shard_size` rows on Ray (`download/_input/{shard}.parquet`,
+   column names mapped) and finds duplicate URLs by hash partition (tessera/pipelines/prepare.py);
+   the driver reads only the input files' footers.
 2. One Ray task per input shard: the URL check drops what must not be fetched, img2dataset's
    Downloader fetches the rest through the guarded opener, and the shard's files are moved into
    `download/` with the completion marker last. Tasks are retried and bounded in flight.
@@ -21,21 +22,18 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from tessera.config.download import ColumnMap, DownloadConfig, SourceConfig
+from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
 from tessera.pipelines.funnel import failed_shard_rows
-from tessera.pipelines.store import ShardStore, shard_name
+from tessera.pipelines.prepare import INPUT, duplicate_rows
+from tessera.pipelines.store import ShardStore
 from tessera.pipelines.urlcheck import check_url
 
 log = logging.getLogger(__name__)
 STAGE = "download"
-INPUT = "download/_input"
 KEPT = "downloaded"
 
 
@@ -107,38 +105,13 @@ def _input_files(store_fs_url: str) -> tuple[object, list[str]]:
     return fs, files
 
 
-def _normalise(batch: pa.RecordBatch, columns: ColumnMap, present: list[str]) -> pa.Table:
-    """Rename to url/caption (captions as bytes: crawled text is not always UTF-8)."""
-    names = batch.schema.names
-    caption = batch.column(names.index(columns.caption))
-    if pa.types.is_string(caption.type) or pa.types.is_large_string(caption.type):
-        caption = caption.view(pa.binary() if pa.types.is_string(caption.type) else pa.large_binary())
-    data = {
-        "url": batch.column(names.index(columns.url)).cast(pa.string()),
-        "caption_bytes": caption.cast(pa.binary()),
-    }
-    for col in present:
-        data[col] = batch.column(names.index(col))
-    return pa.table(data)
+def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cfg: RayConfig) -> list[str]:
+    """Cut the input into shards on Ray and find its duplicate URLs (once; a rerun reuses them, and
+    finishes what an interrupted one left). Returns the shard names."""
+    from tessera.pipelines import prepare as cut
+    from tessera.pipelines import runtime
+    from tessera.pipelines.raytools import init_ray
 
-
-def _duplicate_mask(dataset: pads.Dataset, url_column: str) -> np.ndarray:
-    """True for every row whose non-empty URL already appeared in an earlier row.
-
-    One pass over the URL column only, 8 bytes of hash per row, and a single sort."""
-    digests = [
-        pd.util.hash_pandas_object(b.column(0).to_pandas().fillna(""), index=False).to_numpy(np.uint64)
-        for b in dataset.to_batches(columns=[url_column], batch_size=262_144)
-    ]
-    digests = np.concatenate(digests) if digests else np.empty(0, np.uint64)
-    first = np.zeros(len(digests), dtype=bool)
-    first[np.unique(digests, return_index=True)[1]] = True
-    empty = pd.util.hash_pandas_object(pd.Series([""]), index=False).to_numpy(np.uint64)[0]
-    return ~first & (digests != empty)
-
-
-def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> list[str]:
-    """Cut the input into shards (once; a rerun reuses them). Returns the shard names."""
     if store.exists(INPUT, "_prepared.json"):
         return store.read_json(INPUT, "_prepared.json")["shards"]
     fs, files = _input_files(source.path)
@@ -146,51 +119,31 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> lis
     for need, key in ((source.columns.url, "url"), (source.columns.caption, "caption")):
         if need not in schema.names:
             raise InputError(f"{files[0]}: no column {need!r} (set source.columns.{key})")
-    present = [c for c in source.columns.carry if c in schema.names]
+    carried = [c for c in source.columns.carry if c in schema.names]
     missing = [c for c in source.columns.carry if c not in schema.names]
     if missing:
         log.info("The input has no %s column(s); they are not carried.", ", ".join(missing))
-    # Copies of LAION differ in numeric types (WIDTH is int64 in some, float64 in others).
-    schema = pa.schema([
-        f.with_type(pa.float64()) if f.name in present and f.name != "hash"
-        and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)) else f
-        for f in schema
-    ])
-    dataset = pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
-    duplicate = _duplicate_mask(dataset, source.columns.url)
-    shards: list[str] = []
-    rows_per_shard: dict[str, int] = {}
-    pending: list[pa.Table] = []
-    pending_rows = row_index = 0
-
-    def flush(final: bool) -> None:
-        nonlocal pending, pending_rows
-        table = pa.concat_tables(pending) if pending else None
-        while table is not None and (table.num_rows >= cfg.shard_size or (final and table.num_rows)):
-            name = shard_name(len(shards))
-            part = table.slice(0, cfg.shard_size)
-            store.write_table(part, INPUT, f"{name}.parquet")
-            shards.append(name)
-            rows_per_shard[name] = part.num_rows
-            table = table.slice(cfg.shard_size)
-        pending = [table] if table is not None and table.num_rows else []
-        pending_rows = table.num_rows if table is not None else 0
-
-    cols = [source.columns.url, source.columns.caption, *present]
-    for batch in dataset.to_batches(columns=cols, batch_size=65_536):
-        table = _normalise(batch, source.columns, present)
-        n = table.num_rows
-        table = table.append_column("row_index", pa.array(np.arange(row_index, row_index + n), pa.int64()))
-        table = table.append_column("duplicate", pa.array(duplicate[row_index:row_index + n]))
-        row_index += n
-        pending.append(table)
-        pending_rows += n
-        if pending_rows >= cfg.shard_size:
-            flush(final=False)
-    flush(final=True)
-    store.write_json({"shards": shards, "rows": row_index, "rows_per_shard": rows_per_shard, "files": files,
-                      "carried": present}, INPUT, "_prepared.json")
-    log.info("Cut %d input rows into %d shards of up to %d.", row_index, len(shards), cfg.shard_size)
+    rows = cut.file_rows(fs, files)
+    plan = cut.plan_shards(files, rows, cfg.shard_size)
+    shards = list(plan)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    parts = cut.partitions_for(sum(rows))
+    init_ray(ray_cfg)
+    limits = {"retries": cfg.shard_retries, "max_in_flight": cfg.max_tasks_in_flight, "unit": "rows"}
+    cutting = runtime.run_stage(INPUT, store, shards, cut.cut_shard,
+                                kwargs={"columns": source.columns, "carried": carried, "protocol": protocol},
+                                shard_kwargs=lambda shard: {"plan": plan[shard]}, **limits)
+    deduplicating = runtime.run_stage(
+        cut.DEDUP, store, [f"{p:04d}" for p in range(parts)], cut.find_duplicates, outputs=(cut.DUPLICATES,),
+        kwargs={"shards": shards, "firsts": [plan[s]["first"] for s in shards], "parts": parts}, **limits)
+    failed = {**cutting.failed, **deduplicating.failed}
+    if failed:
+        raise InputError(f"the input could not be cut into shards ({len(failed)} failed; run again to retry "
+                         f"them): " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
+    store.write_json({"shards": shards, "rows": sum(rows),
+                      "rows_per_shard": {s: min(cfg.shard_size, sum(rows) - plan[s]["first"]) for s in shards},
+                      "files": files, "carried": carried}, INPUT, "_prepared.json")
+    log.info("Cut %d input rows into %d shards of up to %d.", sum(rows), len(shards), cfg.shard_size)
     return shards
 
 
@@ -210,14 +163,14 @@ def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: l
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     install_guard(cfg.urls, proxy=cfg.proxy)
     rows = store.read_table(INPUT, f"{name}.parquet").to_pylist()
+    duplicates = duplicate_rows(store, rows[0]["row_index"], rows[-1]["row_index"]) if rows else set()
     accepted, rejected = [], []
     for row in rows:
-        reason = "duplicate_url" if row["duplicate"] else check_url(row["url"], cfg.urls)
+        reason = "duplicate_url" if row["row_index"] in duplicates else check_url(row["url"], cfg.urls)
         if reason:
             rejected.append({"row_index": row["row_index"], "url": row["url"], "reason": reason})
         else:
             row["caption"] = _decode_caption(row.pop("caption_bytes"))
-            row.pop("duplicate")
             accepted.append(row)
 
     columns = ["url", "caption", "row_index", *carried]
@@ -299,7 +252,7 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
     from tessera.pipelines import runtime
     from tessera.pipelines.raytools import init_ray
 
-    shards = prepare(source, cfg, store)
+    shards = prepare(source, cfg, store, ray_cfg)
     prepared = store.read_json(INPUT, "_prepared.json")
     if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)

@@ -103,8 +103,9 @@ class ShardActor:
             torch.set_num_threads(threads)
         self.work = work_class(**kwargs)
 
-    def process(self, store: ShardStore, stage: str, shard: str, fingerprint: str | None, stamp: dict) -> dict:
-        return process_shard(lambda s, n: self.work(s, n), store, stage, shard, fingerprint, stamp, {})
+    def process(self, store: ShardStore, stage: str, shard: str, fingerprint: str | None, stamp: dict,
+                kwargs: dict) -> dict:
+        return process_shard(self.work, store, stage, shard, fingerprint, stamp, kwargs)
 
 
 # The driver side --------------------------------------------------------------------------------
@@ -132,11 +133,12 @@ class _Pool:
     def can_submit(self, in_flight: int, max_in_flight: int) -> bool:
         return bool(self.idle) if self.is_class else in_flight < max_in_flight
 
-    def submit(self, store, stage, shard, fingerprint, stamp):
+    def submit(self, store, stage, shard, fingerprint, stamp, shard_kwargs: dict):
         if not self.is_class:
-            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp, self.kwargs)
+            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp,
+                                    {**self.kwargs, **shard_kwargs})
         actor = self.idle.pop()
-        ref = actor.process.remote(store, stage, shard, fingerprint, stamp)
+        ref = actor.process.remote(store, stage, shard, fingerprint, stamp, shard_kwargs)
         self.busy[ref] = actor
         return ref
 
@@ -162,9 +164,11 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
               fingerprints: dict[str, str] | None = None, stamp: dict | None = None,
               num_cpus: float = 1, num_gpus: float = 0, actors: int | None = None, retries: int = 2,
               max_in_flight: int | None = None, outputs: tuple[str, ...] = (),
+              shard_kwargs: Callable[[str], dict] | None = None,
               on_shard: Callable[[str, dict], None] | None = None, unit: str = "img") -> StageRun:
     """Run `work` over every shard not done with its current fingerprint; see the module doc.
 
+    `kwargs` go to every call (a class's constructor), `shard_kwargs(shard)` to that shard's call.
     `fingerprints` (shard -> lineage of its inputs) makes a shard whose inputs changed stale;
     `stamp` adds fields to every marker (and is refreshed on the markers of skipped shards).
     `outputs` are the folders whose temporaries a crashed run may have left.
@@ -205,7 +209,8 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
                 while queue and pool.can_submit(len(pending), max_in_flight):
                     shard, attempt = queue.pop()
                     fp = fingerprints.get(shard) if fingerprints is not None else None
-                    pending[pool.submit(store, stage, shard, fp, stamp)] = (shard, attempt)
+                    extra = shard_kwargs(shard) if shard_kwargs else {}
+                    pending[pool.submit(store, stage, shard, fp, stamp, extra)] = (shard, attempt)
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 shard, attempt = pending.pop(ready[0])
                 try:

@@ -193,6 +193,8 @@ class TokenizeShard:
         self.vq = load_vq(vq_path, config, device=device, ema=cfg.vq_ema)
         self.text = None
         if text_path:
+            import torch
+
             from tessera.models.text_encoder import TextEncoder
 
             self.text = TextEncoder.from_pretrained(text_path, cfg.text_max_length, device=device,
