@@ -134,6 +134,10 @@ def _duplicate_mask(dataset: pads.Dataset, url_column: str) -> np.ndarray:
 
 def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> list[str]:
     """Cut the input into shards (once; a rerun reuses them). Returns the shard names."""
+    if source.kind != "laion_parquet":  # read, not downloaded
+        from tessera.pipelines import ingest
+
+        return ingest.prepare(source, cfg, store)
     if store.exists(INPUT, "_prepared.json"):
         return store.read_json(INPUT, "_prepared.json")["shards"]
     fs, files = _input_files(source.path)
@@ -274,6 +278,10 @@ def _accepted_schema(rows: list[dict], carried: list[str]) -> pa.Schema:
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
     """Download every shard not yet done; return the stage's counts over all shards."""
+    if source.kind != "laion_parquet":  # read, not downloaded
+        from tessera.pipelines import ingest
+
+        return ingest.run(source, cfg, ray_cfg, store, on_shard)
     from tessera.pipelines.raytools import init_ray, run_shards
 
     shards = prepare(source, cfg, store)
