@@ -270,7 +270,8 @@ def test_webdataset_tar_larger_than_a_shard_is_a_clear_error(tmp_path):
 
 
 # Hugging Face parquet -----------------------------------------------------------------------
-def test_hf_parquet_struct_and_binary_image_columns(tmp_path):
+def hf_parquet_folder(tmp_path):
+    """Two files as datasets writes them: a struct image column in row groups of 3, and a binary one."""
     src = tmp_path / "hf"
     src.mkdir()
     images = [{"bytes": jpg(i), "path": f"{i}.jpg"} for i in range(5)]
@@ -283,7 +284,11 @@ def test_hf_parquet_struct_and_binary_image_columns(tmp_path):
                    src / "train-00000-of-00002.parquet", row_group_size=3)
     pq.write_table(pa.table({"image": pa.array([jpg(10), jpg(11)], pa.binary()), "text": [caption(10), caption(11)]}),
                    src / "train-00001-of-00002.parquet")
-    source = SourceConfig(kind="hf_parquet", path=str(src))
+    return src
+
+
+def test_hf_parquet_struct_and_binary_image_columns(tmp_path):
+    source = SourceConfig(kind="hf_parquet", path=str(hf_parquet_folder(tmp_path)))
     store, totals = run_shards(source, tmp_path / "data", shard_size=4)
     assert store.done_shards("download") == ["00000", "00001", "00002"]  # 9 rows in shards of 4
     assert totals == {"rows_in": 9, "downloaded": 6,
@@ -309,3 +314,46 @@ def test_prepared_store_refuses_another_kind(image_folder, tmp_path):
     run_shards(SourceConfig(kind="image_folder", path=str(image_folder)), tmp_path / "data")
     with pytest.raises(download.InputError, match="prepared from a image_folder source"):
         run_shards(SourceConfig(kind="hf_parquet", path=str(image_folder)), tmp_path / "data")
+
+
+# Through every later stage ---------------------------------------------------------------------
+@pytest.fixture
+def hf_parquet(tmp_path):
+    return hf_parquet_folder(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,fixture,good", [("image_folder", "image_folder", 4),
+                                               ("webdataset", "img2dataset_tars", 7),
+                                               ("hf_parquet", "hf_parquet", 6)])
+def test_each_kind_reaches_token_shards_and_a_training_step(kind, fixture, good, request, tmp_path, ray_local,
+                                                           one_thread):
+    import math
+
+    from tessera.config import RunConfig
+    from tessera.pipelines import score, select, tokenize, train
+
+    cfg = RunConfig.model_validate({
+        "name": "own", "data_root": str(tmp_path / "data"), "runs_root": str(tmp_path / "runs"),
+        "models_root": str(tmp_path / "models"), "ray": {"num_cpus": 2},
+        "source": {"kind": kind, "path": str(request.getfixturevalue(fixture))},
+        "download": {**CFG, "shard_size": 10, "max_tasks_in_flight": 2, "task_retries": 0},
+        "filters": {"batch_size": 8, "precision": "fp32", "clip_score": {"source": "off"},
+                    "aesthetic": {"source": "off"}, "watermark": {"source": "off"}, "nsfw": {"source": "off"},
+                    "dedup": {"enabled": False}, "size": {"min_side": 256}},
+        "caption": {"enabled": False},
+        "tokenize": {"vq": "tiny:vq", "resolutions": [256], "text_encoder": "tiny:t5", "text_max_length": 16,
+                     "batch_size": 8},
+        "stage1": {"model": "GPT-nano", "vocab_size": 512, "global_batch": 2, "max_steps": 1, "use_ray": False,
+                   "text_encoder": "tiny:t5", "checkpoint_every": 1, "log_every": 1}})
+    store = ShardStore(cfg.data_root)
+    downloaded = download.run(cfg.source, cfg.download, cfg.ray, store)  # through Ray, as the flow runs it
+    assert downloaded.downloaded == good
+    assert downloaded.downloaded + sum(downloaded.dropped.values()) == downloaded.rows_in
+    assert score.run(cfg.filters, cfg.ray, store, cfg.models_root).samples == good
+    kept = select.run(cfg.filters, store).kept
+    assert kept == good  # every filter that could drop one of these pictures is off or passes it
+    tokens = tokenize.run(cfg.tokenize, cfg.ray, store, cfg.models_root).per_resolution[256]
+    assert tokens["tokenized"] == kept
+    result = train.run(cfg, "stage1")
+    assert result.step == 1 and math.isfinite(result.last_loss)
