@@ -213,3 +213,25 @@ def test_model_source_needs_one_origin():
         ModelSource(url="http://127.0.0.1/x", hub="a/b")
     with pytest.raises(ValueError, match="64 hex digits"):
         ModelSource(url="http://127.0.0.1/x", sha256="abc")
+
+
+def test_cli_fetch_models_fetches_and_refuses_a_mismatch(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from tessera import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the command turns it off for itself; restored after
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with FileServer({"/aes.pth": WEIGHTS}) as server:
+        tree = _config(tmp_path, {"aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS)}},
+                       aesthetic={"weights": "aes.pth"}).model_dump(mode="json", exclude_unset=True)
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+        assert cli.main(["fetch-models", str(tmp_path / "run.yaml")]) == 0
+        assert "fetched  filters.aesthetic.weights" in capsys.readouterr().out
+        tree["model_sources"]["aes.pth"]["sha256"] = sha(b"other")
+        tree["filters"]["aesthetic"]["weights"] = "again/aes.pth"
+        tree["model_sources"]["again/aes.pth"] = tree["model_sources"].pop("aes.pth")
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+        assert cli.main(["fetch-models", "--config", str(tmp_path / "run.yaml")]) == 1
+        assert "does not match the pinned" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "again" / "aes.pth").exists()
