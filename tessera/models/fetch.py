@@ -53,8 +53,8 @@ class FetchError(RuntimeError):
 
 class ModelMissing(FileNotFoundError):
     def __init__(self, ref: str, models_root: str, detail: str = ""):
-        super().__init__(f"model {ref!r} is not in models_root ({os.path.abspath(models_root)}){detail}: "
-                         f"fetch it with `{FETCH_COMMAND}`")
+        where = "does not exist" if os.path.isabs(ref) else f"is not in models_root ({os.path.abspath(models_root)})"
+        super().__init__(f"model {ref!r} {where}{detail}: fetch it with `{FETCH_COMMAND}`")
 
 
 def is_hub_id(ref: str) -> bool:
