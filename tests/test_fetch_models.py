@@ -108,6 +108,15 @@ def test_sha256_mismatch_is_refused_and_deleted(tmp_path):
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
 
 
+def test_a_present_file_is_checked_against_its_pin(tmp_path):
+    source = ModelSource(url="http://127.0.0.1:9/never-asked.pth", sha256=sha(WEIGHTS))
+    (tmp_path / "m.pth").write_bytes(WEIGHTS)
+    assert fetch.fetch("m.pth", source, str(tmp_path))["action"] == "present"
+    (tmp_path / "m.pth").write_bytes(WEIGHTS[:-1])
+    with pytest.raises(fetch.FetchError, match="its sha256 is .* not the pinned .* delete it to fetch it again"):
+        fetch.fetch("m.pth", source, str(tmp_path))
+
+
 def test_http_errors_name_the_url(tmp_path):
     with FileServer({}) as server:
         with pytest.raises(fetch.FetchError, match=r"/nope.pth: HTTP 404"):

@@ -188,6 +188,9 @@ def fetch(ref: str, source: ModelSource, models_root: str) -> dict:
     snapshot = bool(source.hub and not source.file)
     done = os.path.exists(os.path.join(target, SNAPSHOT_MARKER)) if snapshot else os.path.isfile(target)
     if done:
+        if source.sha256 and not snapshot and sha256_of(target) != source.sha256.lower():
+            raise FetchError(f"{target} is there but its sha256 is {sha256_of(target)}, not the pinned "
+                             f"{source.sha256}; delete it to fetch it again")
         return {"ref": ref, "path": target, "action": "present"}
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     if snapshot:
