@@ -176,6 +176,22 @@ def test_image_folder_on_fsspec_memory(tmp_path):
         fs.rm("/ingest-test", recursive=True)
 
 
+def test_many_threads_leave_stdout_and_stderr_alone(tmp_path):
+    """img2dataset's resizer swaps file descriptors 1 and 2 around OpenCV; called from several
+    threads at once it can leave them on /dev/null for good. Images are resized in one thread."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    small = encode(draw(picture(0, 0)).resize((96, 96)), "JPEG")
+    for i in range(200):
+        (folder / f"{i}.jpg").write_bytes(small)
+        (folder / f"{i}.txt").write_text("a picture")
+    before = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
+    _, totals = run_shards(SourceConfig(kind="image_folder", path=str(folder)), tmp_path / "data",
+                           shard_size=200, thread_count=16, min_image_size=64)
+    assert totals["downloaded"] == 200
+    assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == before
+
+
 def test_source_options_of_another_kind_are_refused():
     with pytest.raises(ValueError, match="source.hf_parquet is set but source.kind is 'image_folder'"):
         SourceConfig.model_validate({"kind": "image_folder", "path": "x", "hf_parquet": {"image_column": "img"}})

@@ -321,16 +321,26 @@ _STATUS_FIELDS = [
 _REJECTED_SCHEMA = pa.schema([("row_index", pa.int64()), ("url", pa.string()), ("reason", pa.string())])
 
 
-def _read_one(sample: Sample, resizer) -> tuple[bytes | None, dict]:
-    """Load one sample and put its image through the resizer: (encoded image or None, metadata)."""
+def _load(sample: Sample) -> tuple[str, int, Loaded | Exception]:
+    """Read one sample's files (on a thread: I/O only)."""
     url, row_index, load = sample
+    try:
+        return url, row_index, load()
+    except Exception as e:  # noqa: BLE001 - one unreadable file is this sample's problem
+        return url, row_index, e
+
+
+def _check(url: str, row_index: int, loaded: Loaded | Exception, resizer) -> tuple[bytes | None, dict]:
+    """Put a loaded sample's image through the resizer: (encoded image or None, metadata).
+
+    In the calling thread only: img2dataset's resizer silences stdout and stderr around OpenCV
+    by swapping file descriptors, which is not safe from several threads at once."""
     meta = {"url": url, "caption": None, "row_index": row_index}
     status = {name: None for name, _ in _STATUS_FIELDS}
-    try:
-        image, caption, carried = load()
-    except Exception as e:  # noqa: BLE001 - one unreadable file is this sample's problem
+    if isinstance(loaded, Exception):
         return None, {**meta, **status, "status": "failed_to_download",
-                      "error_message": f"read error: {type(e).__name__}: {e}"[:500]}
+                      "error_message": f"read error: {type(loaded).__name__}: {loaded}"[:500]}
+    image, caption, carried = loaded
     meta = {**meta, "caption": caption, **{k: v for k, v in carried.items() if k not in meta and k not in status}}
     if image is None:
         return None, {**meta, **status, "status": "failed_to_download", "error_message": "missing image"}
@@ -393,8 +403,8 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
     workdir = tempfile.mkdtemp(prefix=f"tessera-ingest-{shard}-")
     try:
         with open(os.path.join(workdir, f"{shard}.tar"), "wb") as f, wds.TarWriter(f) as tar:
-            samples = reader_for(source).samples(todo)
-            for i, (img, meta) in enumerate(_ordered_map(lambda s: _read_one(s, resizer), samples, cfg.thread_count)):
+            loaded = _ordered_map(_load, reader_for(source).samples(todo), cfg.thread_count)
+            for i, (img, meta) in enumerate(_check(*item, resizer) for item in loaded):
                 if i >= 10 ** digits:
                     raise InputError(f"shard {shard} holds more than {10 ** digits} samples; set download.shard_size "
                                      "to at least the number of samples in the largest input tar")
