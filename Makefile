@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all ui lock clean fetch-models status stage1 stage2 sample bench-train bench-sample bench-download bench-score report-screenshot
+.PHONY: setup demo test test-all ui lock clean fetch-models status stage1 stage2 sample bench-train bench-sample bench-download bench-ingest bench-score report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,9 @@ ui: setup
 
 bench-download: setup
 	$(PY) -m bench.download
+
+bench-ingest: setup
+	$(PY) -m bench.ingest
 
 # Filtering: the one-pass scorer against one pass per filter, and a headless-browser screenshot
 # of the demo's filter report (run `make demo` first; needs chromium, not needed by the tests).
