@@ -138,7 +138,8 @@ def test_fetch_models_fetches_what_the_config_names_then_runs_find_it(tmp_path):
     with FileServer({"/aes.pth": WEIGHTS, "/nsfw.zip": archive.getvalue()}) as server:
         cfg = _config(tmp_path, {
             "heads/aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS)},
-            "clip_autokeras_binary_nsfw.pth": {"url": f"{server.base}/nsfw.zip", "member": "clip_autokeras_binary_nsfw.pth"}},
+            "clip_autokeras_binary_nsfw.pth": {"url": f"{server.base}/nsfw.zip",
+                                               "member": "clip_autokeras_binary_nsfw.pth"}},
             aesthetic={"weights": "heads/aes.pth"}, nsfw={"source": "compute"})
         assert named_models(cfg) == [("filters.aesthetic.weights", "heads/aes.pth"),
                                      ("filters.nsfw.weights", "clip_autokeras_binary_nsfw.pth")]

@@ -88,7 +88,8 @@ def image_folder(tmp_path):
         "a/b/two.png": encode(draw(picture(2, 0)), "PNG"),
         "a/b/two.json": json.dumps({"caption": caption(2), "similarity": 0.31}).encode(),
         # Both sidecars: the .txt comes first by default.
-        "three.jpg": jpg(3), "three.txt": b"from the txt", "three.json": json.dumps({"caption": "from the json"}).encode(),
+        "three.jpg": jpg(3), "three.txt": b"from the txt",
+        "three.json": json.dumps({"caption": "from the json"}).encode(),
         "four.webp": encode(draw(picture(4, 0)), "WEBP"), "four.json": json.dumps({"text": caption(4)}).encode(),
         "nocaption.jpg": jpg(5),
         "emptycaption.jpg": jpg(6), "emptycaption.txt": b"  \n",
@@ -230,7 +231,8 @@ def img2dataset_tars(tmp_path):
             with pa.OSFile(feather, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
             i2d.Downloader(
-                sample_writer_class=WebDatasetSampleWriter, resizer=Resizer(image_size=256, resize_mode="no", resize_only_if_bigger=True),
+                sample_writer_class=WebDatasetSampleWriter,
+                resizer=Resizer(image_size=256, resize_mode="no", resize_only_if_bigger=True),
                 thread_count=2, save_caption=True, extract_exif=False, output_folder=str(out),
                 column_list=["url", "caption", "similarity"], timeout=5, number_sample_per_shard=10,
                 oom_shard_count=5, compute_hash="sha256", verify_hash_type=None, encode_format="jpg",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
