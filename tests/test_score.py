@@ -164,5 +164,6 @@ def test_missing_weights_are_named_before_any_work(tmp_path):
     cfg = FiltersConfig.model_validate({"clip": {"checkpoint": "tiny:clip", "model": "tessera-tiny-clip"},
                                         "aesthetic": {"weights": "nowhere/aesthetic.pth"}})
     sources = {"aesthetic": {"source": "compute", "column": None}}
-    with pytest.raises(FileNotFoundError, match="filters.aesthetic.weights: .*nowhere/aesthetic.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match="filters.aesthetic.weights: model 'nowhere/aesthetic.pth' is not in "
+                                                "models_root .*tessera fetch-models"):
         score.model_paths(cfg, sources, str(tmp_path))

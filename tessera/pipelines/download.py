@@ -112,8 +112,16 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cf
     from tessera.pipelines import runtime
     from tessera.pipelines.raytools import init_ray
 
+    if source.kind != "laion_parquet":  # read, not downloaded
+        from tessera.pipelines import ingest
+
+        return ingest.prepare(source, cfg, store)
     if store.exists(INPUT, "_prepared.json"):
-        return store.read_json(INPUT, "_prepared.json")["shards"]
+        prepared = store.read_json(INPUT, "_prepared.json")
+        if prepared.get("kind", "laion_parquet") != source.kind:
+            raise InputError(f"{store.url(INPUT)} was prepared from a {prepared['kind']} source, not "
+                             f"{source.kind}: use a new data_root")
+        return prepared["shards"]
     fs, files = _input_files(source.path)
     schema = pq.read_schema(fs.open(files[0], "rb"))
     for need, key in ((source.columns.url, "url"), (source.columns.caption, "caption")):
@@ -142,7 +150,7 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cf
                          f"them): " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
     store.write_json({"shards": shards, "rows": sum(rows),
                       "rows_per_shard": {s: min(cfg.shard_size, sum(rows) - plan[s]["first"]) for s in shards},
-                      "files": files, "carried": carried}, INPUT, "_prepared.json")
+                      "files": files, "carried": carried, "kind": source.kind}, INPUT, "_prepared.json")
     log.info("Cut %d input rows into %d shards of up to %d.", sum(rows), len(shards), cfg.shard_size)
     return shards
 
@@ -249,6 +257,10 @@ def read_samples(store: ShardStore, shard: str, wanted: set[str] | None = None) 
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
     """Download every shard not yet done; return the stage's counts over all shards."""
+    if source.kind != "laion_parquet":  # read, not downloaded
+        from tessera.pipelines import ingest
+
+        return ingest.run(source, cfg, ray_cfg, store, on_shard)
     from tessera.pipelines import runtime
     from tessera.pipelines.raytools import init_ray
 

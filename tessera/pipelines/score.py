@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -60,9 +59,7 @@ def model_path(ref: str, models_root: str) -> str:
     """A config's model reference as a local path: `tiny:NAME` is built, relative paths are under models_root."""
     from tessera.models import tiny
 
-    if ref.startswith(tiny.PREFIX):
-        return tiny.resolve(ref, models_root)
-    return ref if os.path.isabs(ref) or "://" in ref else os.path.join(models_root, ref)
+    return tiny.resolve(ref, models_root)
 
 
 def needs_clip(cfg: FiltersConfig, sources: dict[str, dict]) -> bool:
@@ -76,9 +73,10 @@ def model_paths(cfg: FiltersConfig, sources: dict[str, dict], models_root: str) 
 
     paths = {}
     if needs_clip(cfg, sources):
-        paths["clip"] = model_path(cfg.clip.checkpoint, models_root)
-        if not os.path.exists(paths["clip"]):
-            raise FileNotFoundError(f"filters.clip.checkpoint: {paths['clip']} does not exist")
+        try:
+            paths["clip"] = model_path(cfg.clip.checkpoint, models_root)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"filters.clip.checkpoint: {e}") from None
     for name in ("aesthetic", "nsfw", "watermark"):
         if sources.get(name, {}).get("source") == "compute":
             ref = getattr(cfg, name).weights
