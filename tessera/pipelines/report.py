@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tessera.filters import SCORE_FILTERS
-from tessera.pipelines import score, select
+from tessera.pipelines import score, select, select_work
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -63,26 +63,19 @@ def funnel_table(rows: list[dict]) -> str:
     return f"<table><tr><th>stage</th><th>outcome</th><th>reason</th><th>count</th><th></th></tr>{body}</table>"
 
 
-def histogram_svg(values: np.ndarray, kept: np.ndarray, title: str, marks: list[tuple[float, str]],
-                  bins: int = 40, width: int = 360, height: int = 190) -> str:
+def histogram_svg(edges: list[float], n_keep: list[int], n_drop: list[int], title: str,
+                  marks: list[tuple[float, str]], width: int = 360, height: int = 190) -> str:
     """Kept (blue) and dropped (red) stacked per bin, each threshold a dashed line with its value."""
-    ok = ~np.isnan(values)
-    v, k = values[ok], kept[ok]
     pad_l, pad_b, pad_t = 36, 28, 22
     plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
     out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
            f"aria-label='{_e(title)}'><text x='{pad_l}' y='14' font-size='12' font-weight='600'>{_e(title)}</text>"]
-    if not len(v):
+    n_keep, n_drop = np.asarray(n_keep), np.asarray(n_drop)
+    if not len(edges) or not (n_keep.sum() + n_drop.sum()):
         out.append(f"<text x='{pad_l}' y='{pad_t + 40}' font-size='12' fill='#667085'>no valid values</text></svg>")
         return "".join(out)
-    lo, hi = float(v.min()), float(v.max())
-    for t, _ in marks:
-        lo, hi = min(lo, t), max(hi, t)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
-    n_keep, _ = np.histogram(v[k], edges)
-    n_drop, _ = np.histogram(v[~k], edges)
+    lo, hi = float(edges[0]), float(edges[-1])
+    bins = len(edges) - 1
     top = max(1, int((n_keep + n_drop).max()))
     bw = plot_w / bins
     x = lambda val: pad_l + (val - lo) / (hi - lo) * plot_w  # noqa: E731
@@ -108,6 +101,25 @@ def histogram_svg(values: np.ndarray, kept: np.ndarray, title: str, marks: list[
                    f"fill='#111'>{_e(label)} {_fmt(t)}</text>")
     out.append("</svg>")
     return "".join(out)
+
+
+def histogram_marks(summary: dict) -> dict[str, list[tuple[float, str]]]:
+    """The thresholds to draw on each histogram column, as (value, label)."""
+    marks: dict[str, list] = {}
+    for name, desc in summary["filters"].items():
+        if desc.get("threshold") is not None:
+            marks.setdefault(desc["score"], []).append((desc["threshold"], "threshold"))
+    if summary["filters"].get("size"):
+        marks.setdefault("short_side", []).append((summary["filters"]["size"]["min_side"], "min"))
+        marks.setdefault("aspect_ratio", []).append((summary["filters"]["size"]["max_aspect_ratio"], "max"))
+    if summary["filters"].get("caption"):
+        marks.setdefault("caption_words", []).append((summary["filters"]["caption"]["min_words"], "min"))
+        marks.setdefault("caption_letter_fraction", []).append(
+            (summary["filters"]["caption"]["min_letter_fraction"], "min"))
+    target = summary.get("target") or {}
+    if target.get("threshold") is not None and not np.isnan(target["threshold"]):
+        marks.setdefault(target["rank_by"], []).append((target["threshold"], "target"))
+    return marks
 
 
 def previews(store: ShardStore, wanted: pd.DataFrame) -> dict[str, tuple[str | None, str]]:
@@ -151,28 +163,58 @@ def card(row, shown: dict[str, tuple[str | None, str]], column: str | None) -> s
 
 def near_threshold(frame: pd.DataFrame, column: str, threshold: float, higher: bool, reason: str,
                    n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The n samples passing this threshold closest to it, and the n dropped by it closest to it."""
+    """The n samples passing this threshold closest to it, and the n dropped by it closest to it.
+    reason None: the samples kept and those dropped below the target."""
     values = frame[column]
-    passing = values >= threshold if higher else values <= threshold
     distance = (values - threshold).abs()
-    above = frame[passing & (frame["error"] == "")].assign(_d=distance).sort_values(["_d", "key"]).head(n)
-    below = frame[frame["reason"] == reason].assign(_d=distance).sort_values(["_d", "key"]).head(n)
-    return above, below
+    if reason is None:
+        above, below = frame[frame["keep"]], frame[frame["reason"] == "below_target"]
+    else:
+        passing = values >= threshold if higher else values <= threshold
+        above, below = frame[passing & (frame["error"] == "")], frame[frame["reason"] == reason]
+    return tuple(side.assign(_d=distance).sort_values(["_d", "key"]).head(n) for side in (above, below))
 
 
-def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
-    """Write reports/report.html from the stored scores and thresholds; returns its URL."""
-    shards = store.done_shards(select.STAGE)
-    frame = select.load_scores(store, shards, decisions=True, text=False)
+def decisions_frame(store: ShardStore, shard: str) -> pd.DataFrame:
+    frame = select_work.read_frame(store, shard, decisions=True)
     for col, default in (("keep", False), ("reason", ""), ("duplicate_of", "")):
         if col not in frame:
             frame[col] = default
     frame["keep"] = frame["keep"].fillna(False).astype(bool)
     frame["reason"] = frame["reason"].fillna("")
     frame["duplicate_of"] = frame["duplicate_of"].fillna("")
+    frame.insert(0, "shard", shard)
+    return frame
+
+
+def candidates(store: ShardStore, shard: str, grids: list[dict], n: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """One shard's nearest n samples on each side of each grid's threshold, and its first n
+    near-duplicates by key: at most 2n rows per grid, whatever the shard's size."""
+    frame = decisions_frame(store, shard)
+    out = []
+    for g in grids:
+        if g["column"] is None:
+            dups = frame[frame["reason"] == "near_duplicate"].sort_values("key").head(n)
+            out.append((frame.head(0), dups))
+        elif g["column"] in frame:
+            out.append(near_threshold(frame, g["column"], g["threshold"], g["higher"], g["reason"], n))
+        else:
+            out.append((frame.head(0), frame.head(0)))
+    return out
+
+
+def with_keys(store: ShardStore, shard: str, keys: set[str]) -> pd.DataFrame:
+    frame = decisions_frame(store, shard)
+    return frame[frame["key"].isin(keys)]
+
+
+def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
+    """Write reports/report.html from the selection's summaries (thresholds.json, histograms.json)
+    and the examples each shard offers near each threshold; returns its URL."""
+    shards = store.done_shards(select_work.STAGE)
     summary = store.read_json("reports", "thresholds.json")
+    histograms = store.read_json("reports", "histograms.json") if store.exists("reports", "histograms.json") else {}
     score_infos = {s: store.done_info(score.STAGE, s) for s in store.done_shards(score.STAGE)}
-    kept = frame["keep"].to_numpy(dtype=bool)
 
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Tessera filter report</title>"
              f"<style>{STYLE}</style></head><body><h1>Filter report</h1>"
@@ -212,54 +254,49 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
                     f"{', short by ' + str(t['shortfall']) if t.get('shortfall') else ''}</td></tr>")
     parts.append("<h2>Thresholds</h2><table><tr><th>filter</th><th>rule</th></tr>" + "".join(rows) + "</table>")
 
-    # Histograms with their thresholds.
-    marks: dict[str, list] = {}
-    for name, desc in summary["filters"].items():
-        if desc.get("threshold") is not None:
-            marks.setdefault(desc["score"], []).append((desc["threshold"], "threshold"))
-    if summary["filters"].get("size"):
-        marks.setdefault("short_side", []).append((summary["filters"]["size"]["min_side"], "min"))
-        marks.setdefault("aspect_ratio", []).append((summary["filters"]["size"]["max_aspect_ratio"], "max"))
-    if summary["filters"].get("caption"):
-        marks.setdefault("caption_words", []).append((summary["filters"]["caption"]["min_words"], "min"))
-        marks.setdefault("caption_letter_fraction", []).append(
-            (summary["filters"]["caption"]["min_letter_fraction"], "min"))
-    target = summary.get("target") or {}
-    if target.get("threshold") is not None:
-        marks.setdefault(target["rank_by"], []).append((target["threshold"], "target"))
-    hists = [histogram_svg(frame[col].to_numpy(dtype=np.float64), kept, title, marks.get(col, []))
-             for col, title in HISTOGRAMS.items() if col in frame]
+    # Histograms with their thresholds, from the selection's fixed bins.
+    marks = histogram_marks(summary)
+    hists = [histogram_svg(h["edges"], h["kept"], h["dropped"], title, marks.get(col, []))
+             for col, title in HISTOGRAMS.items() if (h := histograms.get(col))]
     parts.append("<h2>Score distributions</h2><p class=legend><span style='background:#4c78a8'></span>kept"
                  "<span style='background:#e45756'></span>dropped (any reason); dashed: thresholds</p>"
                  "<div class=hists>" + "".join(f"<div class=hist>{h}</div>" for h in hists) + "</div>")
 
-    # Examples nearest each threshold.
-    grids: list[tuple[str, str | None, pd.DataFrame, pd.DataFrame]] = []
-    sides = ("pass it, nearest first (their final outcome below each)", "dropped by it, nearest first")
+    # Examples nearest each threshold: each shard offers its nearest few, the nearest of those win.
+    grids = []
     for name, desc in summary["filters"].items():
-        if desc.get("threshold") is None or desc.get("score") not in frame:
-            continue
-        f = SCORE_FILTERS[name]
-        above, below = near_threshold(frame, f.column, desc["threshold"], f.higher_is_better, f.fail_reason, examples)
-        grids.append((f"{f.column} {desc['keep_if']} {_fmt(desc['threshold'])}", f.column, above, below))
-    if target.get("threshold") is not None:
+        if desc.get("threshold") is not None and desc.get("score"):
+            f = SCORE_FILTERS[name]
+            grids.append({"title": f"{f.column} {desc['keep_if']} {_fmt(desc['threshold'])}", "column": f.column,
+                          "threshold": desc["threshold"], "higher": f.higher_is_better, "reason": f.fail_reason})
+    target = summary.get("target") or {}
+    if target.get("threshold") is not None and not np.isnan(target["threshold"]):
         col = target["rank_by"]
-        above = frame[frame["keep"]].assign(_d=(frame[col] - target["threshold"]).abs()).sort_values(["_d", "key"]).head(examples)
-        below = frame[frame["reason"] == "below_target"].assign(
-            _d=(frame[col] - target["threshold"]).abs()).sort_values(["_d", "key"]).head(examples)
-        grids.append((f"target: {col} {target['keep_if']} {_fmt(target['threshold'])}", col, above, below))
-    dups = frame[frame["reason"] == "near_duplicate"].sort_values("key").head(examples)
-    if len(dups):
-        originals = frame[frame["key"].isin(dups["duplicate_of"])].sort_values("key")
-        grids.append(("near-duplicates", None, originals, dups))
-    wanted = pd.concat([g for _, _, a, b in grids for g in (a, b)] or [frame.head(0)])
+        grids.append({"title": f"target: {col} {target['keep_if']} {_fmt(target['threshold'])}", "column": col,
+                      "threshold": target["threshold"], "higher": target["keep_if"] == ">=", "reason": None})
+    if summary["dropped"].get("near_duplicate"):
+        grids.append({"title": "near-duplicates", "column": None})
+    offered = select.map_shards("report", candidates, shards, store, grids, examples) if grids and shards else {}
+    chosen = []
+    for i, g in enumerate(grids):
+        sides = [pd.concat([offered[s][i][side] for s in shards]) for side in (0, 1)]
+        if g["column"] is None:
+            dups = sides[1].sort_values("key").head(examples)
+            wanted = set(dups["duplicate_of"])
+            found = select.map_shards("report-originals", with_keys, shards, store, wanted)
+            chosen.append((g, pd.concat(found.values()).sort_values("key"), dups))
+        else:
+            chosen.append((g, *(side.sort_values(["_d", "key"]).head(examples) for side in sides)))
+    wanted = pd.concat([f for _, a, b in chosen for f in (a, b)] or [pd.DataFrame(columns=["shard", "key"])])
     shown = previews(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
     parts.append("<h2>Examples near each threshold</h2>")
-    if not grids:
+    if not chosen:
         parts.append("<p class=muted>No score thresholds are set.</p>")
-    for title, column, above, below in grids:
+    sides = ("pass it, nearest first (their final outcome below each)", "dropped by it, nearest first")
+    for g, above, below in chosen:
+        column = g["column"]
         left, right = ("the originals kept in their group", "the copies dropped") if column is None else sides
-        parts.append(f"<h3>{_e(title)}</h3><div class=pair>"
+        parts.append(f"<h3>{_e(g['title'])}</h3><div class=pair>"
                      f"<div><p class=muted>{left} ({len(above)})</p><div class=grid>"
                      + "".join(card(r, shown, column) for _, r in above.iterrows()) + "</div></div>"
                      f"<div><p class=muted>{right} ({len(below)})</p><div class=grid>"
