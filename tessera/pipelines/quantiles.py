@@ -97,7 +97,9 @@ class Problem:
         lo_rank, hi_rank = max(0.0, (r - 1) / n - eps), min(1.0, r / n + eps)
         lo = self.lo if lo_rank == 0.0 else max(self.lo, self.sketch.get_quantile(lo_rank))
         hi = self.hi if hi_rank == 1.0 else min(self.hi, self.sketch.get_quantile(hi_rank))
-        return lo, hi, (hi_rank - lo_rank) * n <= max_gather
+        # Gather when few rows are left, or when the window cannot narrow (its values tie).
+        stuck = lo == hi or (lo, hi) == (self.lo, self.hi)
+        return lo, hi, stuck or (hi_rank - lo_rank) * n <= max_gather
 
     def update(self, lo: float, hi: float, got: dict) -> None:
         if not got["below"] < self.rank <= got["below"] + got["inside"]:
