@@ -130,8 +130,13 @@ def test_settle_finds_the_exact_row_of_each_rank(k, max_gather):
 
     def query(windows):
         rounds.append(windows)
-        return {name: quantiles.combine([quantiles.in_window(v, key, lo, hi, k, gather) for v, key in shards], k)
-                for name, (lo, hi, gather) in windows.items()}
+        out = {}
+        for name, (lo, hi, gather) in windows.items():
+            tally = quantiles.Tally(k)
+            for v, key in shards:
+                tally.add(quantiles.in_window(v, key, lo, hi, k, gather))
+            out[name] = tally.result()
+        return out
 
     ranks = [1, 2, 37, len(values) // 2, len(values) - 6, len(values)]
     problems = {str(r): quantiles.Problem(rank=r, total=len(values), sketch=kll_doubles_sketch.deserialize(sk.serialize()))

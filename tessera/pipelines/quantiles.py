@@ -63,15 +63,33 @@ def in_window(values: np.ndarray, keys: np.ndarray, lo: float, hi: float, k: int
     return out
 
 
-def combine(parts: list[dict], k: int) -> dict:
-    """Sum the shards' answers to one window query."""
-    out = {"below": sum(p["below"] for p in parts), "inside": sum(p["inside"] for p in parts)}
-    if parts and "values" in parts[0]:
-        out["values"] = np.concatenate([p["values"] for p in parts])
-        out["keys"] = np.concatenate([p["keys"] for p in parts])
-    else:
-        out["sketch"] = merge([p["sketch"] for p in parts], k)
-    return out
+class Tally:
+    """The shards' answers to one window query, summed as they arrive (none is kept)."""
+
+    def __init__(self, k: int):
+        self.k, self.below, self.inside = k, 0, 0
+        self.sketch: kll_doubles_sketch | None = None
+        self.values: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []
+
+    def add(self, part: dict) -> None:
+        self.below += part["below"]
+        self.inside += part["inside"]
+        if "values" in part:
+            self.values.append(part["values"])
+            self.keys.append(part["keys"])
+        else:
+            self.sketch = self.sketch or kll_doubles_sketch(self.k)
+            self.sketch.merge(kll_doubles_sketch.deserialize(part["sketch"]))
+
+    def result(self) -> dict:
+        out = {"below": self.below, "inside": self.inside}
+        if self.sketch is None:
+            out["values"] = np.concatenate(self.values) if self.values else np.zeros(0)
+            out["keys"] = np.concatenate(self.keys) if self.keys else np.zeros(0, dtype=object)
+        else:
+            out["sketch"] = self.sketch
+        return out
 
 
 @dataclass
@@ -116,7 +134,7 @@ class Problem:
 def settle(problems: dict[str, Problem], query: Callable[[dict], dict], max_gather: int,
            max_rounds: int = 30) -> dict[str, tuple[float, str]]:
     """The exact (value, key) at each problem's rank. `query({name: (lo, hi, gather)})` runs one pass
-    over the shards and returns {name: combined answer} (see `in_window` and `combine`)."""
+    over the shards and returns {name: the shards' answers summed} (see `in_window` and `Tally`)."""
     for rnd in range(max_rounds):
         open_ = {name: p for name, p in problems.items() if p.answer is None}
         if not open_:

@@ -276,17 +276,24 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
                       "threshold": target["threshold"], "higher": target["keep_if"] == ">=", "reason": None})
     if summary["dropped"].get("near_duplicate"):
         grids.append({"title": "near-duplicates", "column": None})
-    offered = select.map_shards("report", candidates, shards, store, grids, examples) if grids and shards else {}
+    best = [[None, None] for _ in grids]
+
+    def nearest(_shard: str, offered: list) -> None:  # keep only the best `examples` per side so far
+        for i, g in enumerate(grids):
+            for side in (0, 1):
+                both = pd.concat([f for f in (best[i][side], offered[i][side]) if f is not None])
+                by = ["key"] if g["column"] is None else ["_d", "key"]
+                best[i][side] = both.sort_values(by).head(examples)
+
+    if grids and shards:
+        select.map_shards("report", candidates, shards, store, grids, examples, fold=nearest)
     chosen = []
-    for i, g in enumerate(grids):
-        sides = [pd.concat([offered[s][i][side] for s in shards]) for side in (0, 1)]
+    for g, (above, below) in zip(grids, best):
         if g["column"] is None:
-            dups = sides[1].sort_values("key").head(examples)
-            wanted = set(dups["duplicate_of"])
+            wanted = set(below["duplicate_of"])
             found = select.map_shards("report-originals", with_keys, shards, store, wanted)
-            chosen.append((g, pd.concat(found.values()).sort_values("key"), dups))
-        else:
-            chosen.append((g, *(side.sort_values(["_d", "key"]).head(examples) for side in sides)))
+            above = pd.concat(found.values()).sort_values("key")
+        chosen.append((g, above, below))
     wanted = pd.concat([f for _, a, b in chosen for f in (a, b)] or [pd.DataFrame(columns=["shard", "key"])])
     shown = previews(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
     parts.append("<h2>Examples near each threshold</h2>")

@@ -59,22 +59,47 @@ def fingerprint(cfg: FiltersConfig, store: ShardStore, shards: list[str]) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def map_shards(step: str, fn, names: list[str], store: ShardStore, *args, on_result=None) -> dict:
-    """Run fn(store, name, *args) once per name (a shard, a partition) as Ray tasks; {name: summary}."""
+def map_shards(step: str, fn, names: list[str], store: ShardStore, *args, fold=None,
+               max_in_flight: int = 256, retries: int = 2) -> dict:
+    """Run fn(store, name, *args) as one Ray task per name (a shard, a partition). Each summary goes
+    to fold(name, summary) as it arrives and is not kept; without fold, returns {name: summary}.
+    Raises ShardFailures, naming them, when some still fail after their retries."""
     import ray
+    from tqdm.auto import tqdm
 
     from tessera.config.ray import RayConfig
-    from tessera.pipelines.raytools import init_ray, run_shards
+    from tessera.pipelines.raytools import ShardFailures, init_ray
 
     if not ray.is_initialized():
         init_ray(RayConfig())
+    remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(fn)
     refs = [ray.put(a) if isinstance(a, (Plan, np.ndarray)) else a for a in args]
-    return run_shards(f"{STAGE}:{step}", fn, [(n, (store, n, *refs)) for n in names],
-                      max_in_flight=256, retries=2, on_result=on_result)
+    todo, pending, kept, failures = list(reversed(names)), {}, {}, {}
+    with tqdm(total=len(names), desc=f"{STAGE}:{step}", unit="task", mininterval=2) as bar:
+        while todo or pending:
+            while todo and len(pending) < max_in_flight:
+                name = todo.pop()
+                pending[remote.remote(store, name, *refs)] = name
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(ready[0])
+            try:
+                summary = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - every other shard still finishes
+                failures[name] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                continue
+            finally:
+                bar.update(1)
+            if fold:
+                fold(name, summary)
+            else:
+                kept[name] = summary
+    if failures:
+        raise ShardFailures(f"{STAGE}:{step}", failures)
+    return kept
 
 
-def choose_thresholds(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str], first: dict,
-                      rows: int) -> dict:
+def choose_thresholds(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str],
+                      sketches: dict[str, quantiles.kll_doubles_sketch]) -> dict:
     """Set each score filter's threshold (absolute, or from its distribution); describe them all."""
     subs = score_configs(cfg)
     filters = [f for f in plan.filters() if isinstance(f, ThresholdFilter)]
@@ -84,7 +109,7 @@ def choose_thresholds(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards:
         plan.thresholds[f.name] = f.threshold
         if sub.keep_fraction is None:
             continue
-        sk = quantiles.merge([s["sketches"].get(f.name) for s in first.values()], cfg.sketch_k)
+        sk = sketches[f.name]
         if sk.n == 0:
             log.warning("%s: no valid scores to choose a keep_fraction threshold from.", f.column)
             continue
@@ -112,8 +137,14 @@ def settle(problems: dict[str, quantiles.Problem], specs: dict[str, dict], plan:
 
     def query(windows: dict) -> dict:
         asked = {n: {**specs[n], "lo": lo, "hi": hi, "gather": g} for n, (lo, hi, g) in windows.items()}
-        parts = map_shards("settle", select_work.window, shards, store, plan, asked, k)
-        return {n: quantiles.combine([parts[s][n] for s in shards], k) for n in asked}
+        tallies = {n: quantiles.Tally(k) for n in asked}
+
+        def fold(_shard: str, part: dict) -> None:
+            for n, answer in part.items():
+                tallies[n].add(answer)
+
+        map_shards("settle", select_work.window, shards, store, plan, asked, k, fold=fold)
+        return {n: t.result() for n, t in tallies.items()}
 
     return quantiles.settle(problems, query, plan.cfg.max_gather) if problems else {}
 
@@ -124,21 +155,25 @@ def find_duplicates(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: l
     if store.exists(semdedup.DEDUP):
         store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
     quota = max(1, math.ceil(d.sample_size / len(shards)))
-    sampled = map_shards("dedup-sample", semdedup.sample, shards, store, plan, quota)
-    samples = [r["sample"] for r in sampled.values() if r["sample"] is not None]
-    info = {"survivors": sum(r["survivors"] for r in sampled.values())}
+    samples, info = [], Counter()
+
+    def count(_name: str, summary: dict) -> None:
+        info.update({k: v for k, v in summary.items() if k != "sample"})
+        if summary.get("sample") is not None:
+            samples.append(summary["sample"])
+
+    map_shards("dedup-sample", semdedup.sample, shards, store, plan, quota, fold=count)
     if samples:
         centroids = semdedup.train(samples, d.n_clusters, d.niter)
-        del samples, sampled
-        assigned = map_shards("dedup-assign", semdedup.assign, shards, store, plan, centroids, d.spill_margin,
-                              d.partitions)
+        samples.clear()
+        map_shards("dedup-assign", semdedup.assign, shards, store, plan, centroids, d.spill_margin,
+                   d.partitions, fold=count)
         partitions = [f"{p:05d}" for p in range(min(d.partitions, len(centroids)))]
-        searched = map_shards("dedup-search", semdedup.search, partitions, store, d.min_similarity)
-        merged = map_shards("dedup-merge", _merge, ["all"], store)["all"]
-        info.update(clusters=len(centroids), spilled=sum(r["spilled"] for r in assigned.values()),
-                    duplicates_in_clusters=sum(r["duplicates"] for r in searched.values()), **merged)
+        map_shards("dedup-search", semdedup.search, partitions, store, d.min_similarity, fold=count)
+        map_shards("dedup-merge", _merge, ["all"], store, fold=count)
+        info["clusters"] = len(centroids)
     plan.dedup_done = True
-    return info
+    return dict(info)
 
 
 def _merge(store: ShardStore, _name: str) -> dict:
@@ -151,9 +186,14 @@ def choose_target(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: lis
         return {}
     column, higher = plan.rank_by
     want = t.count if t.count is not None else int(round(t.fraction * samples))
-    parts = map_shards("rank", select_work.ranked, shards, store, plan, cfg.sketch_k)
-    survivors = sum(p["survivors"] for p in parts.values())
-    sk = quantiles.merge([p["sketch"] for p in parts.values()], cfg.sketch_k)
+    sk, survivors = quantiles.kll_doubles_sketch(cfg.sketch_k), 0
+
+    def fold(_shard: str, part: dict) -> None:
+        nonlocal survivors
+        survivors += part["survivors"]
+        sk.merge(quantiles.kll_doubles_sketch.deserialize(part["sketch"]))
+
+    map_shards("rank", select_work.ranked, shards, store, plan, cfg.sketch_k, fold=fold)
     keep = min(want, survivors)
     target = {"requested": want, "rank_by": column, "kept": int(keep), "threshold": None,
               "keep_if": ">=" if higher else "<="}
@@ -223,8 +263,20 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
                 if isinstance(f, ThresholdFilter) and score_configs(cfg)[f.name].keep_fraction is not None}
 
     # Pass 1: per-shard sketches and ranges; the driver merges them and settles the thresholds.
-    first = map_shards("stats", select_work.stats, shards, store, sketched, list(HISTOGRAMS), cfg.sketch_k)
-    columns = set.intersection(*(set(s["columns"]) for s in first.values()))
+    samples, columns, ranges = 0, None, {}
+    sketches = {name: quantiles.kll_doubles_sketch(cfg.sketch_k) for name in sketched}
+
+    def fold(_shard: str, s: dict) -> None:
+        nonlocal samples, columns
+        samples += s["rows"]
+        columns = set(s["columns"]) if columns is None else columns & set(s["columns"])
+        for name, blob in s["sketches"].items():
+            sketches[name].merge(quantiles.kll_doubles_sketch.deserialize(blob))
+        for col, (lo, hi) in s["ranges"].items():
+            old = ranges.get(col, (lo, hi))
+            ranges[col] = (min(old[0], lo), max(old[1], hi))
+
+    map_shards("stats", select_work.stats, shards, store, sketched, list(HISTOGRAMS), cfg.sketch_k, fold=fold)
     for f in plan.filters():
         if isinstance(f, ThresholdFilter) and f.column not in columns:
             raise ValueError(f"the scores have no {f.column!r} column: filters.{f.name} was enabled after "
@@ -232,14 +284,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     if (cfg.target.count is not None or cfg.target.fraction is not None) and cfg.target.rank_by not in columns:
         raise ValueError(f"filters.target.rank_by: the scores have no {cfg.target.rank_by!r} "
                          f"(is filters.{cfg.target.rank_by} off?)")
-    samples = sum(s["rows"] for s in first.values())
-    ranges: dict[str, tuple[float, float]] = {}
-    for s in first.values():
-        for col, (lo, hi) in s["ranges"].items():
-            old = ranges.get(col, (lo, hi))
-            ranges[col] = (min(old[0], lo), max(old[1], hi))
-    thresholds = choose_thresholds(cfg, plan, store, shards, first, samples)
-    del first
+    thresholds = choose_thresholds(cfg, plan, store, shards, sketches)
 
     dedup = find_duplicates(cfg, plan, store, shards) if cfg.dedup.enabled else {}
     target = choose_target(cfg, plan, store, shards, samples)
@@ -262,7 +307,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
         if on_shard:
             on_shard(shard)
 
-    map_shards("apply", select_work.apply, shards, store, plan, edges, on_result=applied)
+    map_shards("apply", select_work.apply, shards, store, plan, edges, fold=applied)
     if store.exists(semdedup.DEDUP):
         store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
     store.write_json({c: {"edges": edges[c], "kept": h[0].tolist(), "dropped": h[1].tolist()}

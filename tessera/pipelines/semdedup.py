@@ -90,7 +90,7 @@ def assign(store: ShardStore, shard: str, plan, centroids: np.ndarray, spill_mar
     """Write the shard's survivors to their clusters' partition files; return counts."""
     keys, alive = _survivors(store, shard, plan)
     if not len(alive):
-        return {"survivors": 0, "spilled": 0}
+        return {"assigned": 0, "spilled": 0}
     emb = read_embeddings(store, shard)[alive]
     unit = emb.astype(np.float32)
     unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
@@ -118,7 +118,7 @@ def assign(store: ShardStore, shard: str, plan, centroids: np.ndarray, spill_mar
                           "embedding": _emb_column(emb[rows[sel]])})
         table = table.replace_schema_metadata({"dtype": str(emb.dtype), "dim": str(emb.shape[1])})
         store.write_table(table, DEDUP, "parts", f"{p:05d}", f"{shard}.parquet")
-    return {"survivors": len(alive), "spilled": int(spill.sum())}
+    return {"assigned": len(alive), "spilled": int(spill.sum())}
 
 
 def search(store: ShardStore, partition: str, min_similarity: float, block: int = 4096) -> dict:
