@@ -124,11 +124,16 @@ def histogram_marks(summary: dict) -> dict[str, list[tuple[float, str]]]:
 
 def previews(store: ShardStore, wanted: pd.DataFrame) -> dict[str, tuple[str | None, str]]:
     """key -> (data: URI of a small JPEG or None, caption), for the samples in `wanted` (columns
-    shard, key), read from their download shards."""
+    shard, key), read from their download shards. A shard that cannot be read shows no images."""
     out: dict[str, tuple[str | None, str]] = {}
     for shard, keys in wanted.groupby("shard")["key"]:
         keys = set(keys)
-        for sample in score.read_shard({"shard": shard}, store):
+        try:
+            samples = score.read_shard({"shard": shard}, store)
+        except RuntimeError as e:
+            log.warning("Report: no example images from shard %s: %s", shard, e)
+            continue
+        for sample in samples:
             if sample["key"] in keys:
                 out[sample["key"]] = (thumbnail(sample["image"]), sample["caption"])
     return out
