@@ -295,9 +295,10 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
     chosen = []
     for g, (above, below) in zip(grids, best):
         if g["column"] is None:
-            wanted = set(below["duplicate_of"])
-            found = select.map_shards("report-originals", with_keys, shards, store, wanted)
-            above = pd.concat(found.values()).sort_values("key")
+            found = [below.head(0)]
+            select.map_shards("report-originals", with_keys, shards, store, set(below["duplicate_of"]),
+                              fold=lambda _shard, rows: found.append(rows) if len(rows) else None)
+            above = pd.concat(found).sort_values("key")
         chosen.append((g, above, below))
     wanted = pd.concat([f for _, a, b in chosen for f in (a, b)] or [pd.DataFrame(columns=["shard", "key"])])
     shown = previews(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
