@@ -146,3 +146,44 @@ def test_settle_finds_the_exact_row_of_each_rank(k, max_gather):
         assert answers[str(r)] == (values[order[r - 1]], keys[order[r - 1]])
     # Every gathered window held at most about max_gather rows unless ties forced more.
     assert len(rounds) >= (3 if max_gather == 5 else 1)
+
+
+def test_a_group_split_across_clusters_is_joined_through_the_spilled_member(tmp_path):
+    """c ~ b ~ a along an arc (a and c alone are not near-duplicates), the two centroids on either
+    side: b lies near the boundary. Spilled into both clusters, b joins the two halves of the group
+    across partitions, and the lowest key (c) is kept for all three, as the all-pairs search says.
+    Without the spill the group splits: the known approximation of searching within clusters."""
+    from tessera.pipelines import semdedup
+    from tessera.pipelines.select_work import Plan
+
+    from .test_select import SOURCES
+
+    def at(degrees):
+        v = np.zeros(4, np.float32)
+        v[0], v[1] = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+        return v
+
+    store = ShardStore(str(tmp_path))
+    write_scores(store, "00000", [row("k2"), row("k9")], embeddings=[at(30), at(-80)])  # a, and one far away
+    write_scores(store, "00001", [row("k1"), row("k3")], embeddings=[at(60), at(44)])   # c, b
+    c = cfg(dedup={"enabled": True, "min_similarity": 0.95})
+    exact, _ = select.exact_reference(c, store)
+    assert dict(zip(exact["key"], exact["duplicate_of"])) == {"k1": "", "k2": "k1", "k3": "k1", "k9": ""}
+    centroids = np.stack([at(0), at(90)])
+
+    def semantic(margin):
+        if store.exists(semdedup.DEDUP):
+            store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
+        plan = Plan(c, SOURCES)
+        spilled = sum(semdedup.assign(store, s, plan, centroids, margin, 2)["spilled"] for s in ("00000", "00001"))
+        found = [semdedup.search(store, p, 0.95) for p in ("00000", "00001")]
+        semdedup.merge(store)
+        keys = {s: store.read_table("scores", f"{s}.parquet").column("key").to_numpy(zero_copy_only=False)
+                for s in ("00000", "00001")}
+        dup = {k: d for s in keys for k, d in zip(keys[s], semdedup.duplicates(store, s, keys[s]))}
+        return dup, spilled, sum(f["bridges"] for f in found)
+
+    dup, spilled, bridges = semantic(margin=0.05)
+    assert dup == {"k1": "", "k2": "k1", "k3": "k1", "k9": ""} and spilled == 1 and bridges == 2
+    dup, spilled, _ = semantic(margin=0.0)
+    assert spilled == 0 and dup == {"k1": "", "k2": "", "k3": "k2", "k9": ""}
