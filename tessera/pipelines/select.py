@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tessera.config.score import FiltersConfig
-from tessera.filters import BELOW_TARGET, ORDER, SCORE_FILTERS, ThresholdFilter, score_configs
+from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
 from tessera.pipelines import quantiles, score, select_work, semdedup
 from tessera.pipelines.select_exact import exact_reference, load_scores  # noqa: F401 - the reference path
 from tessera.pipelines.select_work import STAGE, Plan
@@ -318,4 +318,4 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     return SelectResult(summary["samples"], summary["kept"], summary["dropped"], summary)
 
 
-__all__ = ["SCORE_FILTERS", "SelectResult", "exact_reference", "load_scores", "run"]
+__all__ = ["SelectResult", "exact_reference", "load_scores", "run"]

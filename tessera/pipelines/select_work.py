@@ -20,7 +20,6 @@ from tessera.pipelines.store import ShardStore
 STAGE = "select"
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
 TEXT_COLUMNS = ("url", "caption", "sha256")
-DEDUP = "semdedup"  # the store folder of the near-duplicate search's intermediate files
 
 
 @dataclass
