@@ -4,6 +4,10 @@ The funnel of every stage so far, where each score came from, the thresholds, a 
 score (kept and dropped stacked, the threshold marked), and grids of example images kept and
 dropped nearest to each threshold. Images are inline (base64 JPEG thumbnails); no scripts, no
 external files, so it opens anywhere, including from an object store.
+
+No score rows are loaded in the driver: the histograms are select's fixed-bin counts
+(reports/histograms.json), and each shard's Ray task offers its few samples nearest each
+threshold, of which the nearest are kept as they arrive.
 """
 from __future__ import annotations
 
