@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample bench-train bench-sample bench-download bench-ingest bench-score report-screenshot
+.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample bench-train bench-sample bench-download bench-ingest bench-score bench-scale report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,12 @@ bench-ingest: setup
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
 bench-score: setup
 	$(PY) -m bench.score
+
+# Select and the filter report at three sizes of synthetic score shards (SCALE_BENCH to change,
+# e.g. SCALE_BENCH="--sizes 100000:100,1000000:1000 --dim 64").
+SCALE_BENCH ?=
+bench-scale: setup
+	$(PY) -m bench.scale $(SCALE_BENCH)
 
 report-screenshot:
 	@test -n "$(CHROMIUM)" || { echo "No chromium found: open $(DEMO_DIR)/data/reports/report.html in a browser."; exit 1; }

@@ -3,12 +3,15 @@ marked, and example images on both sides of each threshold."""
 import re
 
 import numpy as np
+import pytest
 
 from tessera.pipelines import report, score, select
 from tessera.pipelines.store import ShardStore
 
 from .fixtures import write_download_shard
 from .test_select import cfg, row, write_scores
+
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def build(tmp_path):

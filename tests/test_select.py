@@ -7,6 +7,9 @@ from tessera.config.score import FiltersConfig
 from tessera.pipelines import score, select
 from tessera.pipelines.store import ShardStore
 
+# The select stage runs its per-shard work as Ray tasks.
+pytestmark = pytest.mark.usefixtures("ray_local")
+
 SOURCES = {"clip_score": {"source": "compute", "column": None},
            "aesthetic": {"source": "compute", "column": None},
            "watermark": {"source": "metadata", "column": "pwatermark"}}

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from tessera.config import RunConfig
 from tessera.flows.common import ShardProgress, logger, publish_table
 from tessera.pipelines import report, score, select
+from tessera.pipelines.raytools import init_ray
 from tessera.pipelines.store import ShardStore
 
 RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
@@ -29,6 +30,7 @@ def score_task(cfg: RunConfig, store: ShardStore) -> score.ScoreResult:
 @task(name="select", **RETRIES)
 def select_task(cfg: RunConfig, store: ShardStore) -> select.SelectResult:
     shards = store.done_shards(score.STAGE)
+    init_ray(cfg.ray)  # select and the report run their per-shard work as Ray tasks
     result = select.run(cfg.filters, store, on_shard=ShardProgress("select", len(shards)))
     rows = [{"filter": name, **{k: str(v) for k, v in desc.items()}} for name, desc in result.thresholds["filters"].items()]
     publish_table("thresholds", rows, "The threshold of each filter, as applied (reports/thresholds.json).")

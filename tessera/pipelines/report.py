@@ -4,6 +4,10 @@ The funnel of every stage so far, where each score came from, the thresholds, a 
 score (kept and dropped stacked, the threshold marked), and grids of example images kept and
 dropped nearest to each threshold. Images are inline (base64 JPEG thumbnails); no scripts, no
 external files, so it opens anywhere, including from an object store.
+
+No score rows are loaded in the driver: the histograms are select's fixed-bin counts
+(reports/histograms.json), and each shard's Ray task offers its few samples nearest each
+threshold, of which the nearest are kept as they arrive.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from tessera.filters import SCORE_FILTERS
-from tessera.pipelines import score, select
+from tessera.pipelines import score, select_work
+from tessera.pipelines.runtime import map_shards
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -63,26 +68,19 @@ def funnel_table(rows: list[dict]) -> str:
     return f"<table><tr><th>stage</th><th>outcome</th><th>reason</th><th>count</th><th></th></tr>{body}</table>"
 
 
-def histogram_svg(values: np.ndarray, kept: np.ndarray, title: str, marks: list[tuple[float, str]],
-                  bins: int = 40, width: int = 360, height: int = 190) -> str:
+def histogram_svg(edges: list[float], n_keep: list[int], n_drop: list[int], title: str,
+                  marks: list[tuple[float, str]], width: int = 360, height: int = 190) -> str:
     """Kept (blue) and dropped (red) stacked per bin, each threshold a dashed line with its value."""
-    ok = ~np.isnan(values)
-    v, k = values[ok], kept[ok]
     pad_l, pad_b, pad_t = 36, 28, 22
     plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
     out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
            f"aria-label='{_e(title)}'><text x='{pad_l}' y='14' font-size='12' font-weight='600'>{_e(title)}</text>"]
-    if not len(v):
+    n_keep, n_drop = np.asarray(n_keep), np.asarray(n_drop)
+    if not len(edges) or not (n_keep.sum() + n_drop.sum()):
         out.append(f"<text x='{pad_l}' y='{pad_t + 40}' font-size='12' fill='#667085'>no valid values</text></svg>")
         return "".join(out)
-    lo, hi = float(v.min()), float(v.max())
-    for t, _ in marks:
-        lo, hi = min(lo, t), max(hi, t)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
-    n_keep, _ = np.histogram(v[k], edges)
-    n_drop, _ = np.histogram(v[~k], edges)
+    lo, hi = float(edges[0]), float(edges[-1])
+    bins = len(edges) - 1
     top = max(1, int((n_keep + n_drop).max()))
     bw = plot_w / bins
     x = lambda val: pad_l + (val - lo) / (hi - lo) * plot_w  # noqa: E731
@@ -110,13 +108,37 @@ def histogram_svg(values: np.ndarray, kept: np.ndarray, title: str, marks: list[
     return "".join(out)
 
 
+def histogram_marks(summary: dict) -> dict[str, list[tuple[float, str]]]:
+    """The thresholds to draw on each histogram column, as (value, label)."""
+    marks: dict[str, list] = {}
+    for name, desc in summary["filters"].items():
+        if desc.get("threshold") is not None:
+            marks.setdefault(desc["score"], []).append((desc["threshold"], "threshold"))
+    if summary["filters"].get("size"):
+        marks.setdefault("short_side", []).append((summary["filters"]["size"]["min_side"], "min"))
+        marks.setdefault("aspect_ratio", []).append((summary["filters"]["size"]["max_aspect_ratio"], "max"))
+    if summary["filters"].get("caption"):
+        marks.setdefault("caption_words", []).append((summary["filters"]["caption"]["min_words"], "min"))
+        marks.setdefault("caption_letter_fraction", []).append(
+            (summary["filters"]["caption"]["min_letter_fraction"], "min"))
+    target = summary.get("target") or {}
+    if target.get("threshold") is not None and not np.isnan(target["threshold"]):
+        marks.setdefault(target["rank_by"], []).append((target["threshold"], "target"))
+    return marks
+
+
 def previews(store: ShardStore, wanted: pd.DataFrame) -> dict[str, tuple[str | None, str]]:
     """key -> (data: URI of a small JPEG or None, caption), for the samples in `wanted` (columns
-    shard, key), read from their download shards."""
+    shard, key), read from their download shards. A shard that cannot be read shows no images."""
     out: dict[str, tuple[str | None, str]] = {}
     for shard, keys in wanted.groupby("shard")["key"]:
         keys = set(keys)
-        for sample in score.read_shard(store, shard):
+        try:
+            samples = score.read_shard(store, shard)
+        except RuntimeError as e:
+            log.warning("Report: no example images from shard %s: %s", shard, e)
+            continue
+        for sample in samples:
             if sample["key"] in keys:
                 out[sample["key"]] = (thumbnail(sample["image"]), sample["caption"])
     return out
@@ -151,28 +173,58 @@ def card(row, shown: dict[str, tuple[str | None, str]], column: str | None) -> s
 
 def near_threshold(frame: pd.DataFrame, column: str, threshold: float, higher: bool, reason: str,
                    n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The n samples passing this threshold closest to it, and the n dropped by it closest to it."""
+    """The n samples passing this threshold closest to it, and the n dropped by it closest to it.
+    reason None: the samples kept and those dropped below the target."""
     values = frame[column]
-    passing = values >= threshold if higher else values <= threshold
     distance = (values - threshold).abs()
-    above = frame[passing & (frame["error"] == "")].assign(_d=distance).sort_values(["_d", "key"]).head(n)
-    below = frame[frame["reason"] == reason].assign(_d=distance).sort_values(["_d", "key"]).head(n)
-    return above, below
+    if reason is None:
+        above, below = frame[frame["keep"]], frame[frame["reason"] == "below_target"]
+    else:
+        passing = values >= threshold if higher else values <= threshold
+        above, below = frame[passing & (frame["error"] == "")], frame[frame["reason"] == reason]
+    return tuple(side.assign(_d=distance).sort_values(["_d", "key"]).head(n) for side in (above, below))
 
 
-def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
-    """Write reports/report.html from the stored scores and thresholds; returns its URL."""
-    shards = store.done_shards(select.STAGE)
-    frame = select.load_scores(store, shards, decisions=True, text=False)
+def decisions_frame(store: ShardStore, shard: str) -> pd.DataFrame:
+    frame = select_work.read_frame(store, shard, decisions=True)
     for col, default in (("keep", False), ("reason", ""), ("duplicate_of", "")):
         if col not in frame:
             frame[col] = default
     frame["keep"] = frame["keep"].fillna(False).astype(bool)
     frame["reason"] = frame["reason"].fillna("")
     frame["duplicate_of"] = frame["duplicate_of"].fillna("")
+    frame.insert(0, "shard", shard)
+    return frame
+
+
+def candidates(store: ShardStore, shard: str, grids: list[dict], n: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """One shard's nearest n samples on each side of each grid's threshold, and its first n
+    near-duplicates by key: at most 2n rows per grid, whatever the shard's size."""
+    frame = decisions_frame(store, shard)
+    out = []
+    for g in grids:
+        if g["column"] is None:
+            dups = frame[frame["reason"] == "near_duplicate"].sort_values("key").head(n)
+            out.append((frame.head(0), dups))
+        elif g["column"] in frame:
+            out.append(near_threshold(frame, g["column"], g["threshold"], g["higher"], g["reason"], n))
+        else:
+            out.append((frame.head(0), frame.head(0)))
+    return out
+
+
+def with_keys(store: ShardStore, shard: str, keys: set[str]) -> pd.DataFrame:
+    frame = decisions_frame(store, shard)
+    return frame[frame["key"].isin(keys)]
+
+
+def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
+    """Write reports/report.html from the selection's summaries (thresholds.json, histograms.json)
+    and the examples each shard offers near each threshold; returns its URL."""
+    shards = store.done_shards(select_work.STAGE)
     summary = store.read_json("reports", "thresholds.json")
+    histograms = store.read_json("reports", "histograms.json") if store.exists("reports", "histograms.json") else {}
     score_infos = {s: store.done_info(score.STAGE, s) for s in store.done_shards(score.STAGE)}
-    kept = frame["keep"].to_numpy(dtype=bool)
 
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Tessera filter report</title>"
              f"<style>{STYLE}</style></head><body><h1>Filter report</h1>"
@@ -212,54 +264,57 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
                     f"{', short by ' + str(t['shortfall']) if t.get('shortfall') else ''}</td></tr>")
     parts.append("<h2>Thresholds</h2><table><tr><th>filter</th><th>rule</th></tr>" + "".join(rows) + "</table>")
 
-    # Histograms with their thresholds.
-    marks: dict[str, list] = {}
-    for name, desc in summary["filters"].items():
-        if desc.get("threshold") is not None:
-            marks.setdefault(desc["score"], []).append((desc["threshold"], "threshold"))
-    if summary["filters"].get("size"):
-        marks.setdefault("short_side", []).append((summary["filters"]["size"]["min_side"], "min"))
-        marks.setdefault("aspect_ratio", []).append((summary["filters"]["size"]["max_aspect_ratio"], "max"))
-    if summary["filters"].get("caption"):
-        marks.setdefault("caption_words", []).append((summary["filters"]["caption"]["min_words"], "min"))
-        marks.setdefault("caption_letter_fraction", []).append(
-            (summary["filters"]["caption"]["min_letter_fraction"], "min"))
-    target = summary.get("target") or {}
-    if target.get("threshold") is not None:
-        marks.setdefault(target["rank_by"], []).append((target["threshold"], "target"))
-    hists = [histogram_svg(frame[col].to_numpy(dtype=np.float64), kept, title, marks.get(col, []))
-             for col, title in HISTOGRAMS.items() if col in frame]
+    # Histograms with their thresholds, from the selection's fixed bins.
+    marks = histogram_marks(summary)
+    hists = [histogram_svg(h["edges"], h["kept"], h["dropped"], title, marks.get(col, []))
+             for col, title in HISTOGRAMS.items() if (h := histograms.get(col))]
     parts.append("<h2>Score distributions</h2><p class=legend><span style='background:#4c78a8'></span>kept"
                  "<span style='background:#e45756'></span>dropped (any reason); dashed: thresholds</p>"
                  "<div class=hists>" + "".join(f"<div class=hist>{h}</div>" for h in hists) + "</div>")
 
-    # Examples nearest each threshold.
-    grids: list[tuple[str, str | None, pd.DataFrame, pd.DataFrame]] = []
-    sides = ("pass it, nearest first (their final outcome below each)", "dropped by it, nearest first")
+    # Examples nearest each threshold: each shard offers its nearest few, the nearest of those win.
+    grids = []
     for name, desc in summary["filters"].items():
-        if desc.get("threshold") is None or desc.get("score") not in frame:
-            continue
-        f = SCORE_FILTERS[name]
-        above, below = near_threshold(frame, f.column, desc["threshold"], f.higher_is_better, f.fail_reason, examples)
-        grids.append((f"{f.column} {desc['keep_if']} {_fmt(desc['threshold'])}", f.column, above, below))
-    if target.get("threshold") is not None:
+        if desc.get("threshold") is not None and desc.get("score"):
+            f = SCORE_FILTERS[name]
+            grids.append({"title": f"{f.column} {desc['keep_if']} {_fmt(desc['threshold'])}", "column": f.column,
+                          "threshold": desc["threshold"], "higher": f.higher_is_better, "reason": f.fail_reason})
+    target = summary.get("target") or {}
+    if target.get("threshold") is not None and not np.isnan(target["threshold"]):
         col = target["rank_by"]
-        above = frame[frame["keep"]].assign(_d=(frame[col] - target["threshold"]).abs()).sort_values(["_d", "key"]).head(examples)
-        below = frame[frame["reason"] == "below_target"].assign(
-            _d=(frame[col] - target["threshold"]).abs()).sort_values(["_d", "key"]).head(examples)
-        grids.append((f"target: {col} {target['keep_if']} {_fmt(target['threshold'])}", col, above, below))
-    dups = frame[frame["reason"] == "near_duplicate"].sort_values("key").head(examples)
-    if len(dups):
-        originals = frame[frame["key"].isin(dups["duplicate_of"])].sort_values("key")
-        grids.append(("near-duplicates", None, originals, dups))
-    wanted = pd.concat([g for _, _, a, b in grids for g in (a, b)] or [frame.head(0)])
+        grids.append({"title": f"target: {col} {target['keep_if']} {_fmt(target['threshold'])}", "column": col,
+                      "threshold": target["threshold"], "higher": target["keep_if"] == ">=", "reason": None})
+    if summary["dropped"].get("near_duplicate"):
+        grids.append({"title": "near-duplicates", "column": None})
+    best = [[None, None] for _ in grids]
+
+    def nearest(_shard: str, offered: list) -> None:  # keep only the best `examples` per side so far
+        for i, g in enumerate(grids):
+            for side in (0, 1):
+                both = pd.concat([f for f in (best[i][side], offered[i][side]) if f is not None])
+                by = ["key"] if g["column"] is None else ["_d", "key"]
+                best[i][side] = both.sort_values(by).head(examples)
+
+    if grids and shards:
+        map_shards("report", store, shards, candidates, kwargs={"grids": grids, "n": examples}, fold=nearest)
+    chosen = []
+    for g, (above, below) in zip(grids, best):
+        if g["column"] is None:
+            found = [below.head(0)]
+            map_shards("report-originals", store, shards, with_keys, kwargs={"keys": set(below["duplicate_of"])},
+                       fold=lambda _shard, rows: found.append(rows) if len(rows) else None)
+            above = pd.concat(found).sort_values("key")
+        chosen.append((g, above, below))
+    wanted = pd.concat([f for _, a, b in chosen for f in (a, b)] or [pd.DataFrame(columns=["shard", "key"])])
     shown = previews(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
     parts.append("<h2>Examples near each threshold</h2>")
-    if not grids:
+    if not chosen:
         parts.append("<p class=muted>No score thresholds are set.</p>")
-    for title, column, above, below in grids:
+    sides = ("pass it, nearest first (their final outcome below each)", "dropped by it, nearest first")
+    for g, above, below in chosen:
+        column = g["column"]
         left, right = ("the originals kept in their group", "the copies dropped") if column is None else sides
-        parts.append(f"<h3>{_e(title)}</h3><div class=pair>"
+        parts.append(f"<h3>{_e(g['title'])}</h3><div class=pair>"
                      f"<div><p class=muted>{left} ({len(above)})</p><div class=grid>"
                      + "".join(card(r, shown, column) for _, r in above.iterrows()) + "</div></div>"
                      f"<div><p class=muted>{right} ({len(below)})</p><div class=grid>"

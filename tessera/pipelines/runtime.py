@@ -80,11 +80,13 @@ def _describe(error: BaseException) -> str:
 
 
 # The worker side --------------------------------------------------------------------------------
-def process_shard(work: Callable[..., dict], store: ShardStore, stage: str, shard: str,
-                  fingerprint: str | None, stamp: dict, kwargs: dict) -> dict:
-    """Run one shard's work, then write its marker last; returns the summary."""
+def process_shard(work: Callable[..., dict], store: ShardStore, stage: str | None, shard: str,
+                  fingerprint: str | None, stamp: dict, kwargs: dict, shard_kwargs: dict) -> dict:
+    """Run one shard's work; for a stage, write its marker last. Returns the summary."""
     start = time.monotonic()
-    summary = work(store, shard, **kwargs)
+    summary = work(store, shard, **kwargs, **shard_kwargs)
+    if stage is None:  # a pass of a global decision: its small answer goes back as it is
+        return summary
     if not isinstance(summary, dict):
         raise TypeError(f"{stage}: the work for shard {shard} returned {type(summary).__name__}, not a summary dict")
     summary = {**summary, **stamp, "fingerprint": fingerprint, "seconds": round(time.monotonic() - start, 3)}
@@ -103,14 +105,15 @@ class ShardActor:
             torch.set_num_threads(threads)
         self.work = work_class(**kwargs)
 
-    def process(self, store: ShardStore, stage: str, shard: str, fingerprint: str | None, stamp: dict,
-                kwargs: dict) -> dict:
-        return process_shard(self.work, store, stage, shard, fingerprint, stamp, kwargs)
+    def process(self, store: ShardStore, stage: str | None, shard: str, fingerprint: str | None, stamp: dict,
+                shard_kwargs: dict) -> dict:
+        return process_shard(self.work, store, stage, shard, fingerprint, stamp, {}, shard_kwargs)
 
 
 # The driver side --------------------------------------------------------------------------------
 class _Pool:
-    """Submits shards to Ray tasks, or to a fixed pool of actors (replacing one that dies)."""
+    """Submits shards to Ray tasks, or to a fixed pool of actors (replacing one that dies). The
+    keyword arguments are put in Ray's object store once, not sent with every task."""
 
     def __init__(self, work, kwargs: dict, num_cpus: float, num_gpus: float, actors: int | None):
         import ray
@@ -121,10 +124,9 @@ class _Pool:
             self.actor_class = ray.remote(max_restarts=0, **opts)(ShardActor)
             self.args = (work, kwargs, max(1, int(num_cpus)) if num_gpus == 0 else None)
             self.idle = [self._new_actor() for _ in range(max(1, actors or 1))]
-            self.size = len(self.idle)
         else:
             self.task = ray.remote(max_retries=0, **opts)(process_shard)
-            self.work, self.kwargs = work, kwargs
+            self.work, self.kwargs = work, ray.put(kwargs)
         self.busy: dict[Any, Any] = {}  # ref -> actor
 
     def _new_actor(self):
@@ -135,8 +137,7 @@ class _Pool:
 
     def submit(self, store, stage, shard, fingerprint, stamp, shard_kwargs: dict):
         if not self.is_class:
-            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp,
-                                    {**self.kwargs, **shard_kwargs})
+            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp, self.kwargs, shard_kwargs)
         actor = self.idle.pop()
         ref = actor.process.remote(store, stage, shard, fingerprint, stamp, shard_kwargs)
         self.busy[ref] = actor
@@ -160,6 +161,72 @@ class _Pool:
             ray.kill(actor)
 
 
+def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | None, kwargs: dict,
+         shard_kwargs, fingerprints, stamp: dict, num_cpus: float, num_gpus: float, actors: int | None,
+         retries: int, max_in_flight: int | None, on_result, unit: str) -> dict[str, str]:
+    """The one submission loop: every name once, retried; on_result(name, summary) as each arrives.
+    Returns the names that failed every attempt, with their errors."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{desc}: start Ray first (tessera.pipelines.raytools.init_ray)")
+    if max_in_flight is None:
+        max_in_flight = max(1, int(2 * ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1)))
+    pool = _Pool(work, kwargs, num_cpus, num_gpus, actors)
+    queue = [(name, 0) for name in reversed(names)]  # popped from the end, in order
+    pending: dict[Any, tuple[str, int]] = {}
+    failed: dict[str, str] = {}
+    rows = 0
+    try:
+        with tqdm(total=len(names), desc=desc, unit="shard", mininterval=1) as bar:
+            while queue or pending:
+                while queue and pool.can_submit(len(pending), max_in_flight):
+                    name, attempt = queue.pop()
+                    fp = fingerprints.get(name) if fingerprints is not None else None
+                    extra = shard_kwargs(name) if shard_kwargs else {}
+                    pending[pool.submit(store, stage, name, fp, stamp, extra)] = (name, attempt)
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                name, attempt = pending.pop(ready[0])
+                try:
+                    summary = ray.get(ready[0])
+                except Exception as e:  # noqa: BLE001 - one shard never stops the others
+                    pool.release(ready[0], e)
+                    if attempt < retries:
+                        log.warning("%s: %s failed (attempt %d of %d): %s", desc, name, attempt + 1, retries + 1,
+                                    _describe(e))
+                        queue.append((name, attempt + 1))
+                        continue
+                    failed[name] = _describe(e)
+                    log.error("%s: %s failed after %d attempts: %s", desc, name, attempt + 1, failed[name])
+                    if stage is not None:
+                        store.write_json({"stage": stage, "shard": name, "error": failed[name],
+                                          "attempts": attempt + 1}, stage, name + FAILED)
+                else:
+                    pool.release(ready[0], None)
+                    rows += int(summary.get("rows_in", 0) or 0) if isinstance(summary, dict) else 0
+                    if on_result:
+                        on_result(name, summary)
+                bar.set_postfix({unit: rows, "failed": len(failed)}, refresh=False)
+                bar.update(1)
+    finally:
+        pool.close()
+    return failed
+
+
+def map_shards(desc: str, store: ShardStore, names: list[str], work, *, kwargs: dict | None = None,
+               fold: Callable[[str, Any], None] | None = None, shard_kwargs: Callable[[str], dict] | None = None,
+               num_cpus: float = 1, retries: int = 2, max_in_flight: int | None = None) -> None:
+    """Run `work(store, name, **kwargs)` for each name (a shard, a partition) as a Ray task and pass
+    each answer (small: a sketch, counts, a few candidate rows) to `fold(name, answer)` as it arrives,
+    keeping none: the passes of a global decision, which leave no marker. Raises ShardFailures when
+    a name still fails after its retries, since the decision cannot be made without it."""
+    failed = _map(desc, store, names, work, stage=None, kwargs=kwargs or {}, shard_kwargs=shard_kwargs,
+                  fingerprints=None, stamp={}, num_cpus=num_cpus, num_gpus=0, actors=None, retries=retries,
+                  max_in_flight=max_in_flight, on_result=fold, unit="rows")
+    if failed:
+        raise ShardFailures({desc: failed})
+
+
 def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs: dict | None = None,
               fingerprints: dict[str, str] | None = None, stamp: dict | None = None,
               num_cpus: float = 1, num_gpus: float = 0, actors: int | None = None, retries: int = 2,
@@ -173,8 +240,6 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
     `stamp` adds fields to every marker (and is refreshed on the markers of skipped shards).
     `outputs` are the folders whose temporaries a crashed run may have left.
     """
-    import ray
-
     stamp = stamp or {}
     run = StageRun(stage)
     for folder in (stage, *outputs):
@@ -195,46 +260,12 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
     if not todo:
         return run
 
-    if not ray.is_initialized():
-        raise RuntimeError(f"{stage}: start Ray first (tessera.pipelines.raytools.init_ray)")
-    pool = _Pool(work, kwargs or {}, num_cpus, num_gpus, actors)
-    if max_in_flight is None:
-        max_in_flight = max(1, int(2 * ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1)))
-    queue = [(shard, 0) for shard in reversed(todo)]  # popped from the end, in shard order
-    pending: dict[Any, tuple[str, int]] = {}
-    rows = 0
-    try:
-        with tqdm(total=len(todo), desc=stage, unit="shard") as bar:
-            while queue or pending:
-                while queue and pool.can_submit(len(pending), max_in_flight):
-                    shard, attempt = queue.pop()
-                    fp = fingerprints.get(shard) if fingerprints is not None else None
-                    extra = shard_kwargs(shard) if shard_kwargs else {}
-                    pending[pool.submit(store, stage, shard, fp, stamp, extra)] = (shard, attempt)
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                shard, attempt = pending.pop(ready[0])
-                try:
-                    summary = ray.get(ready[0])
-                except Exception as e:  # noqa: BLE001 - one shard never stops the others
-                    pool.release(ready[0], e)
-                    if attempt < retries:
-                        log.warning("%s: shard %s failed (attempt %d of %d): %s", stage, shard, attempt + 1,
-                                    retries + 1, _describe(e))
-                        queue.append((shard, attempt + 1))
-                        continue
-                    run.failed[shard] = _describe(e)
-                    store.write_json({"stage": stage, "shard": shard, "error": run.failed[shard],
-                                      "attempts": attempt + 1}, stage, shard + FAILED)
-                    log.error("%s: shard %s failed after %d attempts: %s", stage, shard, attempt + 1,
-                              run.failed[shard])
-                else:
-                    pool.release(ready[0], None)
-                    run.done[shard] = summary
-                    rows += int(summary.get("rows_in", 0) or 0)
-                    if on_shard:
-                        on_shard(shard, summary)
-                bar.set_postfix({unit: rows, "failed": len(run.failed)}, refresh=False)
-                bar.update(1)
-    finally:
-        pool.close()
+    def record(shard: str, summary: dict) -> None:
+        run.done[shard] = summary
+        if on_shard:
+            on_shard(shard, summary)
+
+    run.failed = _map(stage, store, todo, work, stage=stage, kwargs=kwargs or {}, shard_kwargs=shard_kwargs,
+                      fingerprints=fingerprints, stamp=stamp, num_cpus=num_cpus, num_gpus=num_gpus,
+                      actors=actors, retries=retries, max_in_flight=max_in_flight, on_result=record, unit=unit)
     return run

@@ -5,7 +5,13 @@
 3. Near-duplicates among the survivors, over all shards at once (lowest key kept per group).
 4. `target`: the survivors ranked by one score (ties by key), exactly `count` kept.
 5. keep, reason and duplicate_of are written into scores/{shard}.parquet, then select/{shard}.done,
-   then reports/thresholds.json (the run's thresholds, counts and a fingerprint of its inputs).
+   then reports/thresholds.json (the run's thresholds, counts and a fingerprint of its inputs) and
+   reports/histograms.json (each score's kept and dropped counts over fixed bins, for the report).
+
+The work is spread over Ray tasks, one per shard (select_work.py, semdedup.py), and the driver only
+merges what they return, in memory that does not grow with the number of rows: quantile sketches
+locate each keep_fraction threshold and the target boundary, and the few rows near a boundary
+settle it exactly (quantiles.py), so the result equals the in-memory selection (select_exact.py).
 
 Selection is global (distributions, duplicates and the target span every shard), so it is redone
 as a whole whenever the scored shards or the config change, and skipped when neither did.
@@ -13,28 +19,25 @@ as a whole whenever the scored shards or the config change, and skipped when nei
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 
 from tessera.config.score import FiltersConfig
-from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, build_filters, score_configs
-from tessera.filters.dedup import NearDuplicateFilter
-from tessera.pipelines import score
-from tessera.pipelines.lineage import selection_summary
+from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
+from tessera.pipelines import quantiles, score, select_work, semdedup
+from tessera.pipelines.select_exact import exact_reference, load_scores  # noqa: F401 - the reference path
+from tessera.pipelines.runtime import ShardFailures, map_shards, run_stage
+from tessera.pipelines.select_work import STAGE, Plan
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
-STAGE = "select"
 KEPT = "kept"
-DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
-TEXT_COLUMNS = ("url", "caption", "sha256")
+HIST_BINS = 40
 
 
 @dataclass
@@ -52,122 +55,153 @@ class SelectResult:
         return rows
 
 
-def load_scores(store: ShardStore, shards: list[str], decisions: bool = False, text: bool = True) -> pd.DataFrame:
-    """Every scored sample, in shard then key order, with a `shard` column (and the last
-    selection's keep, reason and duplicate_of with `decisions`). `text=False` leaves out the url,
-    caption and sha256 columns, which no decision reads and which take most of the memory."""
-    unwanted = ([] if decisions else list(DECISION_COLUMNS)) + ([] if text else list(TEXT_COLUMNS))
-    frames = []
-    for shard in shards:
-        table = store.read_table(score.SCORES, f"{shard}.parquet")
-        frame = table.drop_columns([c for c in unwanted if c in table.column_names]).to_pandas()
-        frame.insert(0, "shard", shard)
-        frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    for col in ("key", "error"):
-        if col not in frame:
-            frame[col] = pd.Series([], dtype=object) if frame.empty else ""
-    frame["error"] = frame["error"].fillna("")
-    return frame
-
-
-def write_decisions(store: ShardStore, shard: str, part: pd.DataFrame) -> None:
-    """Replace keep, reason and duplicate_of in scores/{shard}.parquet with this selection's."""
-    table = store.read_table(score.SCORES, f"{shard}.parquet")
-    table = table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names])
-    if table.column("key").to_pylist() != part["key"].tolist():
-        raise RuntimeError(f"scores/{shard}.parquet changed while selecting; run select again")
-    table = table.append_column("keep", pa.array(part["keep"].to_numpy(dtype=bool), pa.bool_()))
-    for col in ("reason", "duplicate_of"):
-        table = table.append_column(col, pa.array(part[col].astype(str).tolist(), pa.string()))
-    store.write_table(table, score.SCORES, f"{shard}.parquet")
-
-
-def load_embeddings(store: ShardStore, shards: list[str], rows: dict[str, int]) -> np.ndarray | None:
-    parts = []
-    for shard in shards:
-        if not rows[shard]:
-            continue
-        if not store.exists(score.EMBEDDINGS, f"{shard}.npy"):
-            return None
-        with store.fs.open(store.path(score.EMBEDDINGS, f"{shard}.npy"), "rb") as f:
-            parts.append(np.load(io.BytesIO(f.read())))
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 1), np.float32)
-
-
-def choose_thresholds(cfg: FiltersConfig, filters: list, frame: pd.DataFrame) -> dict:
-    """Set each score filter's threshold (absolute, or from its distribution); describe them all."""
-    subs = score_configs(cfg)
-    readable = frame["error"] == ""
-    described = {}
-    for f in filters:
-        if isinstance(f, ThresholdFilter):
-            if f.column not in frame:
-                raise ValueError(f"the scores have no {f.column!r} column: filters.{f.name} was enabled after "
-                                 f"scoring; remove the score/ markers to score again")
-            sub = subs[f.name]
-            mode = "absolute" if f.threshold is not None else "none"
-            if sub.keep_fraction is not None:
-                values = frame.loc[readable, f.column].to_numpy(dtype=np.float64)
-                mode = f"keep_fraction {sub.keep_fraction}"
-                if np.isnan(values).all():  # every sample is dropped as <score>_missing anyway
-                    log.warning("%s: no valid scores to choose a keep_fraction threshold from.", f.column)
-                    mode += " (no valid scores)"
-                else:
-                    f.threshold = f.threshold_for_fraction(values, sub.keep_fraction)
-            described[f.name] = {**f.describe(), "mode": mode}
-        else:
-            described[f.name] = f.describe()
-    return described
-
-
-def decide(cfg: FiltersConfig, filters: list, frame: pd.DataFrame, embeddings: np.ndarray | None) -> tuple[np.ndarray, dict]:
-    """The reason per sample ("" when kept), and what the target step chose."""
-    reasons = np.full(len(frame), "", dtype=object)
-    frame["duplicate_of"] = ""
-    for f in filters:
-        if isinstance(f, NearDuplicateFilter):
-            if embeddings is None:
-                raise ValueError("near-duplicate search needs the image embeddings, which were not stored "
-                                 "(filters.dedup was enabled after scoring; remove the score/ markers to score again)")
-            alive = np.flatnonzero(reasons == "")
-            dup = np.full(len(frame), "", dtype=object)
-            dup[alive] = f.duplicate_of(frame["key"].to_numpy(dtype=object)[alive].tolist(), embeddings[alive])
-            frame["duplicate_of"] = dup
-        fresh = f.decide(frame)
-        reasons = np.where(reasons == "", fresh, reasons)
-    target = {}
-    t = cfg.target
-    if t.count is not None or t.fraction is not None:
-        want = t.count if t.count is not None else int(round(t.fraction * len(frame)))
-        column = t.rank_by
-        if column not in frame:
-            raise ValueError(f"filters.target.rank_by: the scores have no {column!r} (is filters.{t.rank_by} off?)")
-        alive = np.flatnonzero(reasons == "")
-        higher = t.rank_by in ("clip_score", "aesthetic")
-        values = frame[column].to_numpy(dtype=np.float64)[alive]
-        keys = frame["key"].to_numpy(dtype=object)[alive]
-        # lexsort: last key is primary. Best score first, then lowest key.
-        ranked = alive[np.lexsort((keys, -values if higher else values))]
-        reasons[ranked[want:]] = BELOW_TARGET
-        kept = ranked[:want]
-        target = {"requested": want, "rank_by": column, "kept": int(len(kept)),
-                  "threshold": float(frame[column].iloc[kept[-1]]) if len(kept) else None,
-                  "keep_if": ">=" if higher else "<="}
-        if len(kept) < want:
-            target["shortfall"] = int(want - len(kept))
-            log.warning("Only %d samples pass every filter; the target was %d.", len(kept), want)
-    return reasons, target
-
-
 def fingerprint(cfg: FiltersConfig, store: ShardStore, shards: list[str]) -> str:
     infos = [store.done_info(score.STAGE, s) for s in shards]
     blob = json.dumps({"cfg": cfg.model_dump(mode="json"), "shards": shards, "infos": infos}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def choose_thresholds(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str],
+                      sketches: dict[str, quantiles.kll_doubles_sketch]) -> dict:
+    """Set each score filter's threshold (absolute, or from its distribution); describe them all."""
+    subs = score_configs(cfg)
+    filters = [f for f in plan.filters() if isinstance(f, ThresholdFilter)]
+    problems = {}
+    for f in filters:
+        sub = subs[f.name]
+        plan.thresholds[f.name] = f.threshold
+        if sub.keep_fraction is None:
+            continue
+        sk = sketches[f.name]
+        if sk.n == 0:
+            log.warning("%s: no valid scores to choose a keep_fraction threshold from.", f.column)
+            continue
+        rank = max(1, int(np.ceil(sub.keep_fraction * sk.n)))
+        problems[f.name] = quantiles.Problem(rank=rank, total=sk.n, sketch=sk)
+    specs = {f.name: {"column": f.column, "higher": f.higher_is_better, "rows": "readable"} for f in filters}
+    for name, (b, _) in settle(problems, specs, plan, store, shards).items():
+        plan.thresholds[name] = -b if specs[name]["higher"] else b
+    described = {}
+    for f in plan.filters():
+        if isinstance(f, ThresholdFilter):
+            keep_fraction = subs[f.name].keep_fraction
+            mode = "absolute" if f.threshold is not None else "none"
+            if keep_fraction is not None:
+                mode = f"keep_fraction {keep_fraction}" + ("" if f.name in problems else " (no valid scores)")
+            described[f.name] = {**f.describe(), "mode": mode}
+        else:
+            described[f.name] = f.describe()
+    return described
+
+
+def settle(problems: dict[str, quantiles.Problem], specs: dict[str, dict], plan: Plan, store: ShardStore,
+           shards: list[str]) -> dict[str, tuple[float, str]]:
+    k = plan.cfg.sketch_k
+
+    def query(windows: dict) -> dict:
+        asked = {n: {**specs[n], "lo": lo, "hi": hi, "gather": g} for n, (lo, hi, g) in windows.items()}
+        tallies = {n: quantiles.Tally(k) for n in asked}
+
+        def fold(_shard: str, part: dict) -> None:
+            for n, answer in part.items():
+                tallies[n].add(answer)
+
+        map_shards(f"{STAGE}:settle", store, shards, select_work.window,
+                   kwargs={"plan": plan, "problems": asked, "k": k}, fold=fold)
+        return {n: t.result() for n, t in tallies.items()}
+
+    return quantiles.settle(problems, query, plan.cfg.max_gather) if problems else {}
+
+
+def find_duplicates(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str]) -> dict:
+    """Semantic dedup over the survivors of every filter so far; leaves semdedup/ for the decisions."""
+    d = cfg.dedup
+    if store.exists(semdedup.DEDUP):
+        store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
+    quota = max(1, math.ceil(d.sample_size / len(shards)))
+    samples, info = [], Counter()
+
+    def count(_name: str, summary: dict) -> None:
+        info.update({k: v for k, v in summary.items() if k != "sample"})
+        if summary.get("sample") is not None:
+            samples.append(summary["sample"])
+
+    map_shards(f"{STAGE}:dedup-sample", store, shards, semdedup.sample, kwargs={"plan": plan, "quota": quota},
+               fold=count)
+    if samples:
+        centroids = semdedup.train(samples, d.n_clusters, d.niter)
+        samples.clear()
+        map_shards(f"{STAGE}:dedup-assign", store, shards, semdedup.assign, fold=count,
+                   kwargs={"plan": plan, "centroids": centroids, "spill_margin": d.spill_margin,
+                           "partitions": d.partitions})
+        partitions = [f"{p:05d}" for p in range(min(d.partitions, len(centroids)))]
+        map_shards(f"{STAGE}:dedup-search", store, partitions, semdedup.search,
+                   kwargs={"min_similarity": d.min_similarity}, fold=count)
+        map_shards(f"{STAGE}:dedup-merge", store, ["all"], _merge, fold=count)
+        info["clusters"] = len(centroids)
+    plan.dedup_done = True
+    return dict(info)
+
+
+def _merge(store: ShardStore, _name: str) -> dict:
+    return semdedup.merge(store)
+
+
+def choose_target(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str], samples: int) -> dict:
+    t = cfg.target
+    if t.count is None and t.fraction is None:
+        return {}
+    column, higher = plan.rank_by
+    want = t.count if t.count is not None else int(round(t.fraction * samples))
+    sk, survivors = quantiles.kll_doubles_sketch(cfg.sketch_k), 0
+
+    def fold(_shard: str, part: dict) -> None:
+        nonlocal survivors
+        survivors += part["survivors"]
+        sk.merge(quantiles.kll_doubles_sketch.deserialize(part["sketch"]))
+
+    map_shards(f"{STAGE}:rank", store, shards, select_work.ranked, kwargs={"plan": plan, "k": cfg.sketch_k},
+               fold=fold)
+    keep = min(want, survivors)
+    target = {"requested": want, "rank_by": column, "kept": int(keep), "threshold": None,
+              "keep_if": ">=" if higher else "<="}
+    if keep == 0:
+        plan.target_empty = True
+    else:
+        problem = quantiles.Problem(rank=keep, total=survivors, sketch=sk)
+        spec = {"target": {"column": column, "higher": higher, "rows": "survivors"}}
+        b, key = settle({"target": problem}, spec, plan, store, shards)["target"]
+        plan.boundary = (b, key)
+        target["threshold"] = float("nan") if math.isinf(b) else (-b if higher else b)
+    if keep < want:
+        target["shortfall"] = int(want - keep)
+        log.warning("Only %d samples pass every filter; the target was %d.", keep, want)
+    return target
+
+
+def histogram_edges(summary: dict, ranges: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
+    """Fixed bins per histogram column: its value range, widened to show every threshold mark."""
+    from tessera.pipelines.report import HISTOGRAMS, histogram_marks
+
+    marks = histogram_marks(summary)
+    edges = {}
+    for column in HISTOGRAMS:
+        if column not in ranges:
+            continue
+        lo, hi = ranges[column]
+        for t, _ in marks.get(column, []):
+            if t is not None and not (isinstance(t, float) and math.isnan(t)):
+                lo, hi = min(lo, t), max(hi, t)
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges[column] = np.linspace(lo, hi, HIST_BINS + 1).tolist()
+    return edges
+
+
 def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     """Select over every scored shard; skipped when nothing changed since the last selection."""
+    from tessera.pipelines.report import HISTOGRAMS
+
     shards = store.done_shards(score.STAGE)
     if not shards:
         raise ValueError(f"{store.root}: no scored shards to select from (run the score stage first)")
@@ -181,39 +215,76 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
         if previous.get("fingerprint") == stamp:
             log.info("Select: nothing changed since the last selection; keeping it.")
             return SelectResult(previous["samples"], previous["kept"], previous["dropped"], previous)
-    for shard in store.done_shards(STAGE):  # never leave a mix of old and new decisions marked done
-        store.fs.rm(store.path(*store.marker(STAGE, shard)))
 
-    frame = load_scores(store, shards, text=False)
     sources = store.done_info(score.STAGE, shards[-1])["sources"]
     unscored = [n for n, sub in score_configs(cfg).items() if sub.source != "off" and n not in sources]
     if unscored:
         raise ValueError(f"filters.{unscored[0]} is on but the shards were scored without it; "
                          f"remove the score/ markers to score again")
-    filters = build_filters(cfg, sources)
-    thresholds = choose_thresholds(cfg, filters, frame)
-    rows = Counter(frame["shard"])
-    embeddings = load_embeddings(store, shards, rows) if cfg.dedup.enabled else None
-    reasons, target = decide(cfg, filters, frame, embeddings)
-    frame["reason"] = reasons
-    frame["keep"] = reasons == ""
+    if cfg.dedup.enabled and not all(store.exists(score.EMBEDDINGS, f"{s}.npy") for s in shards):
+        raise ValueError("near-duplicate search needs the image embeddings, which were not stored "
+                         "(filters.dedup was enabled after scoring; remove the score/ markers to score again)")
+    plan = Plan(cfg, sources)
+    sketched = {f.name: (f.column, f.higher_is_better) for f in plan.filters()
+                if isinstance(f, ThresholdFilter) and score_configs(cfg)[f.name].keep_fraction is not None}
 
-    # The frame is in shard order: each shard's rows are one slice of it.
-    ends = np.cumsum([rows[s] for s in shards])
-    parts = {s: frame.iloc[end - rows[s]:end] for s, end in zip(shards, ends)}
-    for shard in shards:
-        write_decisions(store, shard, parts[shard])
-    dropped = Counter(r for r in reasons if r)
-    for shard in shards:
-        part = parts[shard]
-        store.mark_done(STAGE, shard, selection_summary(part["key"], part["keep"], part["reason"], part["duplicate_of"]))
-        if on_shard:
-            on_shard(shard)
-    summary = {
-        "fingerprint": stamp, "samples": int(len(frame)), "kept": int(frame["keep"].sum()),
-        "dropped": dict(sorted(dropped.items())), "filters": thresholds, "target": target,
-        "order": [*ORDER, BELOW_TARGET], "sources": sources,
-    }
+    # Pass 1: per-shard sketches and ranges; the driver merges them and settles the thresholds.
+    samples, columns, ranges = 0, None, {}
+    sketches = {name: quantiles.kll_doubles_sketch(cfg.sketch_k) for name in sketched}
+
+    def fold(_shard: str, s: dict) -> None:
+        nonlocal samples, columns
+        samples += s["rows"]
+        columns = set(s["columns"]) if columns is None else columns & set(s["columns"])
+        for name, blob in s["sketches"].items():
+            sketches[name].merge(quantiles.kll_doubles_sketch.deserialize(blob))
+        for col, (lo, hi) in s["ranges"].items():
+            old = ranges.get(col, (lo, hi))
+            ranges[col] = (min(old[0], lo), max(old[1], hi))
+
+    map_shards(f"{STAGE}:stats", store, shards, select_work.stats,
+               kwargs={"sketched": sketched, "ranged": list(HISTOGRAMS), "k": cfg.sketch_k}, fold=fold)
+    for f in plan.filters():
+        if isinstance(f, ThresholdFilter) and f.column not in columns:
+            raise ValueError(f"the scores have no {f.column!r} column: filters.{f.name} was enabled after "
+                             f"scoring; remove the score/ markers to score again")
+    if (cfg.target.count is not None or cfg.target.fraction is not None) and cfg.target.rank_by not in columns:
+        raise ValueError(f"filters.target.rank_by: the scores have no {cfg.target.rank_by!r} "
+                         f"(is filters.{cfg.target.rank_by} off?)")
+    thresholds = choose_thresholds(cfg, plan, store, shards, sketches)
+
+    dedup = find_duplicates(cfg, plan, store, shards) if cfg.dedup.enabled else {}
+    target = choose_target(cfg, plan, store, shards, samples)
+
+    summary = {"fingerprint": stamp, "samples": int(samples), "filters": thresholds, "target": target,
+               "order": [*ORDER, BELOW_TARGET], "sources": sources}
+    if dedup:
+        summary["dedup"] = dedup
+    edges = histogram_edges(summary, ranges)
+    # Decisions per shard, as a stage: a shard already decided by this same selection (a crashed
+    # apply) is kept; one decided by an older selection is redone.
+    ran = run_stage(STAGE, store, shards, select_work.apply, kwargs={"plan": plan, "edges": edges},
+                    fingerprints={s: stamp for s in shards}, retries=cfg.shard_retries, on_shard=on_shard,
+                    unit="rows")
+    if ran.failed:  # a partial selection would change which samples are kept: none is published
+        raise ShardFailures({STAGE: ran.failed})
+    kept, dropped = 0, Counter()
+    hists = {c: [np.zeros(HIST_BINS, np.int64), np.zeros(HIST_BINS, np.int64)] for c in edges}
+    selected = set(shards)
+    for result in (m for s, m in store.markers(STAGE).items() if s in selected):
+        kept += result["kept"]
+        dropped.update(result["reasons"])
+        for col, (k_, d_) in result["hist"].items():
+            hists[col][0] += k_
+            hists[col][1] += d_
+    if store.exists(semdedup.DEDUP):
+        store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
+    store.write_json({c: {"edges": edges[c], "kept": h[0].tolist(), "dropped": h[1].tolist()}
+                      for c, h in hists.items()}, "reports", "histograms.json")
+    summary.update(kept=int(kept), dropped=dict(sorted(dropped.items())))
     store.write_json(summary, "reports", "thresholds.json")
     log.info("Select: kept %d of %d samples.", summary["kept"], summary["samples"])
     return SelectResult(summary["samples"], summary["kept"], summary["dropped"], summary)
+
+
+__all__ = ["SelectResult", "exact_reference", "load_scores", "run"]
