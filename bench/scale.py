@@ -1,4 +1,5 @@
-"""Select and the filter report at three sizes: the driver's peak memory and the wall time.
+"""Select, the filter report and the skip paths of caption and tokenize at three sizes: the
+driver's peak memory and the wall time.
 
 Synthetic score shards (scores parquet, CLIP-like embeddings .npy and the score markers, in the
 store layout) are written at each size, then the distributed select (select.run) and the report
@@ -6,7 +7,8 @@ store layout) are written at each size, then the distributed select (select.run)
 process only: Ray's workers and daemons are other processes) and wall time are printed per size,
 with the growth ratios between sizes. The previous in-memory path (select.exact_reference) runs on
 the same shards as the baseline where it fits (--baseline-max rows), and its decisions are checked
-against the distributed ones.
+against the distributed ones. Then caption and tokenize run over shards their markers say are
+finished for this selection: what a rerun of a finished curation costs the driver.
 
 Embeddings are 64-d float16 by default (--dim): 10M rows of 768-d embeddings would be 15 GB.
 
@@ -74,6 +76,7 @@ def write_shard(args) -> None:
     with store.open_atomic("embeddings", f"{shard}.npy") as f:
         np.save(f, emb.astype(np.float16))
     store.write_table(table, "scores", f"{shard}.parquet")
+    store.mark_done("download", shard, {"rows_in": n, "downloaded": n, "dropped": {}})
     store.mark_done("score", shard, {"samples": n, "unreadable": {"corrupt_image": int((error != "").sum())},
                                      "sources": SOURCES})
 
@@ -85,6 +88,33 @@ def generate(root: str, rows: int, shards: int, dim: int, cpus: int) -> None:
     with Pool(cpus) as pool:
         pool.map(write_shard, [(root, i, int(s), int(n), dim) for i, (s, n) in enumerate(zip(starts, per))],
                  chunksize=16)
+
+
+def mark_finished(store, caption_cfg, tokenize_cfg, models_root: str) -> None:
+    """Caption and tokenize markers as a finished run leaves them for this selection, so that the
+    stages' own skip paths (marker reads, lineage, restamping, manifests) are what is timed."""
+    from tessera.models.tiny import resolve
+    from tessera.pipelines import caption, lineage, tokenize
+
+    shards = lineage.input_shards(store)
+    selection = lineage.selection_id(store)
+    kept = {s: m["kept"] for s, m in store.markers("select").items()}
+    model = resolve(caption_cfg.model, models_root)
+    settings = caption.generation_settings(caption_cfg, "cpu")
+    for shard, fp in lineage.shard_fingerprints(store, shards, caption.lineage(caption_cfg, model, settings)).items():
+        store.mark_done("caption", shard, {"rows_in": kept[shard], "captioned": kept[shard], "fallback": {},
+                                           "fingerprint": fp, "selection": selection})
+    vq = resolve(tokenize_cfg.vq, models_root)
+    counts = tokenize._pack_counts(np.zeros(512, np.int64))
+    fps = lineage.shard_fingerprints(store, shards, tokenize.lineage(tokenize_cfg, vq, None), upstream=("caption",))
+    for shard, fp in fps.items():
+        done = {"rows_in": kept[shard], "fingerprint": fp, "selection": selection}
+        for res in tokenize_cfg.resolutions:
+            info = {"rows_in": kept[shard], "tokenized": kept[shard], "no_caption": 0, "dropped": {},
+                    "bytes": 1000 * kept[shard], "code_counts": counts}
+            store.mark_done(tokenize.tokens_folder(res), shard, {**info, **done})
+            done[str(res)] = info
+        store.mark_done("tokenize", shard, done)
 
 
 def peak_mb() -> float:
@@ -119,8 +149,22 @@ def measure(root: str, path: str, rows: int, cpus: int) -> dict:
     out["select_s"] = time.perf_counter() - t
     t = time.perf_counter()
     report.build(store, result.funnel(), examples=cfg.report_examples)
-    out.update(report_s=time.perf_counter() - t, peak_mb=peak_mb(), kept=result.kept,
-               dedup=result.thresholds.get("dedup", {}))
+    out.update(report_s=time.perf_counter() - t, kept=result.kept, dedup=result.thresholds.get("dedup", {}))
+
+    from tessera.config.caption import CaptionConfig
+    from tessera.config.tokenize import TokenizeConfig
+    from tessera.pipelines import caption, tokenize
+
+    models = os.path.join(root, "_models")
+    caption_cfg, tokenize_cfg = CaptionConfig(model="tiny:llava"), TokenizeConfig(resolutions=[256])
+    mark_finished(store, caption_cfg, tokenize_cfg, models)
+    t = time.perf_counter()
+    skipped = caption.run(caption_cfg, RayConfig(num_cpus=cpus), store, models)
+    out["caption_skip_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tokens = tokenize.run(tokenize_cfg, RayConfig(num_cpus=cpus), store, models)
+    out.update(tokenize_skip_s=time.perf_counter() - t, peak_mb=peak_mb())
+    assert skipped.rows_in == result.kept == tokens.per_resolution[256]["tokenized"], "the skip paths lost rows"
     return out
 
 
@@ -162,6 +206,7 @@ def main() -> None:
               f"{time.perf_counter() - t:.0f} s", flush=True)
         dist = run_child(root, "distributed", rows, args.cpus)
         print(f"  distributed: select {dist['select_s']:.1f} s, report {dist['report_s']:.1f} s, "
+              f"caption skip {dist['caption_skip_s']:.2f} s, tokenize skip {dist['tokenize_skip_s']:.2f} s, "
               f"driver peak RSS {dist['peak_mb']:.0f} MB (after imports {dist['start_mb']:.0f} MB), "
               f"kept {dist['kept']:,}, dedup {dist['dedup']}", flush=True)
         exact = run_child(root, "exact", rows, args.cpus) if rows <= args.baseline_max else None
@@ -173,12 +218,12 @@ def main() -> None:
     if not args.dir:
         shutil.rmtree(base, ignore_errors=True)
 
-    print(f"\n{'rows':>11} {'shards':>7} {'select s':>9} {'report s':>9} {'peak MB':>8} "
-          f"{'in-memory s':>12} {'in-memory MB':>13}")
+    print(f"\n{'rows':>11} {'shards':>7} {'select s':>9} {'report s':>9} {'caption s':>10} {'tokenize s':>11} "
+          f"{'peak MB':>8} {'in-memory s':>12} {'in-memory MB':>13}")
     for rows, shards, d, e in results:
         exact_s, exact_mb = (f"{e['select_s']:.1f}", f"{e['peak_mb']:.0f}") if e else ("-", "-")
-        print(f"{rows:>11,} {shards:>7,} {d['select_s']:>9.1f} {d['report_s']:>9.1f} {d['peak_mb']:>8.0f} "
-              f"{exact_s:>12} {exact_mb:>13}")
+        print(f"{rows:>11,} {shards:>7,} {d['select_s']:>9.1f} {d['report_s']:>9.1f} {d['caption_skip_s']:>10.2f} "
+              f"{d['tokenize_skip_s']:>11.2f} {d['peak_mb']:>8.0f} {exact_s:>12} {exact_mb:>13}")
     for (r0, _, d0, _), (r1, _, d1, _) in zip(results, results[1:]):
         print(f"{r0:,} -> {r1:,} rows ({r1 / r0:.0f}x): driver peak memory {d1['peak_mb'] / d0['peak_mb']:.2f}x, "
               f"select time {d1['select_s'] / d0['select_s']:.1f}x, report time {d1['report_s'] / d0['report_s']:.1f}x")
