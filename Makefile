@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all ui lock clean stage1 stage2 sample bench-train bench-sample bench-download bench-score report-screenshot
+.PHONY: setup demo test test-all ui lock clean stage1 stage2 sample eval bench-train bench-sample bench-download bench-score report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -70,6 +70,10 @@ stage2: setup
 
 sample: setup
 	$(PY) -m tessera.cli sample $(TRAIN_ARGS)
+
+# Evaluation of the run's checkpoints (eval.checkpoints: untrained, stage1, stage2) and the tokenizer.
+eval: setup
+	$(PY) -m tessera.cli eval $(TRAIN_ARGS)
 
 bench-train: setup
 	$(PY) -m bench.train
