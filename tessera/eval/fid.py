@@ -126,18 +126,19 @@ def _check_weights(path: str) -> None:
 class InceptionFeatures:
     """torch-fidelity's Inception-v3 (the one torchmetrics uses) with its weights loaded from a path."""
 
-    def __init__(self, weights: str, device: str = "cpu", logits: bool = False):
+    def __init__(self, weights: str, device: str = "cpu", logits: bool = False, feature: str = INCEPTION_FEATURES):
+        """`feature`: the pool features FID uses ("2048"), or an earlier layer's ("64", "192", "768")."""
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         _check_weights(weights)
-        self.names = [INCEPTION_FEATURES] + ([INCEPTION_LOGITS] if logits else [])
+        self.names = [feature] + ([INCEPTION_LOGITS] if logits else [])
         self.model = FeatureExtractorInceptionV3("inception-v3-compat", self.names,
                                                  feature_extractor_weights_path=weights).to(device)
         self.device = device
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, H, W, 3) uint8 images -> {"2048": (N, 2048)[, "logits_unbiased": (N, 1008)]}."""
+        """(N, H, W, 3) uint8 images -> {"2048": (N, 2048)[, "logits_unbiased": (N, 1008)]} (or the feature asked for)."""
         x = torch.from_numpy(clean_resize(pixels)).permute(0, 3, 1, 2).contiguous().to(self.device)
         out = self.model(x)
         return {name: t.double().cpu().numpy() for name, t in zip(self.names, out)}
@@ -161,7 +162,7 @@ def save_random_inception(path: str, seed: int = 0) -> None:
         bn.momentum = None  # a plain average over the calibration batch
     model.train()
     with torch.no_grad():
-        model(torch.randint(0, 256, (2, 3, INCEPTION_SIZE, INCEPTION_SIZE), dtype=torch.uint8))
+        model(torch.randint(0, 256, (1, 3, INCEPTION_SIZE, INCEPTION_SIZE), dtype=torch.uint8))
     torch.save(model.state_dict(), path)
 
 

@@ -347,7 +347,8 @@ def map_shards(store: ShardStore, shards: list[str], worker, kwargs: dict, fp: s
             if on_shard:
                 on_shard(shard, summary)
         except Exception as e:  # noqa: BLE001 - one shard never stops the others
-            error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            cause = getattr(e, "cause", None) or e  # a RayTaskError wraps the worker's exception
+            error = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
             if isinstance(e, ray.exceptions.RayActorError):
                 actor = actor_cls.remote(**kwargs)
             if attempts[shard] <= ecfg.retries:
