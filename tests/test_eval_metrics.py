@@ -73,7 +73,8 @@ def test_our_figure_equals_the_libraries_on_the_same_features():
     ours = frechet_distance(Moments.of(real[:100]) + Moments.of(real[100:]), Moments.of(fake))
     assert ours == pytest.approx(float(metric.compute()), rel=1e-6)
     stats = [fid_features_to_statistics(torch.from_numpy(f)) for f in (real, fake)]
-    assert ours == pytest.approx(fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"], rel=1e-9)
+    theirs = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    assert ours == pytest.approx(theirs, rel=1e-9)
 
 
 def test_our_fid_equals_torchmetrics_on_the_same_images(inception_path):
@@ -182,3 +183,23 @@ def test_tokenizer_metrics_on_the_tiny_vq(tmp_path):
     assert (psnr_ssim(images, noise)[0] < psnr).all()
     counts = code_counts(codes, 512)
     assert counts.sum() == codes.size and 0 < codebook_usage(counts) < 0.1
+
+
+def test_a_prompt_set_without_prompts_or_a_config_without_one_is_refused(tmp_path):
+    import pyarrow as pa
+
+    from tessera.config import load_config
+    from tessera.eval.prompts import read_prompt_set
+    from tessera.pipelines.evaluate import prompt_store
+    from tessera.pipelines.store import ShardStore
+
+    store = ShardStore(str(tmp_path))
+    store.write_table(pa.table({"caption": ["a red circle"]}), "p.parquet")
+    with pytest.raises(ValueError, match="no `prompt` column"):
+        read_prompt_set(store, "p.parquet")
+    store.write_table(pa.table({"prompt": [1, 2]}), "q.parquet")
+    with pytest.raises(ValueError, match="must be strings"):
+        read_prompt_set(store, "q.parquet")
+    cfg = load_config("configs/demo.yaml", [f"data_root={tmp_path}", "source.synthetic=null"])
+    with pytest.raises(ValueError, match="eval.prompts is not set"):
+        prompt_store(cfg)

@@ -138,7 +138,7 @@ class InceptionFeatures:
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, H, W, 3) uint8 images -> {"2048": (N, 2048)[, "logits_unbiased": (N, 1008)]} (or the feature asked for)."""
+        """(N, H, W, 3) uint8 -> {"2048": (N, 2048)[, "logits_unbiased": (N, 1008)]}, keyed by the feature."""
         x = torch.from_numpy(clean_resize(pixels)).permute(0, 3, 1, 2).contiguous().to(self.device)
         out = self.model(x)
         return {name: t.double().cpu().numpy() for name, t in zip(self.names, out)}

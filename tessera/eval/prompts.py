@@ -25,9 +25,9 @@ def read_prompt_set(store: ShardStore, name: str = FILE) -> pa.Table:
     table = store.read_table(name)
     if "prompt" not in table.column_names:
         raise ValueError(f"prompt set {store.url(name)} has no `prompt` column (columns: {table.column_names})")
-    if not pa.types.is_string(table.schema.field("prompt").type) and \
-            not pa.types.is_large_string(table.schema.field("prompt").type):
-        raise ValueError(f"prompt set {store.url(name)}: `prompt` must be strings, not {table.schema.field('prompt').type}")
+    kind = table.schema.field("prompt").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"prompt set {store.url(name)}: `prompt` must be strings, not {kind}")
     if table.num_rows == 0:
         raise ValueError(f"prompt set {store.url(name)} is empty")
     return table

@@ -47,8 +47,7 @@ def eval_flow(config: str, overrides: list[str] | None = None, run: str | None =
     """Evaluate checkpoints (default: the config's eval.checkpoints) and the tokenizer; returns the figures."""
     overrides = list(overrides or [])
     result = evaluate_task(config, overrides, run, checkpoints, tokenizer)
-    history = evaluate.read_metrics(evaluate.ShardStore(result.metrics_file.rsplit("/", 1)[0]))
-    rows = table(history, COLUMNS)  # every checkpoint evaluated so far in this run, newest figures
+    rows = table(result.history, COLUMNS)  # every checkpoint evaluated so far in this run
     print(f"Evaluation ({result.metrics_file}):\n{as_text(rows)}")
     if rows:
         publish_table("eval-checkpoints", rows, "Generator checkpoints compared: prompt-following, CLIP score, "

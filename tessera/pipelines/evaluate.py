@@ -161,7 +161,8 @@ class Features:
             store.write_bytes(Moments.of(measured["2048"]).to_bytes(), f"{prefix}moments", f"{shard}.inception.npz")
             if self.keep_features:
                 buf = io.BytesIO()
-                np.savez(buf, **{k: v.astype(np.float32) for k, v in measured.items() if k not in ("clip", "clip_score")})
+                keep = {k: v.astype(np.float32) for k, v in measured.items() if k not in ("clip", "clip_score")}
+                np.savez(buf, **keep)
                 store.write_bytes(buf.getvalue(), f"{prefix}features", f"{shard}.npz")
 
 
@@ -194,13 +195,11 @@ class SampleWorker:
         ecfg = EvalConfig.model_validate(conf["eval"])
         self.ecfg, self.ranges, self.device = ecfg, ranges, ecfg.device
         model, _ = load_generator(target["checkpoint"], gpt_config(ecfg.model, text_rope=ecfg.text_rope),
-                                  None, self.device)
+                                  ecfg.resolution, self.device)
         if target["untrained"]:  # the same architecture, freshly initialised
             torch.manual_seed(ecfg.seed)
             with torch.device(self.device):
                 model = GPT(model.cfg, grid=model.grid).eval()
-        if ecfg.resolution:
-            model.set_grid(ecfg.resolution // 16)
         if self.device.startswith("cuda"):
             model = model.to(torch.bfloat16)
             model.set_grid(model.grid)  # the RoPE table stays in fp32
@@ -262,7 +261,8 @@ class ImageWorker:
         ecfg = EvalConfig.model_validate(conf["eval"])
         self.ecfg, self.ranges, self.tokenizer = ecfg, ranges, tokenizer
         self.features = Features(ecfg, conf["models_root"], ecfg.device)
-        self.urls = ShardStore(posixpath.dirname(list_url)).read_table(posixpath.basename(list_url))["image"].to_pylist()
+        listing = ShardStore(posixpath.dirname(list_url)).read_table(posixpath.basename(list_url))
+        self.urls = listing["image"].to_pylist()
         self.resolutions = conf["resolutions"]
         if tokenizer:
             from tessera.models.tiny import resolve
@@ -399,7 +399,8 @@ def image_list(cfg: RunConfig, pattern: str | None, prompts: pa.Table, limit: in
 # The driver -------------------------------------------------------------------------------------------
 @dataclass
 class EvalResult:
-    rows: list[dict]  # one per checkpoint: label, stage, step and the metrics
+    rows: list[dict]  # one per checkpoint evaluated now: label, stage, step and the metrics
+    history: list[dict]  # every checkpoint of the run evaluated so far (metrics.jsonl)
     tokenizer: list[dict]  # one per resolution
     page: str | None
     metrics_file: str
@@ -629,9 +630,11 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoints: list[str] | No
         rows.append(row)
         if bad:
             failed[target.label] = bad
-    labels = [r["label"] for r in read_metrics(ev)]
+    history = read_metrics(ev)
+    labels = [r["label"] for r in history]
     page = write_page(ev, labels, prompts, ecfg.html_prompts) if labels else None
     tok = evaluate_tokenizer(cfg, ev, prompts) if tokenizer else []
     if tok:
         ev.write_json(tok, "tokenizer", "metrics.json")
-    return EvalResult(rows=rows, tokenizer=tok, page=page, metrics_file=ev.url("metrics.jsonl"), failed=failed)
+    return EvalResult(rows=rows, history=history, tokenizer=tok, page=page, metrics_file=ev.url("metrics.jsonl"),
+                      failed=failed)
