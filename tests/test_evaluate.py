@@ -35,6 +35,7 @@ def evaluated(tmp_path_factory, ray_local):
     return cfg, result, ShardStore(f"{tmp}/runs/demo/eval")
 
 
+@pytest.mark.slow  # one Ray actor per checkpoint, the reference and the tokenizer: minutes on 2 cores
 def test_every_checkpoint_gets_its_figures(evaluated):
     _, result, ev = evaluated
     assert [r["label"] for r in result.rows] == ["untrained", "stage1-step-00000002"]
@@ -49,6 +50,7 @@ def test_every_checkpoint_gets_its_figures(evaluated):
     assert os.listdir(ev.path("tensorboard")) and sorted(os.listdir(ev.path("tensorboard"))) == ["stage1", "untrained"]
 
 
+@pytest.mark.slow
 def test_the_samples_page_groups_the_images_by_prompt(evaluated):
     _, result, ev = evaluated
     page = open(ev.path("samples.html")).read()
@@ -59,6 +61,7 @@ def test_the_samples_page_groups_the_images_by_prompt(evaluated):
     assert len(images) == 8 and all(os.path.exists(ev.path(i)) for i in images)
 
 
+@pytest.mark.slow
 def test_merged_moments_equal_one_pass_over_the_same_images(evaluated):
     cfg, _, ev = evaluated
     store = ShardStore(ev.url("stage1-step-00000002"))
@@ -72,6 +75,7 @@ def test_merged_moments_equal_one_pass_over_the_same_images(evaluated):
     assert np.allclose(features["clip_score"], [r["clip_score"] for r in rows], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_tokenizer_is_evaluated_at_256_and_512(evaluated):
     _, result, _ = evaluated
     assert [r["resolution"] for r in result.tokenizer] == [256, 512]
@@ -80,6 +84,7 @@ def test_the_tokenizer_is_evaluated_at_256_and_512(evaluated):
         assert np.isfinite(r["rfid_clip_features"]) and r["rfid_clip_features"] >= 0
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_every_finished_shard(evaluated):
     cfg, result, ev = evaluated
     marker = ev.path("stage1-step-00000002", "markers", "00000.done")

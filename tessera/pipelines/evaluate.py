@@ -572,6 +572,12 @@ def write_tensorboard(ev: ShardStore, row: dict) -> None:
                 writer.add_scalar(f"eval/{k}", v, row["step"])
 
 
+def _seen(r: dict) -> str:
+    if "seen_color" not in r:
+        return ""
+    return f"shows a {r['seen_color']} {r['seen_shape']} {r['seen_place']} on a {r['seen_background']} background"
+
+
 def write_page(ev: ShardStore, labels: list[str], prompts: pa.Table, limit: int) -> str:
     """eval/samples.html: per prompt (the first `limit`), each checkpoint's images side by side."""
     shown = {}
@@ -591,7 +597,8 @@ def write_page(ev: ShardStore, labels: list[str], prompts: pa.Table, limit: int)
         cells = []
         for label in labels:
             imgs = "".join(
-                f'<figure><img src="{html.escape(label)}/{html.escape(r["image"])}" width="128">'
+                f'<figure><img src="{html.escape(label)}/{html.escape(r["image"])}" width="128" '
+                f'title="{html.escape(_seen(r))}">'
                 f'<figcaption>CLIP {r["clip_score"]:.1f}'
                 + (f' · {"✓" if r.get("hit_all") else "✗"}' if "hit_all" in r else "") + "</figcaption></figure>"
                 for r in shown[i].get(label, []))
