@@ -362,15 +362,19 @@ def map_shards(store: ShardStore, shards: list[str], worker, kwargs: dict, fp: s
     return result
 
 
-def merged(store: ShardStore, folder: str, suffix: str) -> Moments | None:
-    names = store.list(folder, suffix)
-    if not names:
-        return None
-    parts = []
-    for n in names:
-        with store.fs.open(store.path(folder, n), "rb") as f:
-            parts.append(Moments.from_bytes(f.read()))
-    return merge(parts)
+def shard_files(store: ShardStore, folder: str, shards, suffix: str) -> list[bytes]:
+    """The files of these (finished) shards; files of shards outside the current run are never read."""
+    out = []
+    for shard in sorted(shards):
+        if store.exists(folder, f"{shard}{suffix}"):
+            with store.fs.open(store.path(folder, f"{shard}{suffix}"), "rb") as f:
+                out.append(f.read())
+    return out
+
+
+def merged(store: ShardStore, folder: str, suffix: str, shards) -> Moments | None:
+    parts = [Moments.from_bytes(b) for b in shard_files(store, folder, shards, suffix)]
+    return merge(parts) if parts else None
 
 
 def _write_list(store: ShardStore, urls: list[str], name: str) -> str:
@@ -436,7 +440,7 @@ def reference_moments(cfg: RunConfig, ev: ShardStore, prompts: pa.Table, res: in
         log.error("eval: %d reference shard(s) failed; the reference set is incomplete.", len(run.failed))
     out = {}
     for name in ("clip", "inception"):
-        m = merged(store, "moments", f".{name}.npz")
+        m = merged(store, "moments", f".{name}.npz", run.done)
         if m is not None:
             out[name] = m
     return out
@@ -455,23 +459,20 @@ def _prompt_metrics(summaries: list[dict]) -> dict:
     return out
 
 
-def _inception_extras(ecfg: EvalConfig, store: ShardStore, reference: ShardStore | None) -> dict:
+def _inception_extras(ecfg: EvalConfig, store: ShardStore, shards, reference: ShardStore | None) -> dict:
     """IS and precision/recall need every feature vector, not moments: read in one place, on request."""
     from tessera.eval.fid import inception_score, precision_recall
 
-    def load(s: ShardStore, folder: str) -> dict[str, np.ndarray]:
-        parts = []
-        for n in s.list(folder, ".npz"):
-            with s.fs.open(s.path(folder, n), "rb") as f:
-                parts.append(dict(np.load(io.BytesIO(f.read()))))
+    def load(s: ShardStore, names) -> dict[str, np.ndarray]:
+        parts = [dict(np.load(io.BytesIO(b))) for b in shard_files(s, "features", names, ".npz")]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
     out = {}
-    gen = load(store, "features")
+    gen = load(store, shards)
     if ecfg.inception_score and "logits_unbiased" in gen:
         out["inception_score"], out["inception_score_std"] = inception_score(gen["logits_unbiased"])
     if ecfg.precision_recall and reference is not None and gen:
-        ref = load(reference, "features")
+        ref = load(reference, reference.done_shards(MARKERS))
         if ref:
             out["precision"], out["recall"] = precision_recall(gen["2048"], ref["2048"])
     return out
@@ -495,11 +496,12 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
            "resolution": res, "fingerprint": fp, **_prompt_metrics(list(run.done.values()))}
     reference = reference_moments(cfg, ev, prompts, res)
     for name, key in (("clip", "clip_feature_frechet"), ("inception", "fid")):
-        gen = merged(store, "moments", f".{name}.npz")
+        gen = merged(store, "moments", f".{name}.npz", run.done)
         if gen is not None and name in reference and gen.count > 1 and reference[name].count > 1:
             row[key] = frechet_distance(gen, reference[name])
     if ecfg.inception and (ecfg.inception_score or ecfg.precision_recall):
-        row.update(_inception_extras(ecfg, store, ShardStore(ev.url("reference", str(res))) if reference else None))
+        ref_store = ShardStore(ev.url("reference", str(res))) if reference else None
+        row.update(_inception_extras(ecfg, store, run.done, ref_store))
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["failed_shards"] = len(run.failed)
     return row, run.failed
@@ -525,9 +527,8 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
     for res in resolutions:
         sums = [s[str(res)] for s in summaries if str(res) in s]
         counts = None
-        for n in store.list(f"{res}/codes", ".npy"):
-            with store.fs.open(store.path(f"{res}/codes", n), "rb") as f:
-                c = np.load(io.BytesIO(f.read()))
+        for data in shard_files(store, f"{res}/codes", run.done, ".npy"):
+            c = np.load(io.BytesIO(data))
             counts = c if counts is None else counts + c
         row = {"resolution": res, "images": images,
                "psnr": sum(s["psnr_sum"] for s in sums) / max(images, 1),
@@ -535,8 +536,8 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
                "codebook_usage": float((counts > 0).mean()) if counts is not None else 0.0,
                "unreadable": sum(s.get("unreadable", 0) for s in summaries)}
         for name, key in (("clip", "rfid_clip_features"), ("inception", "rfid")):
-            a = merged(store, f"{res}/original/moments", f".{name}.npz")
-            b = merged(store, f"{res}/reconstructed/moments", f".{name}.npz")
+            a = merged(store, f"{res}/original/moments", f".{name}.npz", run.done)
+            b = merged(store, f"{res}/reconstructed/moments", f".{name}.npz", run.done)
             if a is not None and b is not None and a.count > 1:
                 row[key] = frechet_distance(a, b)
         out.append(row)
@@ -580,6 +581,7 @@ def _seen(r: dict) -> str:
 
 def write_page(ev: ShardStore, labels: list[str], prompts: pa.Table, limit: int) -> str:
     """eval/samples.html: per prompt (the first `limit`), each checkpoint's images side by side."""
+    limit = min(limit, prompts.num_rows)
     shown = {}
     for label in labels:
         store = ShardStore(ev.url(label))
@@ -639,7 +641,7 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoints: list[str] | No
             failed[target.label] = bad
     history = read_metrics(ev)
     labels = [r["label"] for r in history]
-    page = write_page(ev, labels, prompts, ecfg.html_prompts) if labels else None
+    page = write_page(ev, labels, prompts, min(ecfg.html_prompts, n)) if labels else None
     tok = evaluate_tokenizer(cfg, ev, prompts) if tokenizer else []
     if tok:
         ev.write_json(tok, "tokenizer", "metrics.json")
