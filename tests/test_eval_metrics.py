@@ -203,3 +203,17 @@ def test_a_prompt_set_without_prompts_or_a_config_without_one_is_refused(tmp_pat
     cfg = load_config("configs/demo.yaml", [f"data_root={tmp_path}", "source.synthetic=null"])
     with pytest.raises(ValueError, match="eval.prompts is not set"):
         prompt_store(cfg)
+
+
+def test_inception_score_and_precision_recall_through_torch_fidelity():
+    from tessera.eval.fid import inception_score, precision_recall
+
+    assert inception_score(np.zeros((20, 1008)))[0] == pytest.approx(1.0)  # one flat distribution: IS 1
+    confident = np.full((20, 1008), -20.0)
+    confident[np.arange(20), np.arange(20)] = 20.0  # 20 images, 20 sure and different classes
+    assert inception_score(confident, splits=1)[0] == pytest.approx(20.0, rel=1e-3)
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 8))
+    assert precision_recall(real, real) == (1.0, 1.0)
+    far = precision_recall(real + 100.0, real)
+    assert far == (0.0, 0.0)
