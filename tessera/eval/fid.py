@@ -7,8 +7,10 @@ itself is written here (see `frechet_distance` for why) and applies to any featu
 Inception-v3 pool features, or the "CLIP-feature Fréchet distance" on CLIP image embeddings,
 which is a different number and is never called FID.
 
-Images reach Inception as clean-fid prescribes: uint8, resized to 299x299 with PIL's antialiased
-bicubic, then fed to torch-fidelity's extractor (whose own TF-style resize is a no-op at 299).
+Images reach Inception resized as clean-fid prescribes: to 299x299 with PIL's antialiased bicubic,
+then fed to torch-fidelity's extractor (whose own TF-style resize is a no-op at 299). One
+difference: clean-fid resizes each channel as float and keeps the floats; torch-fidelity's
+extractor takes uint8, so the resize here runs on the RGB image and rounds (at most 0.5/255).
 """
 from __future__ import annotations
 
