@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all ui lock clean stage1 stage2 sample eval bench-train bench-sample bench-download bench-score report-screenshot
+.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-download bench-ingest bench-score report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -32,16 +32,27 @@ demo: setup
 	DEMO_DIR=$(DEMO_DIR) $(PY) -m tessera.cli demo --config $(CONFIG) --dir $(DEMO_DIR)
 
 test: setup
+	$(PY) -m pytest -q --durations=15
+
+test-fast: setup
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: setup
-	$(PY) -m pytest -q
+# Models: every model CONFIG names, downloaded once into its models_root and verified; runs then
+# find them there offline. Status: shards done, failed and to do per stage, the funnel, checkpoints.
+fetch-models: setup
+	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) -m tessera.cli fetch-models $(CONFIG) $(foreach s,$(SET),--set $(s))
+
+status: setup
+	$(PY) -m tessera.cli status $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 ui: setup
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
 bench-download: setup
 	$(PY) -m bench.download
+
+bench-ingest: setup
+	$(PY) -m bench.ingest
 
 # Filtering: the one-pass scorer against one pass per filter, and a headless-browser screenshot
 # of the demo's filter report (run `make demo` first; needs chromium, not needed by the tests).

@@ -14,7 +14,6 @@ import io
 import tempfile
 import time
 
-import numpy as np
 
 
 def jpeg_batch(n: int) -> list[bytes]:
@@ -33,7 +32,7 @@ def main() -> None:
 
     from tessera.config.caption import CaptionConfig
     from tessera.models.tiny import resolve
-    from tessera.pipelines.caption import CaptionActor
+    from tessera.pipelines.caption import CaptionShard
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny:llava")
@@ -53,22 +52,19 @@ def main() -> None:
         for batch_size in [int(b) for b in args.batches.split(",")]:
             cfg = CaptionConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=batch_size,
                                 precision="bf16" if args.device == "cuda" else "fp32")
-            actor = CaptionActor(cfg, path, args.device, torch.get_num_threads())
+            work = CaptionShard(cfg, path, args.device, {})
 
-            def batch(start: int) -> dict:
-                part = images[start:start + batch_size]
-                return {"shard": np.array(["00000"] * len(part), dtype=object),
-                        "key": np.array([f"{start + i:09d}" for i in range(len(part))], dtype=object),
-                        "image": np.array(part, dtype=object),
-                        "caption": np.array(["a picture"] * len(part), dtype=object)}
+            def batch(start: int) -> list[dict]:
+                return [{"key": f"{start + i:09d}", "image": img, "caption": "a picture"}
+                        for i, img in enumerate(images[start:start + batch_size])]
 
-            actor(batch(0))  # warm-up
+            work.caption_batch(batch(0))  # warm-up
             if args.device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             done = 0
             for s in range(0, args.images, batch_size):
-                done += len(actor(batch(s))["key"])
+                done += len(work.caption_batch(batch(s)))
             if args.device == "cuda":
                 torch.cuda.synchronize()
             rates[batch_size] = done / (time.perf_counter() - start)

@@ -87,6 +87,43 @@ def eval_cmd(args) -> int:
     return 0
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config_file", nargs="?", metavar="CONFIG", help="run config (YAML)")
+    _common(p, "")
+
+
+def _config_of(args) -> str:
+    path = args.config_file or args.config
+    if not path:
+        raise ConfigError("give the run config: tessera %s CONFIG" % args.command)
+    return path
+
+
+def fetch_models_cmd(args) -> int:
+    # The one command that goes online: before huggingface_hub reads these.
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "0"
+    from tessera.models.fetch import FetchError
+    from tessera.pipelines.fetch_models import fetch_models
+
+    cfg = load_config(_config_of(args), args.overrides)
+    try:
+        rows = fetch_models(cfg)
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for row in rows:
+        print(f"{row['action']:<8} {row['key']:<26} {row['path']}")
+    print(f"{len(rows)} model(s) in {os.path.abspath(cfg.models_root)}; runs find them there offline.")
+    return 0
+
+
+def status_cmd(args) -> int:
+    from tessera.pipelines.status import format_status, run_status
+
+    print(format_status(run_status(load_config(_config_of(args), args.overrides))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -130,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="untrained, stage1, stage2 or a checkpoint path (repeatable; default: eval.checkpoints)")
     p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer evaluation")
     p.set_defaults(fn=eval_cmd)
+    p = sub.add_parser("fetch-models", help="download every model the config names into models_root, verified")
+    _config_arg(p)
+    p.set_defaults(fn=fetch_models_cmd)
+    p = sub.add_parser("status", help="per stage: shards done, failed and to do; the funnel; newest checkpoints")
+    _config_arg(p)
+    p.set_defaults(fn=status_cmd)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

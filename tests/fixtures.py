@@ -11,6 +11,7 @@ import json
 import pyarrow as pa
 import webdataset as wds
 
+from tessera.pipelines.lineage import selection_summary
 from tessera.pipelines.store import ShardStore
 from tessera.pipelines.synthetic import Picture, draw, picture
 
@@ -56,4 +57,9 @@ def write_selection(store: ShardStore, shard: str, rows: list[dict], keep: list[
         for r, k in zip(rows, keep)
     ])
     store.write_table(table, "scores", f"{shard}.parquet")
-    store.mark_done("select", shard, {"kept": sum(keep), "dropped": len(keep) - sum(keep)})
+    reasons = ["" if k else "test_drop" for k in keep]
+    store.mark_done("select", shard, selection_summary([r["key"] for r in rows], keep, reasons, [""] * len(keep)))
+    thresholds = store.read_json("reports", "thresholds.json") if store.exists("reports", "thresholds.json") else {}
+    shards = sorted({*thresholds.get("shards", []), shard})
+    store.write_json({"fingerprint": f"test-selection-{'-'.join(shards)}", "shards": shards},
+                     "reports", "thresholds.json")

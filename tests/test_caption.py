@@ -89,7 +89,7 @@ def test_counts_add_up_in_the_funnel(captioned):
 def test_tokenize_reads_the_captions(captioned):
     store, _, _, _ = captioned
     written = {r["key"]: r for r in store.read_table("captions", "00000.parquet").to_pylist()}
-    rows = tokenize.read_shard({"shard": "00000"}, store, "caption_long")
+    rows = tokenize.read_shard(store, "00000", "caption_long")
     assert rows and all(r["captioned"] for r in rows)
     for r in rows:
         meta = json.loads(r["meta"])

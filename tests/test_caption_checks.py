@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from tessera.config.caption import CaptionConfig
@@ -70,16 +69,15 @@ def test_actor_maps_each_sample_to_one_caption_or_one_reason(monkeypatch):
     Image.new("RGB", (20, 20), "red").save(jpg, "JPEG")
     fake = FakeCaptioner({"a": GOOD, "b": PROMPT, "c": RuntimeError("CUDA error"), "e": "x x x x x x x x x x"})
     monkeypatch.setattr(caption, "make_captioner", lambda *a: fake)
-    actor = caption.CaptionActor(CaptionConfig(), "unused", "cpu", 1)
-    batch = {"shard": np.array(["00000"] * 5, dtype=object), "key": np.array(list("abcde"), dtype=object),
-             "image": np.array([jpg.getvalue()] * 3 + [b"not a jpeg", jpg.getvalue()], dtype=object),
-             "caption": np.array([f"original {k}. more" for k in "abcde"], dtype=object)}
-    out = actor(batch)
-    assert list(out["fallback_reason"]) == ["", "prompt_echo", "generation_error", "corrupt_image", "repetition"]
-    assert list(out["caption_long"]) == [GOOD, "original b. more", "original c. more", "original d. more",
-                                         "original e. more"]
-    assert list(out["caption_short"]) == [first_sentence(GOOD), "original b.", "original c.", "original d.",
-                                          "original e."]
+    work = caption.CaptionShard(CaptionConfig(), "unused", "cpu", {})
+    images = [jpg.getvalue()] * 3 + [b"not a jpeg", jpg.getvalue()]
+    out = work.caption_batch([{"key": k, "image": img, "caption": f"original {k}. more"}
+                              for k, img in zip("abcde", images)])
+    assert [r["fallback_reason"] for r in out] == ["", "prompt_echo", "generation_error", "corrupt_image", "repetition"]
+    assert [r["caption_long"] for r in out] == [GOOD, "original b. more", "original c. more", "original d. more",
+                                                "original e. more"]
+    assert [r["caption_short"] for r in out] == [first_sentence(GOOD), "original b.", "original c.", "original d.",
+                                                 "original e."]
     # The failed batch was retried one image at a time; the corrupt image never reached the model.
     assert fake.calls[0] == ["a", "b", "c", "e"] and ["a"] in fake.calls and "d" not in sum(fake.calls, [])
 

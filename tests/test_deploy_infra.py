@@ -77,3 +77,110 @@ def test_prefect_work_pool_template_is_a_process_template():
     assert set(template["job_configuration"]) >= {"command", "env", "working_dir"}
     env = template["variables"]["properties"]["env"]["default"]
     assert env["HF_HUB_OFFLINE"] == "1" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+# Network hardening ---------------------------------------------------------------------------
+def test_cluster_launcher_nodes_require_imdsv2_and_use_the_written_out_security_group():
+    cluster = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
+    for name, node_type in cluster["available_node_types"].items():
+        node = node_type["node_config"]
+        assert node["MetadataOptions"] == {"HttpEndpoint": "enabled", "HttpTokens": "required",
+                                           "HttpPutResponseHopLimit": 1}, name
+        # A group of our own: the one the launcher would create lets SSH in from 0.0.0.0/0.
+        assert node["SecurityGroupIds"] == ["SECURITY_GROUP_ID"], name
+    assert "--env RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/" in cluster["docker"]["run_options"]
+
+    template = yaml.safe_load((INFRA / "ray" / "security-group.yaml").read_text())
+    resources = template["Resources"]
+    group = resources["NodeGroup"]["Properties"]
+    assert group["SecurityGroupIngress"] == [
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "CidrIp": {"Ref": "AdminCidr"},
+         "Description": "SSH from the admin"}]
+    admin = template["Parameters"]["AdminCidr"]["AllowedPattern"]
+    assert re.fullmatch(admin, "203.0.113.7/32") and not re.fullmatch(admin, "0.0.0.0/0")
+    ingress = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::EC2::SecurityGroupIngress"]
+    assert ingress == [{"GroupId": {"Ref": "NodeGroup"}, "IpProtocol": "-1",
+                        "SourceSecurityGroupId": {"Ref": "NodeGroup"},
+                        "Description": "every port between the cluster's nodes"}]
+    assert template["Outputs"]["GroupId"]["Value"] == {"Fn::GetAtt": ["NodeGroup", "GroupId"]}
+
+
+def network_policies() -> dict[str, dict]:
+    docs = list(yaml.safe_load_all((INFRA / "kuberay" / "networkpolicy.yaml").read_text()))
+    assert all(d["apiVersion"] == "networking.k8s.io/v1" and d["kind"] == "NetworkPolicy" for d in docs)
+    return {d["metadata"]["name"]: d["spec"] for d in docs}
+
+
+def egress_allows(policy: dict, address: str) -> bool:
+    """Whether any ipBlock of the policy's egress rules lets `address` out."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    for rule in policy["egress"]:
+        for peer in rule.get("to", []):
+            block = peer.get("ipBlock")
+            if block and ip.version == ipaddress.ip_network(block["cidr"]).version \
+                    and ip in ipaddress.ip_network(block["cidr"]) \
+                    and not any(ip in ipaddress.ip_network(e) for e in block.get("except", [])
+                                if ipaddress.ip_network(e).version == ip.version):
+                return True
+    return False
+
+
+def test_kuberay_workers_cannot_reach_metadata_or_private_addresses():
+    import ipaddress
+
+    from tessera.pipelines.urlcheck import METADATA_ADDRESSES
+
+    cluster = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
+    workers = network_policies()["tessera-ray-workers"]
+    # Every worker group (download tasks may land on any of them), by the labels KubeRay sets.
+    assert workers["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"],
+                                                      "ray.io/node-type": "worker"}
+    assert set(workers["policyTypes"]) == {"Ingress", "Egress"}
+    for rule in workers["egress"]:
+        for peer in rule["to"]:
+            if "ipBlock" in peer:  # kubernetes refuses an `except` outside its cidr
+                cidr = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+                assert all(ipaddress.ip_network(e).subnet_of(cidr) for e in peer["ipBlock"]["except"])
+    refused = [str(ip) for ip in METADATA_ADDRESSES] + [
+        "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "127.0.0.1", "0.0.0.0", "198.18.0.1",
+        "fd00::1", "fe80::1", "::1", "::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:a00:1::"]
+    assert [a for a in refused if egress_allows(workers, a)] == []
+    assert egress_allows(workers, "93.184.215.14") and egress_allows(workers, "2606:4700::1111")
+    # DNS and the object store stay reachable.
+    dns = [r for r in workers["egress"] if any(p.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"}
+                                              for p in r["to"])]
+    assert len(dns) == 1 and {(p["protocol"], p["port"]) for p in dns[0]["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert any(p.get("podSelector", {}).get("matchLabels") == {"tessera.io/object-store": "true"}
+               for r in workers["egress"] for p in r["to"])
+
+
+def test_kuberay_dashboard_is_reached_only_through_the_service_with_token_auth():
+    cluster = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())
+    head = cluster["spec"]["headGroupSpec"]
+    assert cluster["spec"]["authOptions"]["mode"] == "token"
+    assert head["serviceType"] == "ClusterIP" and head["enableIngress"] is False
+
+    def keys(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+    assert not {"hostNetwork", "hostPort", "nodePort"} & set(keys(cluster))
+
+    policy = network_policies()["tessera-ray-head"]
+    assert policy["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"],
+                                                     "ray.io/node-type": "head"}
+    assert policy["policyTypes"] == ["Ingress"]
+    assert all(rule.get("from") for rule in policy["ingress"])  # a rule without `from` lets anyone in
+    outside = [r for r in policy["ingress"]
+               if r["from"] != [{"podSelector": {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}}]]
+    assert len(outside) == 1 and outside[0]["ports"] == [{"protocol": "TCP", "port": 8265}]
+    submitter = job["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    assert any(p.get("podSelector", {}).get("matchLabels", {}).items() <= submitter.items()
+               and "namespaceSelector" not in p for p in outside[0]["from"])

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tessera.pipelines import download
+from tessera.config.ray import RayConfig
+from tessera.pipelines import download, prepare
 from tessera.pipelines.synthetic import SERVED_ODD, SyntheticServer, expected_outcomes
 
 from .download_helpers import outcomes, run_download, sample_meta, tar_samples, url_path, write_source
@@ -98,7 +99,7 @@ def test_missing_url_column_is_a_clear_error(tmp_path, server):
     from tessera.pipelines.store import ShardStore
 
     with pytest.raises(download.InputError, match="no column 'url_link'.*source.columns.url"):
-        download.prepare(source, download.DownloadConfig(), ShardStore(str(tmp_path / "data")))
+        download.prepare(source, download.DownloadConfig(), ShardStore(str(tmp_path / "data")), RayConfig())
 
 
 @pytest.mark.parametrize("message, reason", [
@@ -110,6 +111,11 @@ def test_missing_url_column_is_a_clear_error(tmp_path, server):
     ("<urlopen error timed out>", "timeout"),
     ("The read operation timed out", "timeout"),
     ("<urlopen error blocked_metadata: redirect to http://x>", "blocked_metadata"),
+    ("blocked_private: evil.test resolves to 10.1.2.3", "blocked_private"),
+    ("bad_scheme: redirect to ftp://x/a.jpg", "bad_scheme"),
+    ("url_too_long: redirect to http://x/aaaa", "url_too_long"),
+    ("timed out: the download took longer than its deadline of 3 s", "timeout"),
+    ("HTTP Error 404: see http://x/blocked_private: y", "http_404"),
     ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
     ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
     ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_site"),
@@ -123,7 +129,8 @@ def test_reason_for(message, reason):
 KILL_SCRIPT = """
 import sys
 from tessera.config.ray import RayConfig
-from tessera.pipelines import download
+from tessera.config.ray import RayConfig
+from tessera.pipelines import download, prepare
 from tessera.pipelines.store import ShardStore
 from tests.download_helpers import download_config
 from tessera.config.download import SourceConfig
@@ -157,7 +164,7 @@ def test_killed_download_resumes_to_the_same_result(server, ray_local, tmp_path)
         {k: v["jpg"] for k, v in tar_samples(reference).items()}
 
 
-def test_inputs_with_differing_types_and_duplicates_across_files(tmp_path):
+def test_inputs_with_differing_types_and_duplicates_across_files(tmp_path, ray_local):
     import pyarrow as pa
 
     from tessera.config.download import DownloadConfig, SourceConfig
@@ -170,9 +177,9 @@ def test_inputs_with_differing_types_and_duplicates_across_files(tmp_path):
     pq.write_table(pa.table({"URL": ["http://127.0.0.1:1/a", None], "TEXT": ["a again", "none"],
                                      "WIDTH": pa.array([640.0, 1.5], pa.float64())}), folder / "part-1.parquet")
     store = ShardStore(str(tmp_path / "data"))
-    shards = download.prepare(SourceConfig(path=str(folder)), DownloadConfig(shard_size=3), store)
+    shards = download.prepare(SourceConfig(path=str(folder)), DownloadConfig(shard_size=3), store, RayConfig())
     assert shards == ["00000", "00001"]
     rows = [r for s in shards for r in store.read_table("download/_input", f"{s}.parquet").to_pylist()]
     assert [r["row_index"] for r in rows] == [0, 1, 2, 3]
-    assert [r["duplicate"] for r in rows] == [False, False, True, False]
+    assert prepare.duplicate_rows(store, 0, 3) == {2}  # the repeated URL; the empty one is no duplicate
     assert [r["WIDTH"] for r in rows] == [640.0, 480.0, 640.0, 1.5]

@@ -18,7 +18,8 @@ HOSTS = """127.0.0.1 localhost
 ::1 localhost
 10.1.2.3 evil.test
 169.254.169.254 metadata-alias.test
-"""
+169.254.169.254 metadata.google.internal
+"""  # metadata.google.internal: so that GCP's probe, too, reaches tests/test_ray_local.py's listener
 INNER = 'ip link set lo up && mount --bind "$1" /etc/hosts && shift && exec "$@"'
 
 

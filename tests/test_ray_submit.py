@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tessera import submit
+from tessera.pipelines.localray import local_ray_env
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -97,9 +98,10 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a limit
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # No metadata probe, no usage report, every listener on 127.0.0.1 (README, "Ray's listeners").
+    env = local_ray_env({**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+                         "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     argv = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",

@@ -57,6 +57,6 @@ def test_report_has_examples_on_both_sides_of_each_threshold(tmp_path):
     assert "clip_score 0.31" in section and "clip_score 0.25" in section
     assert section.count("class='card dropped'") >= 1 and "<b>low_clip_score</b>" in section
     # Each card carries its sample's caption, read from the download shard.
-    captions = [s["caption"][:60] for s in score.read_shard({"shard": "00000"}, store)]
+    captions = [s["caption"][:60] for s in score.read_shard(store, "00000")]
     assert any(caption in section for caption in captions)
     assert "near-duplicates" in page and "dup of" in page

@@ -13,6 +13,7 @@ from tessera.config import load_config
 from tessera.flows import curate as curate_module
 from tessera.flows.common import source_context
 from tessera.pipelines import download
+from tessera.pipelines.runtime import ShardFailures
 from tessera.pipelines.store import ShardStore
 
 SMALL = ["source.synthetic.num_images=30", "source.synthetic.bad_records=false",
@@ -26,7 +27,7 @@ def overrides(root: Path, source: Path) -> list[str]:
 
 def contents(data: Path) -> dict[str, object]:
     """What a run produced: every table's rows (in any order), every tar's members, every JSON
-    file (markers, manifests, thresholds) but img2dataset's timing stats."""
+    file (markers without their timings, manifests, thresholds) but img2dataset's timing stats."""
     out: dict[str, object] = {}
     for path in sorted(p for p in data.rglob("*") if p.is_file()):
         rel = str(path.relative_to(data))
@@ -37,7 +38,8 @@ def contents(data: Path) -> dict[str, object]:
                 out[rel] = {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest()
                             for m in tar.getmembers() if m.isfile()}
         elif path.suffix in (".json", ".done") and not path.name.endswith("_stats.json"):
-            out[rel] = json.loads(path.read_text())
+            value = json.loads(path.read_text())
+            out[rel] = {k: v for k, v in value.items() if k != "seconds"} if isinstance(value, dict) else value
     return out
 
 
@@ -57,16 +59,19 @@ def test_rerun_after_a_failed_shard_redoes_only_that_shard(ray_local, tmp_path, 
     cfg = load_config("configs/demo.yaml", overrides(run, source))
     store = ShardStore(cfg.data_root)
     with source_context(cfg):
-        shards = download.prepare(cfg.source, cfg.download, store)
+        shards = download.prepare(cfg.source, cfg.download, store, cfg.ray)
     assert shards == ["00000", "00001", "00002"]
     # One input shard becomes unreadable: its task fails on every try, the others finish.
     broken = Path(store.path(download.INPUT, "00001.parquet"))
     good = broken.read_bytes()
     broken.write_bytes(b"not a parquet file")
-    with pytest.raises(Exception, match="00001"):
+    # The flow finishes every other shard and stage, counts the lost rows, then ends Failed.
+    with pytest.raises(ShardFailures, match="download shard 00001"):
         curate_module.curate(config="configs/demo.yaml", overrides=overrides(run, source))
     assert sorted(store.done_shards("download")) == ["00000", "00002"]
-    assert not (run / "data" / "reports" / "funnel.parquet").exists()
+    assert store.exists("download", "00001.failed") and store.done_shards("tokens/256")
+    funnel = pq.read_table(run / "data" / "reports" / "funnel.parquet").to_pylist()
+    assert {"stage": "download", "outcome": "failed", "reason": "shard_failed", "count": 10} in funnel
     finished = {s: Path(store.path("download", f"{s}.tar")).stat().st_mtime_ns for s in ("00000", "00002")}
 
     broken.write_bytes(good)

@@ -152,7 +152,7 @@ def test_an_unreadable_shard_is_a_clear_error(tmp_path):
     store = ShardStore(str(tmp_path))
     store.write_bytes(b"not a tar" * 100, "download", "00007.tar")
     with pytest.raises(RuntimeError, match=r"(?s)00007.tar cannot be read .*remove download/00007.done"):
-        score.read_shard({"shard": "00007"}, store)
+        score.read_shard(store, "00007")
 
 
 def test_no_downloads_is_a_clear_error(tmp_path):
@@ -164,5 +164,6 @@ def test_missing_weights_are_named_before_any_work(tmp_path):
     cfg = FiltersConfig.model_validate({"clip": {"checkpoint": "tiny:clip", "model": "tessera-tiny-clip"},
                                         "aesthetic": {"weights": "nowhere/aesthetic.pth"}})
     sources = {"aesthetic": {"source": "compute", "column": None}}
-    with pytest.raises(FileNotFoundError, match="filters.aesthetic.weights: .*nowhere/aesthetic.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match="filters.aesthetic.weights: model 'nowhere/aesthetic.pth' is not in "
+                                                "models_root .*tessera fetch-models"):
         score.model_paths(cfg, sources, str(tmp_path))

@@ -18,7 +18,8 @@ def write_scores(store: ShardStore, shard: str, rows: list[dict], embeddings=Non
                for k in rows[0]}
     if embeddings is not None:
         columns["embedding"] = [np.asarray(embeddings, dtype=np.float32)]
-    score.write_shard(store, shard, columns, sources)
+    summary = score.write_shard(store, shard, columns)
+    store.mark_done(score.STAGE, shard, {**summary, "sources": sources})
 
 
 def row(key, clip=0.3, aes=6.0, wm=0.1, **kw):

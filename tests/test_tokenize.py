@@ -13,11 +13,11 @@ from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.models.tiny import resolve
 from tessera.models.vq import load_vq
-from tessera.pipelines import tokenize
+from tessera.pipelines import runtime, tokenize
 from tessera.pipelines.store import ShardStore
 from tests.fixtures import write_download_shard, write_selection
 
-CFG = dict(batch_size=4, flip=True, text_encoder="tiny:t5", text_max_length=16, shards_per_pass=2)
+CFG = dict(batch_size=4, flip=True, text_encoder="tiny:t5", text_max_length=16)
 
 
 def _corrupt_member(store: ShardStore, shard: str, key: str) -> None:
@@ -147,7 +147,7 @@ def test_rerun_skips_done_shards(tokenized, monkeypatch):
     store, cfg, models, result, _ = tokenized
     before = {s: os.path.getmtime(store.path("tokens/256", f"{s}.done")) for s in ("00000", "00001")}
     # Everything done: no Ray work at all, same counts.
-    monkeypatch.setattr(tokenize, "_tokenize", lambda *a, **k: pytest.fail("a finished run was redone"))
+    monkeypatch.setattr(runtime, "_Pool", lambda *a, **k: pytest.fail("a finished run was redone"))
     assert tokenize.run(cfg, RayConfig(), store, models).per_resolution == result.per_resolution
     assert {s: os.path.getmtime(store.path("tokens/256", f"{s}.done")) for s in before} == before
 

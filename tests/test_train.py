@@ -166,6 +166,9 @@ def test_init_from_names_another_runs_stage_or_a_file(tmp_path):
     ShardStore(str(tmp_path / "runs" / "other" / "stage1")).write_bytes(b"x", "checkpoints", "step-00000007.pt")
     assert train.worker_conf(cfg, "stage2")["init_from"].endswith("other/stage1/checkpoints/step-00000007.pt")
     cfg.stage2.init_from = str(tmp_path / "t2i_XL_stage1_256.pt")
+    with pytest.raises(FileNotFoundError, match="t2i_XL_stage1_256.pt' does not exist: fetch it with `tessera fetch"):
+        train.worker_conf(cfg, "stage2")
+    (tmp_path / "t2i_XL_stage1_256.pt").write_bytes(b"x")
     assert train.worker_conf(cfg, "stage2")["init_from"] == str(tmp_path / "t2i_XL_stage1_256.pt")
 
 

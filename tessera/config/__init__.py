@@ -17,6 +17,7 @@ from tessera.config.base import Section
 from tessera.config.caption import CaptionConfig
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.eval import EvalConfig
+from tessera.config.models import ModelSource
 from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
 from tessera.config.tokenize import TokenizeConfig
@@ -40,8 +41,12 @@ class RunConfig(Section):
     name: str
     data_root: str
     runs_root: str = "runs"
-    # Where `tiny:NAME` model references are built (see tessera.models.tiny).
+    # Where models live: `tiny:NAME` ones are built here (tessera.models.tiny), `tessera fetch-models`
+    # downloads the others here, and runs look for them here (a relative model path is under it).
     models_root: str = "models"
+    # Where `tessera fetch-models` gets the models this config names, keyed by the name as written
+    # (path, file name or hub id); these add to and override the built-in sources.
+    model_sources: dict[str, ModelSource] = {}
     ray: RayConfig = RayConfig()
     source: SourceConfig
     download: DownloadConfig = DownloadConfig()

@@ -29,17 +29,16 @@ class CaptionConfig(Section):
     # Output checks: a caption repeating one n-gram over more than this share of it is degenerate.
     repetition_ngram: int = 3
     max_repetition: float = 0.5
-    # Ray Data: images per generate call, model actors, what each actor holds. num_actors 0 means
-    # one per GPU (num_gpus_per_actor > 0) or one per CPU slot (num_cpus_per_actor), less one for reading.
+    # Images per generate call, model actors, what each actor holds, and attempts per shard beyond
+    # the first. num_actors 0 means one per GPU (num_gpus_per_actor > 0) or one per CPU slot.
     batch_size: int = 8
     num_actors: int = 0
     num_cpus_per_actor: float = 1
     num_gpus_per_actor: float = 0
+    shard_retries: int = 2
     # vLLM only: GPUs per engine (tensor parallel) and its share of GPU memory.
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
-    # Shards handled per Ray Data pass (bounds what the driver buffers before writing).
-    shards_per_pass: int = 16
 
     @field_validator("prompt_template")
     @classmethod

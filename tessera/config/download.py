@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import field_validator, model_validator
+
 from tessera.config.base import Section
 
 
@@ -25,12 +30,66 @@ class SyntheticConfig(Section):
     bad_records: bool = True
 
 
+class CaptionFiles(Section):
+    """Where the caption of an image_folder or webdataset sample comes from: the first found wins."""
+
+    # `txt`: the text file beside the image ({stem}.txt); `json`: a field of {stem}.json.
+    sidecars: list[Literal["txt", "json"]] = ["txt", "json"]
+    # The JSON fields tried, in order.
+    json_fields: list[str] = ["caption", "text"]
+
+
+class ImageFolderOptions(Section):
+    # Image files, by extension (case-insensitive). Other files that are no caption sidecar are
+    # counted as `not_an_image`.
+    extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+    # A CSV, parquet or JSON-lines file mapping image paths (relative to `path`) to captions; it
+    # comes before the sidecars. Relative to `path` unless absolute or a URL.
+    mapping: str | None = None
+    image_column: str = "file_name"
+    caption_column: str = "text"
+
+
+class WebDatasetOptions(Section):
+    # Image members, by extension, in order of preference.
+    extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
+
+
+class HfParquetOptions(Section):
+    # The image column: a struct {bytes, path} (the datasets `Image` feature) or binary.
+    image_column: str = "image"
+    caption_column: str = "text"
+
+
+SourceKind = Literal["laion_parquet", "image_folder", "webdataset", "hf_parquet"]
+
+
 class SourceConfig(Section):
-    # A parquet file, a folder of them, or a glob; local or fsspec (s3://, gs://, ...).
+    # laion_parquet: a parquet of URLs and captions, downloaded. The others are read, not
+    # downloaded: image_folder (images with caption sidecars or a mapping file), webdataset
+    # (tars of images with .txt/.json, such as img2dataset's output), hf_parquet (Hugging Face
+    # datasets parquet with image bytes). All become the same download/{shard} outputs.
+    kind: SourceKind = "laion_parquet"
+    # laion_parquet, hf_parquet: a parquet file, a folder of them, or a glob. image_folder: a
+    # folder. webdataset: a tar, a folder of tars, or a glob. Local or fsspec (s3://, gs://, ...).
     # With `synthetic` set, the set is generated to this path first.
     path: str
     columns: ColumnMap = ColumnMap()
     synthetic: SyntheticConfig | None = None
+    captions: CaptionFiles = CaptionFiles()
+    image_folder: ImageFolderOptions = ImageFolderOptions()
+    webdataset: WebDatasetOptions = WebDatasetOptions()
+    hf_parquet: HfParquetOptions = HfParquetOptions()
+
+    @model_validator(mode="after")
+    def _options_of_this_kind(self):
+        other = [k for k in ("image_folder", "webdataset", "hf_parquet")
+                 if k in self.model_fields_set and k != self.kind]
+        if other:
+            raise ValueError(f"source.{other[0]} is set but source.kind is {self.kind!r}")
+        if self.synthetic is not None and self.kind != "laion_parquet":
+            raise ValueError("source.synthetic generates a laion_parquet source; set kind: laion_parquet")
+        return self
 
 
 class UrlPolicy(Section):
@@ -56,11 +115,30 @@ class DownloadConfig(Section):
     # Decompression-bomb guard: pixels of the original, checked from the header before decoding.
     max_image_area: int = 89_478_485
     thread_count: int = 64
+    # Wall-clock seconds per download: connecting, TLS, redirects and the whole body together.
     timeout: float = 10.0
     retries: int = 0
+    # An egress proxy for every download, e.g. http://proxy.internal:3128. The downloader ignores
+    # http_proxy / https_proxy; with a proxy set, hosts in no_proxy are fetched directly.
+    proxy: str | None = None
     user_agent_token: str | None = "tessera"
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
-    # Ray: one task per shard, retried on failure, with at most this many in flight.
+    # Ray: one task per shard, with at most this many in flight; attempts per shard beyond the first.
     max_tasks_in_flight: int = 64
-    task_retries: int = 3
+    shard_retries: int = 3
     urls: UrlPolicy = UrlPolicy()
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None \
+                or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: a proxy is written as http://host:port (or https://host:port)")
+        return value

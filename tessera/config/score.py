@@ -119,11 +119,13 @@ class TargetConfig(Section):
 
 
 class FiltersConfig(Section):
-    # Ray Data: samples per model batch, model actors, and what each actor holds.
+    # Samples per model batch, model actors, what each actor holds, and attempts per shard
+    # beyond the first before the shard is recorded as failed.
     batch_size: int = 64
     concurrency: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
+    shard_retries: int = 2
     # bf16 autocast for the models on GPU.
     precision: Literal["fp32", "bf16"] = "bf16"
     clip: ClipModelConfig = ClipModelConfig()

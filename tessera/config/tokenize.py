@@ -25,13 +25,13 @@ class TokenizeConfig(Section):
     text_max_length: int = 120
     # Which caption the features are of; a sample without it falls back to the original caption.
     text_caption: Literal["caption", "caption_long", "caption_short"] = "caption_long"
-    # Ray Data: images per model call, model actors, and what each actor holds.
+    # Images per model call, model actors, what each actor holds, and attempts per shard beyond
+    # the first.
     batch_size: int = 32
     num_actors: int = 1
     num_cpus_per_actor: float = 1
     num_gpus_per_actor: float = 0
-    # Shards handled per Ray Data pass (bounds what the driver buffers before writing).
-    shards_per_pass: int = 16
+    shard_retries: int = 2
 
     @field_validator("resolutions")
     @classmethod

@@ -11,6 +11,7 @@ from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.flows.tokenize_tasks import tokenize_task
 from tessera.pipelines import download
 from tessera.pipelines.funnel import write_funnel
+from tessera.pipelines.runtime import ShardFailures
 from tessera.pipelines.store import ShardStore
 
 RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
@@ -18,7 +19,7 @@ RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 
 @task(name="download", **RETRIES)
 def download_task(cfg: RunConfig, store: ShardStore) -> download.DownloadResult:
-    shards = download.prepare(cfg.source, cfg.download, store)
+    shards = download.prepare(cfg.source, cfg.download, store, cfg.ray)
     result = download.run(cfg.source, cfg.download, cfg.ray, store,
                           on_shard=ShardProgress("download", len(shards)))
     logger().info("Downloaded %d of %d rows; dropped %s.", result.downloaded, result.rows_in,
@@ -32,16 +33,29 @@ def curate(config: str, overrides: list[str] | None = None) -> dict:
     cfg = load_config(config, overrides or [])
     store = ShardStore(cfg.data_root)
     funnel: list[dict] = []
+    failed: dict[str, dict[str, str]] = {}
+
+    def step(stage: str, result):
+        if result is not None:
+            funnel.extend(result.funnel())
+            if result.failed:
+                failed[stage] = result.failed
+        return result
+
     with source_context(cfg):
-        funnel += download_task(cfg, store).funnel()
-        funnel += score_task(cfg, store).funnel()
-        funnel += select_task(cfg, store).funnel()
+        step("download", download_task(cfg, store))
+        step("score", score_task(cfg, store))
+        step("select", select_task(cfg, store))
         report_task(store, funnel, cfg.filters.report_examples)
-        captions = caption_task(cfg, store)
-        funnel += captions.funnel() if captions else []
-        funnel += tokenize_task(cfg, store).funnel()
+        step("caption", caption_task(cfg, store))
+        step("tokenize", tokenize_task(cfg, store))
     url = write_funnel(store, funnel)
     publish_table("funnel", funnel, f"Rows kept and dropped per stage and reason ({url}).")
     logger().info("Funnel written to %s.", url)
+    if failed:
+        publish_table("failed-shards", [{"stage": stage, "shard": shard, "error": error}
+                                        for stage, shards in failed.items() for shard, error in sorted(shards.items())],
+                      "Shards that failed after every retry; a rerun redoes exactly these.")
+        raise ShardFailures(failed)
     return {"funnel": funnel, "data_root": cfg.data_root}
 

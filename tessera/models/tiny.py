@@ -1,6 +1,7 @@
 """Tiny models for the demo and the tests, built offline in the real checkpoint formats.
 
-A config names a model by path or hub id (the real thing) or as `tiny:NAME`: the tiny model of
+A config names a model by path or hub id (the real thing, fetched into models_root by
+`tessera fetch-models`) or as `tiny:NAME`: the tiny model of
 that kind, built once under the run's `models_root` and then loaded through the very same code
 path as a real checkpoint. Nothing is ever downloaded for a tiny model.
 """
@@ -25,9 +26,12 @@ PREFIX = "tiny:"
 
 
 def resolve(ref: str, models_root: str) -> str:
-    """The path or hub id to load for a config's model reference (building a tiny one if needed)."""
+    """The local path to load for a config's model reference: a tiny one is built if needed, any
+    other is looked up under models_root (see tessera.models.fetch.locate), never downloaded."""
     if not ref.startswith(PREFIX):
-        return ref
+        from tessera.models.fetch import locate
+
+        return locate(ref, models_root)
     name = ref[len(PREFIX):]
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {ref!r}; known: {', '.join(sorted(BUILDERS)) or 'none'}")

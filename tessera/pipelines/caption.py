@@ -1,31 +1,35 @@
-"""The caption stage: a LLaVA caption for every kept sample, on Ray Data model actors.
+"""The caption stage: a LLaVA caption for every kept sample, on model actors.
 
-For every selected shard (select/{shard}.done), the kept samples (keep true in scores/) are read
-from download/{shard}.tar, decoded, and captioned in batches by a pool of model actors (one per
-GPU, or per CPU slot). Each generated caption is checked (caption_checks); one that fails, or
-an image that cannot be decoded, falls back to the sample's original caption with the reason.
-The driver writes captions/{shard}.parquet (sorted by key):
+For every selected shard (select/{shard}.done), a model actor (one per GPU, or per CPU slot; the
+stage runtime) reads the kept samples (keep true in scores/) from download/{shard}.tar, decodes
+and captions them in batches, and checks each caption (caption_checks); one that fails, or an
+image that cannot be decoded, falls back to the sample's original caption with the reason. The
+actor writes captions/{shard}.parquet (sorted by key):
   key, caption_long, caption_short (its first sentence), captioner, prompt,
   generation (the settings, JSON), fallback_reason ("" when the generated caption is used)
-then the marker caption/{shard}.done with the shard's counts. Every kept sample gets one row.
+and the runtime the marker caption/{shard}.done with the shard's counts, its fingerprint (its
+selection's decisions and the captioner's settings) and the selection it belongs to. A
+re-selection redoes exactly the shards whose kept samples changed. Every kept sample gets one row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 
 from tessera.config.caption import CaptionConfig
 from tessera.config.ray import RayConfig
 from tessera.pipelines.caption_checks import check, first_sentence
 from tessera.pipelines.score import decode_image
+from tessera.pipelines.funnel import failed_shard_rows
+from tessera.pipelines.download import read_samples
+from tessera.pipelines.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
 from tessera.pipelines.store import ShardStore
-from tessera.pipelines.tokenize import _kept_count, _read_tar, input_shards
 
 log = logging.getLogger(__name__)
 STAGE = "caption"
@@ -44,11 +48,14 @@ class CaptionResult:
     captioned: int
     fallback: dict[str, int]
     shards: int
+    failed: dict[str, str] = field(default_factory=dict)
+    failed_rows: int = 0
 
     def funnel(self) -> list[dict]:
         rows = [{"stage": STAGE, "outcome": CAPTIONED, "reason": "", "count": self.captioned}]
-        return rows + [{"stage": STAGE, "outcome": FALLBACK, "reason": r, "count": n}
-                       for r, n in sorted(self.fallback.items())]
+        rows += [{"stage": STAGE, "outcome": FALLBACK, "reason": r, "count": n}
+                 for r, n in sorted(self.fallback.items())]
+        return rows + failed_shard_rows(STAGE, self.failed, self.failed_rows)
 
 
 def generation_settings(cfg: CaptionConfig, device: str) -> dict:
@@ -63,12 +70,11 @@ def generation_settings(cfg: CaptionConfig, device: str) -> dict:
 
 
 # Reading a shard ------------------------------------------------------------------------------
-def read_kept(item: dict, store: ShardStore) -> list[dict]:
+def read_kept(store: ShardStore, shard: str) -> list[dict]:
     """One row per kept sample of a shard: key, image bytes (b"" when missing), original caption."""
-    shard = item["shard"]
     scores = store.read_table("scores", f"{shard}.parquet", columns=["key", "keep"]).to_pylist()
     keys = [r["key"] for r in scores if r["keep"]]
-    members, _ = _read_tar(store, shard, set(keys))
+    members = read_samples(store, shard, set(keys))
     rows = []
     for key in keys:
         files = members.get(key, {})
@@ -79,7 +85,7 @@ def read_kept(item: dict, store: ShardStore) -> list[dict]:
             except (ValueError, AttributeError):
                 pass
         image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), b"")
-        rows.append({"shard": shard, "key": key, "image": image, "caption": caption})
+        rows.append({"key": key, "image": image, "caption": caption})
     return rows
 
 
@@ -136,14 +142,14 @@ def finish_caption(generated: str | None, original: str, reason: str, cfg: Capti
     return original, first_sentence(original), reason
 
 
-class CaptionActor:
-    """One model replica in Ray Data's actor pool: decodes a batch, captions it, checks each caption."""
+class CaptionShard:
+    """A model actor's work: holds one captioner, captions the kept samples of one shard per call.
 
-    def __init__(self, cfg: CaptionConfig, model_path: str, device: str, threads: int):
-        import torch
+    Each generated caption is checked; one that fails, or an image that cannot be decoded, falls
+    back to the original caption with the reason."""
 
-        torch.set_num_threads(max(1, threads))
-        self.cfg = cfg
+    def __init__(self, cfg: CaptionConfig, model_path: str, device: str, settings: dict):
+        self.cfg, self.settings = cfg, settings
         self.captioner = make_captioner(cfg, model_path, device)
 
     def _generate(self, images: list, keys: list[str]) -> list[str | None]:
@@ -155,48 +161,65 @@ class CaptionActor:
                 return [None]
             return [t for i in range(len(images)) for t in self._generate(images[i:i + 1], keys[i:i + 1])]
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["key"])
-        keys = [str(k) for k in batch["key"]]
-        images, reasons = [], [""] * n
-        for i in range(n):
-            img, reasons[i] = decode_image(batch["image"][i])
+    def caption_batch(self, batch: list[dict]) -> list[dict]:
+        images, reasons = [], []
+        for sample in batch:
+            img, reason = decode_image(sample["image"])
             images.append(img)
-        ok = [i for i in range(n) if not reasons[i]]
-        generated: list[str | None] = [None] * n
+            reasons.append(reason)
+        ok = [i for i, r in enumerate(reasons) if not r]
+        generated: list[str | None] = [None] * len(batch)
         if ok:
-            for i, text in zip(ok, self._generate([images[i] for i in ok], [keys[i] for i in ok])):
+            texts = self._generate([images[i] for i in ok], [batch[i]["key"] for i in ok])
+            for i, text in zip(ok, texts):
                 generated[i] = text
                 if text is None:
                     reasons[i] = GENERATION_ERROR
-        results = [finish_caption(generated[i], str(batch["caption"][i]), reasons[i], self.cfg) for i in range(n)]
-        return {"shard": batch["shard"], "key": batch["key"],
-                "caption_long": np.array([r[0] for r in results], dtype=object),
-                "caption_short": np.array([r[1] for r in results], dtype=object),
-                "fallback_reason": np.array([r[2] for r in results], dtype=object)}
+        rows = []
+        for sample, text, reason in zip(batch, generated, reasons):
+            long, short, fallback = finish_caption(text, sample["caption"], reason, self.cfg)
+            rows.append({"key": sample["key"], "caption_long": long, "caption_short": short,
+                         "fallback_reason": fallback})
+        return rows
+
+    def __call__(self, store: ShardStore, shard: str) -> dict:
+        samples = read_kept(store, shard)
+        size = self.cfg.batch_size
+        rows = [r for i in range(0, len(samples), size) for r in self.caption_batch(samples[i:i + size])]
+        return write_shard(store, shard, rows, self.cfg.model, self.cfg.prompt, self.settings)
 
 
 # Writing a shard ------------------------------------------------------------------------------
 def write_shard(store: ShardStore, shard: str, rows: list[dict], captioner: str, prompt: str,
                 settings: dict) -> dict:
-    """Write captions/{shard}.parquet (sorted by key), then the marker with the shard's counts."""
-    rows = sorted(rows, key=lambda r: str(r["key"]))
+    """Write captions/{shard}.parquet (sorted by key); returns the shard's counts."""
+    rows = sorted(rows, key=lambda r: r["key"])
     generation = json.dumps(settings, sort_keys=True)
     table = pa.Table.from_pylist([
-        {"key": str(r["key"]), "caption_long": str(r["caption_long"]), "caption_short": str(r["caption_short"]),
+        {"key": r["key"], "caption_long": r["caption_long"], "caption_short": r["caption_short"],
          "captioner": captioner, "prompt": prompt, "generation": generation,
-         "fallback_reason": str(r["fallback_reason"])} for r in rows], schema=SCHEMA)
+         "fallback_reason": r["fallback_reason"]} for r in rows], schema=SCHEMA)
     store.write_table(table, OUTPUT, f"{shard}.parquet")
-    fallback = Counter(str(r["fallback_reason"]) for r in rows if r["fallback_reason"])
-    info = {"rows_in": len(rows), "captioned": len(rows) - sum(fallback.values()), "fallback": dict(fallback)}
-    store.mark_done(STAGE, shard, info)
-    return info
+    fallback = Counter(r["fallback_reason"] for r in rows if r["fallback_reason"])
+    return {"rows_in": len(rows), "captioned": len(rows) - sum(fallback.values()), "fallback": dict(fallback)}
 
 
 # The stage --------------------------------------------------------------------------------------
+def lineage(cfg: CaptionConfig, model_path: str, settings: dict) -> str:
+    """What decides a shard's captions besides its selection."""
+    blob = json.dumps({"model": cfg.model, "path": model_path, "prompt": cfg.prompt,
+                       "template": cfg.prompt_template, "settings": settings,
+                       "checks": [cfg.repetition_ngram, cfg.max_repetition]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
         on_shard=None) -> CaptionResult:
-    """Caption every selected shard not yet captioned; return counts over all shards."""
+    """Caption every selected shard not yet captioned for its current selection; return counts over all shards."""
+    from tessera.models.tiny import resolve
+    from tessera.pipelines import runtime
+    from tessera.pipelines.raytools import init_ray
+
     shards = input_shards(store)
     if not shards:
         raise ValueError(f"{store.root}: no selected shards to caption (run score and select first)")
@@ -204,18 +227,22 @@ def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
         from tessera.pipelines.vllm_backend import require_vllm
 
         require_vllm()
-    for folder in (OUTPUT, STAGE):
-        store.clear_temporaries(folder)
-    todo = [s for s in shards if not store.is_done(STAGE, s)]
-    log.info("Caption: %d of %d shards to do with %s (%d already done).", len(todo), len(shards), cfg.model,
-             len(shards) - len(todo))
-    if todo:
-        _caption(cfg, ray_cfg, store, models_root, todo, on_shard)
-    return summarize(store, shards)
+    model_path = resolve(cfg.model, models_root)
+    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+    settings = generation_settings(cfg, device)
+    init_ray(ray_cfg)
+    ran = runtime.run_stage(
+        STAGE, store, shards, CaptionShard,
+        kwargs={"cfg": cfg, "model_path": model_path, "device": device, "settings": settings},
+        fingerprints=shard_fingerprints(store, shards, lineage(cfg, model_path, settings)),
+        stamp={"selection": selection_id(store)}, num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor, actors=num_actors(cfg), retries=cfg.shard_retries,
+        outputs=(OUTPUT,), on_shard=on_shard)
+    return summarize(store, shards, ran.failed)
 
 
 def num_actors(cfg: CaptionConfig) -> int:
-    """The configured pool size, or one actor per GPU (per CPU slot, less one, without GPUs)."""
+    """The configured pool size, or one actor per GPU (per CPU slot without GPUs)."""
     if cfg.num_actors:
         return cfg.num_actors
     import ray
@@ -223,62 +250,16 @@ def num_actors(cfg: CaptionConfig) -> int:
     resources = ray.cluster_resources()
     if cfg.num_gpus_per_actor > 0:
         return max(1, int(resources.get("GPU", 0) // cfg.num_gpus_per_actor))
-    # One CPU stays free for the tasks that read and decode shards (actors hold theirs for good).
-    return max(1, int((resources.get("CPU", 1) - 1) // cfg.num_cpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) // cfg.num_cpus_per_actor))
 
 
-def _caption(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
-             todo: list[str], on_shard) -> None:
-    import ray
-    from tqdm.auto import tqdm
-
-    from tessera.models.tiny import resolve
-    from tessera.pipelines.raytools import init_ray
-
-    model_path = resolve(cfg.model, models_root)
-    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
-    settings = generation_settings(cfg, device)
-    init_ray(ray_cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
-    expected = {s: _kept_count(store, s) for s in todo}
-    actors = num_actors(cfg)
-
-    def finish(shard: str, rows: list[dict]) -> None:
-        write_shard(store, shard, rows, cfg.model, cfg.prompt, settings)
-        if on_shard:
-            on_shard(shard)
-
-    with tqdm(total=sum(expected.values()), desc=STAGE, unit="img") as bar:
-        for start in range(0, len(todo), cfg.shards_per_pass):
-            chunk = todo[start:start + cfg.shards_per_pass]
-            pending: dict[str, list[dict]] = {s: [] for s in chunk}
-            for shard in [s for s in chunk if expected[s] == 0]:
-                finish(shard, pending.pop(shard))
-            if not pending:
-                continue
-            ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-            ds = ds.flat_map(read_kept, fn_kwargs={"store": store})
-            ds = ds.map_batches(CaptionActor, batch_size=cfg.batch_size, batch_format="numpy",
-                                fn_constructor_kwargs={"cfg": cfg, "model_path": model_path, "device": device,
-                                                       "threads": int(cfg.num_cpus_per_actor)},
-                                compute=ray.data.ActorPoolStrategy(size=actors),
-                                num_gpus=cfg.num_gpus_per_actor or None, num_cpus=cfg.num_cpus_per_actor)
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for i in range(len(out["key"])):
-                    row = {c: out[c][i] for c in out}
-                    shard = str(row["shard"])
-                    pending[shard].append(row)
-                    if len(pending[shard]) == expected[shard]:
-                        finish(shard, pending.pop(shard))
-                bar.update(len(out["key"]))
-            for shard, rows in pending.items():
-                raise RuntimeError(f"shard {shard}: {len(rows)} of {expected[shard]} kept samples came back")
-
-
-def summarize(store: ShardStore, shards: list[str]) -> CaptionResult:
-    infos = [store.done_info(STAGE, s) for s in shards if store.is_done(STAGE, s)]
+def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> CaptionResult:
+    markers = store.markers(STAGE)
+    infos = [markers[s] for s in shards if s not in failed]
     fallback: Counter = Counter()
     for info in infos:
         fallback.update(info["fallback"])
-    return CaptionResult(rows_in=sum(i["rows_in"] for i in infos), captioned=sum(i["captioned"] for i in infos),
-                         fallback=dict(fallback), shards=len(infos))
+    lost = kept_counts(store, failed)
+    return CaptionResult(rows_in=sum(i["rows_in"] for i in infos) + lost,
+                         captioned=sum(i["captioned"] for i in infos), fallback=dict(fallback),
+                         shards=len(infos), failed=failed, failed_rows=lost)

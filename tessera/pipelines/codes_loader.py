@@ -26,6 +26,7 @@ import torch
 
 from tessera.config.train import CodesDataConfig
 from tessera.models.gpt import TEXT_POSITIONS
+from tessera.pipelines.lineage import check_one_selection
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class CodesLoader:
         if not shards:
             raise FileNotFoundError(f"no finished code shards under {self.store.url(self.folder)}; "
                                     f"run the tokenize stage for resolution {self.cfg.resolution} first")
+        check_one_selection(self.store, self.folder, shards)
         order = np.random.default_rng([self.cfg.seed, self.pos.epoch]).permutation(len(shards))
         return [shards[i] for i in order]
 

@@ -1,7 +1,8 @@
 """The download stage: input parquet -> img2dataset WebDataset shards, one Ray task per shard.
 
-1. `prepare` reads the input once in the driver: maps column names, marks duplicate URLs, and
-   cuts it into input shards of `shard_size` rows (`download/_input/{shard}.parquet`).
+1. `prepare` cuts the input into shards of `shard_size` rows on Ray (`download/_input/{shard}.parquet`,
+   column names mapped) and finds duplicate URLs by hash partition (tessera/pipelines/prepare.py);
+   the driver reads only the input files' footers.
 2. One Ray task per input shard: the URL check drops what must not be fetched, img2dataset's
    Downloader fetches the rest through the guarded opener, and the shard's files are moved into
    `download/` with the completion marker last. Tasks are retried and bounded in flight.
@@ -16,24 +17,23 @@ import logging
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from tessera.config.download import ColumnMap, DownloadConfig, SourceConfig
+from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
-from tessera.pipelines.store import ShardStore, shard_name
+from tessera.pipelines.funnel import failed_shard_rows
+from tessera.pipelines.prepare import INPUT, duplicate_rows
+from tessera.pipelines.store import ShardStore
 from tessera.pipelines.urlcheck import check_url
 
 log = logging.getLogger(__name__)
 STAGE = "download"
-INPUT = "download/_input"
 KEPT = "downloaded"
 
 
@@ -47,17 +47,20 @@ class DownloadResult:
     downloaded: int
     dropped: dict[str, int]
     shards: int
+    failed: dict[str, str] = field(default_factory=dict)
+    failed_rows: int = 0
 
     def funnel(self) -> list[dict]:
         rows = [{"stage": STAGE, "outcome": KEPT, "reason": "", "count": self.downloaded}]
         rows += [{"stage": STAGE, "outcome": "dropped", "reason": r, "count": n}
                  for r, n in sorted(self.dropped.items())]
-        return rows
+        return rows + failed_shard_rows(STAGE, self.failed, self.failed_rows)
 
 
 # Reasons ----------------------------------------------------------------------------------
 _REASONS = [
-    (re.compile(r"(blocked_\w+)"), None),
+    # Refused while under way (urlcheck.BlockedAddress): a blocked address or a refused redirect.
+    (re.compile(r"(?:^|urlopen error )(blocked_\w+|bad_scheme|url_too_long|malformed_url|empty_url): "), None),
     (re.compile(r"HTTP Error 30\d: .*infinite loop", re.S), "redirect_loop"),
     (re.compile(r"HTTP Error 30\d: .*redirection to url .* is not allowed", re.S | re.I), "bad_scheme"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{}"),
@@ -102,87 +105,53 @@ def _input_files(store_fs_url: str) -> tuple[object, list[str]]:
     return fs, files
 
 
-def _normalise(batch: pa.RecordBatch, columns: ColumnMap, present: list[str]) -> pa.Table:
-    """Rename to url/caption (captions as bytes: crawled text is not always UTF-8)."""
-    names = batch.schema.names
-    caption = batch.column(names.index(columns.caption))
-    if pa.types.is_string(caption.type) or pa.types.is_large_string(caption.type):
-        caption = caption.view(pa.binary() if pa.types.is_string(caption.type) else pa.large_binary())
-    data = {
-        "url": batch.column(names.index(columns.url)).cast(pa.string()),
-        "caption_bytes": caption.cast(pa.binary()),
-    }
-    for col in present:
-        data[col] = batch.column(names.index(col))
-    return pa.table(data)
+def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cfg: RayConfig) -> list[str]:
+    """Cut the input into shards on Ray and find its duplicate URLs (once; a rerun reuses them, and
+    finishes what an interrupted one left). Returns the shard names."""
+    from tessera.pipelines import prepare as cut
+    from tessera.pipelines import runtime
+    from tessera.pipelines.raytools import init_ray
 
+    if source.kind != "laion_parquet":  # read, not downloaded
+        from tessera.pipelines import ingest
 
-def _duplicate_mask(dataset: pads.Dataset, url_column: str) -> np.ndarray:
-    """True for every row whose non-empty URL already appeared in an earlier row.
-
-    One pass over the URL column only, 8 bytes of hash per row, and a single sort."""
-    digests = [
-        pd.util.hash_pandas_object(b.column(0).to_pandas().fillna(""), index=False).to_numpy(np.uint64)
-        for b in dataset.to_batches(columns=[url_column], batch_size=262_144)
-    ]
-    digests = np.concatenate(digests) if digests else np.empty(0, np.uint64)
-    first = np.zeros(len(digests), dtype=bool)
-    first[np.unique(digests, return_index=True)[1]] = True
-    empty = pd.util.hash_pandas_object(pd.Series([""]), index=False).to_numpy(np.uint64)[0]
-    return ~first & (digests != empty)
-
-
-def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> list[str]:
-    """Cut the input into shards (once; a rerun reuses them). Returns the shard names."""
+        return ingest.prepare(source, cfg, store)
     if store.exists(INPUT, "_prepared.json"):
-        return store.read_json(INPUT, "_prepared.json")["shards"]
+        prepared = store.read_json(INPUT, "_prepared.json")
+        if prepared.get("kind", "laion_parquet") != source.kind:
+            raise InputError(f"{store.url(INPUT)} was prepared from a {prepared['kind']} source, not "
+                             f"{source.kind}: use a new data_root")
+        return prepared["shards"]
     fs, files = _input_files(source.path)
     schema = pq.read_schema(fs.open(files[0], "rb"))
     for need, key in ((source.columns.url, "url"), (source.columns.caption, "caption")):
         if need not in schema.names:
             raise InputError(f"{files[0]}: no column {need!r} (set source.columns.{key})")
-    present = [c for c in source.columns.carry if c in schema.names]
+    carried = [c for c in source.columns.carry if c in schema.names]
     missing = [c for c in source.columns.carry if c not in schema.names]
     if missing:
         log.info("The input has no %s column(s); they are not carried.", ", ".join(missing))
-    # Copies of LAION differ in numeric types (WIDTH is int64 in some, float64 in others).
-    schema = pa.schema([
-        f.with_type(pa.float64()) if f.name in present and f.name != "hash"
-        and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)) else f
-        for f in schema
-    ])
-    dataset = pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
-    duplicate = _duplicate_mask(dataset, source.columns.url)
-    shards: list[str] = []
-    pending: list[pa.Table] = []
-    pending_rows = row_index = 0
-
-    def flush(final: bool) -> None:
-        nonlocal pending, pending_rows
-        table = pa.concat_tables(pending) if pending else None
-        while table is not None and (table.num_rows >= cfg.shard_size or (final and table.num_rows)):
-            name = shard_name(len(shards))
-            store.write_table(table.slice(0, cfg.shard_size), INPUT, f"{name}.parquet")
-            shards.append(name)
-            table = table.slice(cfg.shard_size)
-        pending = [table] if table is not None and table.num_rows else []
-        pending_rows = table.num_rows if table is not None else 0
-
-    cols = [source.columns.url, source.columns.caption, *present]
-    for batch in dataset.to_batches(columns=cols, batch_size=65_536):
-        table = _normalise(batch, source.columns, present)
-        n = table.num_rows
-        table = table.append_column("row_index", pa.array(np.arange(row_index, row_index + n), pa.int64()))
-        table = table.append_column("duplicate", pa.array(duplicate[row_index:row_index + n]))
-        row_index += n
-        pending.append(table)
-        pending_rows += n
-        if pending_rows >= cfg.shard_size:
-            flush(final=False)
-    flush(final=True)
-    store.write_json({"shards": shards, "rows": row_index, "files": files, "carried": present},
-                     INPUT, "_prepared.json")
-    log.info("Cut %d input rows into %d shards of up to %d.", row_index, len(shards), cfg.shard_size)
+    rows = cut.file_rows(fs, files)
+    plan = cut.plan_shards(files, rows, cfg.shard_size)
+    shards = list(plan)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    parts = cut.partitions_for(sum(rows))
+    init_ray(ray_cfg)
+    limits = {"retries": cfg.shard_retries, "max_in_flight": cfg.max_tasks_in_flight, "unit": "rows"}
+    cutting = runtime.run_stage(INPUT, store, shards, cut.cut_shard,
+                                kwargs={"columns": source.columns, "carried": carried, "protocol": protocol},
+                                shard_kwargs=lambda shard: {"plan": plan[shard]}, **limits)
+    deduplicating = runtime.run_stage(
+        cut.DEDUP, store, [f"{p:04d}" for p in range(parts)], cut.find_duplicates, outputs=(cut.DUPLICATES,),
+        kwargs={"shards": shards, "firsts": [plan[s]["first"] for s in shards], "parts": parts}, **limits)
+    failed = {**cutting.failed, **deduplicating.failed}
+    if failed:
+        raise InputError(f"the input could not be cut into shards ({len(failed)} failed; run again to retry "
+                         f"them): " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
+    store.write_json({"shards": shards, "rows": sum(rows),
+                      "rows_per_shard": {s: min(cfg.shard_size, sum(rows) - plan[s]["first"]) for s in shards},
+                      "files": files, "carried": carried, "kind": source.kind}, INPUT, "_prepared.json")
+    log.info("Cut %d input rows into %d shards of up to %d.", sum(rows), len(shards), cfg.shard_size)
     return shards
 
 
@@ -191,10 +160,8 @@ def _decode_caption(raw: bytes | None) -> str:
     return "" if raw is None else raw.decode("utf-8", errors="replace")
 
 
-def download_shard(name: str, cfg: DownloadConfig, store: ShardStore, carried: list[str]) -> dict:
-    """Download one input shard into `download/`. Safe to call again: a done shard is skipped."""
-    if store.is_done(STAGE, name):
-        return store.done_info(STAGE, name)
+def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: list[str]) -> dict:
+    """Download one input shard into `download/`; returns the shard's counts."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
@@ -202,16 +169,16 @@ def download_shard(name: str, cfg: DownloadConfig, store: ShardStore, carried: l
     from tessera.pipelines.urlcheck import install_guard
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    install_guard(cfg.urls)
+    install_guard(cfg.urls, proxy=cfg.proxy)
     rows = store.read_table(INPUT, f"{name}.parquet").to_pylist()
+    duplicates = duplicate_rows(store, rows[0]["row_index"], rows[-1]["row_index"]) if rows else set()
     accepted, rejected = [], []
     for row in rows:
-        reason = "duplicate_url" if row["duplicate"] else check_url(row["url"], cfg.urls)
+        reason = "duplicate_url" if row["row_index"] in duplicates else check_url(row["url"], cfg.urls)
         if reason:
             rejected.append({"row_index": row["row_index"], "url": row["url"], "reason": reason})
         else:
             row["caption"] = _decode_caption(row.pop("caption_bytes"))
-            row.pop("duplicate")
             accepted.append(row)
 
     columns = ["url", "caption", "row_index", *carried]
@@ -255,7 +222,6 @@ def download_shard(name: str, cfg: DownloadConfig, store: ShardStore, carried: l
         store.write_table(pa.Table.from_pylist(rejected, schema=_REJECTED_SCHEMA), STAGE, f"{name}_rejected.parquet")
         for suffix in (".tar", ".parquet", "_stats.json"):
             store.move_in(os.path.join(out, f"{name}{suffix}"), STAGE, f"{name}{suffix}")
-        store.mark_done(STAGE, name, info)
         return info
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -270,34 +236,57 @@ def _accepted_schema(rows: list[dict], carried: list[str]) -> pa.Schema:
     return pa.schema(fields + [sample.schema.field(c) for c in carried])
 
 
+# Reading a finished shard ----------------------------------------------------------------------
+def read_samples(store: ShardStore, shard: str, wanted: set[str] | None = None) -> dict[str, dict[str, bytes]]:
+    """The files of a download tar by sample, {key: {ext: bytes}}: every sample, or the wanted keys.
+    An unreadable tar is an error naming the shard (the stage runtime records the shard as failed)."""
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with store.fs.open(store.path(STAGE, f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                if member.isfile() and (wanted is None or key in wanted):
+                    members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise RuntimeError(f"{store.url(STAGE, shard + '.tar')} cannot be read ({e}); remove "
+                           f"download/{shard}.done to download that shard again") from e
+    return members
+
+
 # The stage --------------------------------------------------------------------------------
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
     """Download every shard not yet done; return the stage's counts over all shards."""
-    from tessera.pipelines.raytools import init_ray, run_shards
+    if source.kind != "laion_parquet":  # read, not downloaded
+        from tessera.pipelines import ingest
 
-    shards = prepare(source, cfg, store)
-    carried = store.read_json(INPUT, "_prepared.json")["carried"]
-    removed = store.clear_temporaries(STAGE)
-    if removed:
-        log.info("Removed %d temporary file(s) left by an interrupted run.", removed)
-    todo = [s for s in shards if not store.is_done(STAGE, s)]
-    log.info("Download: %d of %d shards to do (%d already done).", len(todo), len(shards), len(shards) - len(todo))
-    if todo:
+        return ingest.run(source, cfg, ray_cfg, store, on_shard)
+    from tessera.pipelines import runtime
+    from tessera.pipelines.raytools import init_ray
+
+    shards = prepare(source, cfg, store, ray_cfg)
+    prepared = store.read_json(INPUT, "_prepared.json")
+    if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)
-        run_shards(STAGE, download_shard, [(s, (s, cfg, store, carried)) for s in todo],
-                   max_in_flight=cfg.max_tasks_in_flight, retries=cfg.task_retries, on_result=on_shard)
-    return summarize(store, shards)
+    ran = runtime.run_stage(STAGE, store, shards, download_shard,
+                            kwargs={"cfg": cfg, "carried": prepared["carried"]},
+                            max_in_flight=cfg.max_tasks_in_flight, retries=cfg.shard_retries, on_shard=on_shard)
+    return summarize(store, shards, ran.failed, prepared.get("rows_per_shard"))
 
 
-def summarize(store: ShardStore, shards: list[str]) -> DownloadResult:
-    infos = [store.done_info(STAGE, s) for s in shards]
+def summarize(store: ShardStore, shards: list[str], failed: dict[str, str],
+              rows_per_shard: dict[str, int] | None = None) -> DownloadResult:
+    markers = store.markers(STAGE)
+    infos = [markers[s] for s in shards if s not in failed]
     dropped: Counter = Counter()
     for info in infos:
         dropped.update(info["dropped"])
+    lost = sum((rows_per_shard or {}).get(s, 0) for s in failed)
     return DownloadResult(
-        rows_in=sum(i["rows_in"] for i in infos),
+        rows_in=sum(i["rows_in"] for i in infos) + lost,
         downloaded=sum(i["downloaded"] for i in infos),
         dropped=dict(dropped),
-        shards=len(shards),
+        shards=len(infos),
+        failed=failed,
+        failed_rows=lost,
     )

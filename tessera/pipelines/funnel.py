@@ -20,3 +20,12 @@ def funnel_markdown(rows: list[dict]) -> str:
     lines = ["| stage | outcome | reason | count |", "|---|---|---|---:|"]
     lines += [f"| {r['stage']} | {r['outcome']} | {r['reason']} | {r['count']} |" for r in rows]
     return "\n".join(lines)
+
+
+FAILED = "failed"
+SHARD_FAILED = "shard_failed"
+
+
+def failed_shard_rows(stage: str, failed: dict[str, str], rows: int) -> list[dict]:
+    """The funnel row for the rows a stage could not process because their shard failed."""
+    return [{"stage": stage, "outcome": FAILED, "reason": SHARD_FAILED, "count": rows}] if failed else []

@@ -59,3 +59,13 @@ class SafeResizer(Resizer):
             # OpenCV half-decodes a truncated JPEG without complaint; its end marker tells.
             return (*_FAIL, "corrupt image: truncated JPEG")
         return super().__call__(io.BytesIO(data), blurring_bbox_list)
+
+
+def resizer_for(cfg) -> SafeResizer:
+    """The resizer a DownloadConfig asks for: the same checks for downloaded and local images."""
+    return SafeResizer(
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode,
+        resize_only_if_bigger=cfg.resize_only_if_bigger, encode_quality=cfg.encode_quality,
+        encode_format=cfg.encode_format, min_image_size=cfg.min_image_size,
+        max_image_area=cfg.max_image_area, max_aspect_ratio=cfg.max_aspect_ratio,
+    )

@@ -116,7 +116,7 @@ def previews(store: ShardStore, wanted: pd.DataFrame) -> dict[str, tuple[str | N
     out: dict[str, tuple[str | None, str]] = {}
     for shard, keys in wanted.groupby("shard")["key"]:
         keys = set(keys)
-        for sample in score.read_shard({"shard": shard}, store):
+        for sample in score.read_shard(store, shard):
             if sample["key"] in keys:
                 out[sample["key"]] = (thumbnail(sample["image"]), sample["caption"])
     return out

@@ -1,10 +1,10 @@
-"""The score stage: every downloaded sample gets every score, in one pass on Ray Data.
+"""The score stage: every downloaded sample gets every score, in one pass.
 
-    shards -> read samples (tasks) -> decode each image once, CLIP and watermark inputs (tasks)
-           -> score (actor pool: one CLIP image pass feeds CLIP score, aesthetic, NSFW and the
-              embedding for near-duplicates; the watermark detector takes the same decoded image)
-           -> the driver gathers rows per shard and writes scores/{shard}.parquet and
-              embeddings/{shard}.npy, then the marker score/{shard}.done.
+One model actor per replica (the stage runtime) scores one download shard at a time: it reads
+the tar, decodes each image once (in threads, ahead of the models), runs one CLIP image pass
+whose embedding feeds the CLIP score, aesthetic, NSFW and near-duplicate search (the watermark
+detector takes the same decoded image), and writes scores/{shard}.parquet and
+embeddings/{shard}.npy; the runtime writes the marker score/{shard}.done last.
 
 Nothing is dropped here: an unreadable image gets `error` set and NaN model scores, and the
 select stage turns scores into keep or drop. Scores the input already carries (similarity,
@@ -12,11 +12,10 @@ pwatermark, punsafe, aesthetic) can be read instead of computed (`source: metada
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
-import os
-import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -28,6 +27,8 @@ import pyarrow.parquet as pq
 from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
 from tessera.filters import Batch, Needs, ThresholdFilter, build_filters, resolve_sources
+from tessera.pipelines.download import read_samples
+from tessera.pipelines.funnel import failed_shard_rows
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,13 @@ class ScoreResult:
     unreadable: dict[str, int]
     shards: int
     sources: dict[str, dict] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    failed_rows: int = 0
 
     def funnel(self) -> list[dict]:
         # Nothing is dropped while scoring; unreadable images are dropped by select, with a reason.
-        return [{"stage": STAGE, "outcome": "scored", "reason": "", "count": self.samples}]
+        return [{"stage": STAGE, "outcome": "scored", "reason": "", "count": self.samples},
+                *failed_shard_rows(STAGE, self.failed, self.failed_rows)]
 
 
 # Models ----------------------------------------------------------------------------------------
@@ -55,9 +59,7 @@ def model_path(ref: str, models_root: str) -> str:
     """A config's model reference as a local path: `tiny:NAME` is built, relative paths are under models_root."""
     from tessera.models import tiny
 
-    if ref.startswith(tiny.PREFIX):
-        return tiny.resolve(ref, models_root)
-    return ref if os.path.isabs(ref) or "://" in ref else os.path.join(models_root, ref)
+    return tiny.resolve(ref, models_root)
 
 
 def needs_clip(cfg: FiltersConfig, sources: dict[str, dict]) -> bool:
@@ -71,9 +73,10 @@ def model_paths(cfg: FiltersConfig, sources: dict[str, dict], models_root: str) 
 
     paths = {}
     if needs_clip(cfg, sources):
-        paths["clip"] = model_path(cfg.clip.checkpoint, models_root)
-        if not os.path.exists(paths["clip"]):
-            raise FileNotFoundError(f"filters.clip.checkpoint: {paths['clip']} does not exist")
+        try:
+            paths["clip"] = model_path(cfg.clip.checkpoint, models_root)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"filters.clip.checkpoint: {e}") from None
     for name in ("aesthetic", "nsfw", "watermark"):
         if sources.get(name, {}).get("source") == "compute":
             ref = getattr(cfg, name).weights
@@ -145,26 +148,13 @@ class BatchScorer:
         return out
 
 
-# Ray Data steps ------------------------------------------------------------------------------------
-def read_shard(row: dict, store: ShardStore) -> list[dict]:
+# One shard -------------------------------------------------------------------------------------
+def read_shard(store: ShardStore, shard: str) -> list[dict]:
     """The samples of one download tar: key, image bytes (None when absent), caption, metadata."""
-    samples: dict[str, dict] = defaultdict(dict)
-    path = store.path("download", f"{row['shard']}.tar")
-    try:
-        with store.fs.open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                samples[key][ext] = tar.extractfile(member).read()
-    except (OSError, tarfile.TarError) as e:
-        raise RuntimeError(f"{store.url('download', row['shard'] + '.tar')} cannot be read ({e}); remove "
-                           f"download/{row['shard']}.done to download that shard again") from e
     out = []
-    for key in sorted(samples):
-        files = samples[key]
+    for key, files in sorted(read_samples(store, shard).items()):
         image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-        out.append({"shard": row["shard"], "key": key, "image": image,
+        out.append({"key": key, "image": image,
                     "caption": files.get("txt", b"").decode("utf-8", errors="replace"),
                     "meta": files.get("json", b"{}").decode("utf-8", errors="replace")})
     return out
@@ -184,17 +174,17 @@ def decode_image(data: bytes | None):
         return None, "corrupt_image"
 
 
-def decode_batch(batch: dict, clip_preprocess, watermark_size: int | None) -> dict:
+def decode_batch(samples: list[dict], clip_preprocess, watermark_size: int | None) -> dict:
     """Decode each image once; make the CLIP input and the watermark input from it."""
     from tessera.models.watermark import preprocess as watermark_preprocess
 
-    n = len(batch["key"])
+    n = len(samples)
     errors = np.full(n, "", dtype=object)
     clip = np.zeros((n, clip_preprocess.image_size, clip_preprocess.image_size, 3), np.uint8) \
         if clip_preprocess else None
     wm = np.zeros((n, watermark_size, watermark_size, 3), np.uint8) if watermark_size else None
-    for i, data in enumerate(batch["image"]):
-        img, errors[i] = decode_image(data)
+    for i, sample in enumerate(samples):
+        img, errors[i] = decode_image(sample["image"])
         if img is None:
             continue
         try:
@@ -204,13 +194,7 @@ def decode_batch(batch: dict, clip_preprocess, watermark_size: int | None) -> di
                 wm[i] = watermark_preprocess(img, watermark_size)
         except Exception:  # noqa: BLE001
             errors[i] = "corrupt_image"
-    out = {k: batch[k] for k in ("shard", "key", "caption", "meta")}
-    out["error"] = errors
-    if clip is not None:
-        out["clip_pixels"] = clip
-    if wm is not None:
-        out["watermark_pixels"] = wm
-    return out
+    return {"samples": samples, "error": errors, "clip_pixels": clip, "watermark_pixels": wm}
 
 
 def meta_frame(keys, captions, metas) -> pd.DataFrame:
@@ -226,30 +210,51 @@ def meta_frame(keys, captions, metas) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-class ScoreActor:
-    """One model replica in Ray Data's actor pool."""
+class ScoreShard:
+    """A model actor's work: holds the scorers, scores one download shard per call.
+
+    Images of the next batch are decoded in threads while the models score the current one."""
 
     def __init__(self, cfg: FiltersConfig, sources: dict, paths: dict, device: str):
-        self.scorer = BatchScorer(cfg, sources, paths, device)
+        from tessera.models.clip import preprocess_for
 
-    def __call__(self, batch: dict) -> dict:
-        meta = meta_frame(batch["key"], batch["caption"], batch["meta"])
-        ok = np.asarray(batch["error"]) == ""
-        scores = self.scorer.score(meta, batch.get("clip_pixels"), batch.get("watermark_pixels"), ok)
-        out = {"shard": batch["shard"], "key": batch["key"], "caption": batch["caption"], "error": batch["error"]}
-        for col in LINEAGE:
-            out[col] = np.array(meta[col].tolist() if col in meta else [None] * len(meta), dtype=object)
-        out.update(scores)
-        return out
+        self.cfg, self.sources = cfg, sources
+        self.scorer = BatchScorer(cfg, sources, paths, device)
+        self.clip_preprocess = preprocess_for(cfg.clip.model, paths["clip"]) if "clip" in paths else None
+        self.watermark_size = cfg.watermark.image_size if "watermark" in paths else None
+
+    def __call__(self, store: ShardStore, shard: str) -> dict:
+        from concurrent.futures import ThreadPoolExecutor
+
+        samples = read_shard(store, shard)
+        size = self.cfg.batch_size
+        chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
+        columns: dict[str, list] = defaultdict(list)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            decoded = pool.map(lambda c: decode_batch(c, self.clip_preprocess, self.watermark_size), chunks)
+            for batch in decoded:
+                part = batch["samples"]
+                meta = meta_frame([s["key"] for s in part], [s["caption"] for s in part], [s["meta"] for s in part])
+                scores = self.scorer.score(meta, batch["clip_pixels"], batch["watermark_pixels"],
+                                           batch["error"] == "")
+                columns["key"].append(np.array([s["key"] for s in part], dtype=object))
+                columns["caption"].append(np.array([s["caption"] for s in part], dtype=object))
+                columns["error"].append(batch["error"])
+                for col in LINEAGE:
+                    columns[col].append(np.array(meta[col].tolist() if col in meta else [None] * len(meta),
+                                                 dtype=object))
+                for name, values in scores.items():
+                    columns[name].append(values)
+        return write_shard(store, shard, columns)
 
 
 # Shard output ----------------------------------------------------------------------------------
-def write_shard(store: ShardStore, shard: str, columns: dict[str, list], sources: dict) -> dict:
-    """Write one shard's scores (sorted by key) and embeddings, then its marker."""
+def write_shard(store: ShardStore, shard: str, columns: dict[str, list]) -> dict:
+    """Write one shard's scores (sorted by key) and embeddings; returns the shard's summary."""
     emb_parts = columns.pop("embedding", None)
     frame = pd.DataFrame({k: np.concatenate(v) if v else [] for k, v in columns.items()})
     order = np.argsort(frame["key"].to_numpy(dtype=object), kind="stable") if len(frame) else np.arange(0)
-    frame = frame.iloc[order].reset_index(drop=True).drop(columns=["shard"], errors="ignore")
+    frame = frame.iloc[order].reset_index(drop=True)
     for col in ("original_width", "original_height", "hash"):
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
@@ -263,9 +268,7 @@ def write_shard(store: ShardStore, shard: str, columns: dict[str, list], sources
         store.write_bytes(buf.getvalue(), EMBEDDINGS, f"{shard}.npy")
     store.write_table(pa.Table.from_pandas(frame, preserve_index=False), SCORES, f"{shard}.parquet")
     errors = Counter(e for e in frame.get("error", []) if e)
-    info = {"samples": len(frame), "unreadable": dict(errors), "sources": sources}
-    store.mark_done(STAGE, shard, info)
-    return info
+    return {"rows_in": len(frame), "samples": len(frame), "unreadable": dict(errors)}
 
 
 def input_columns(store: ShardStore, shards: list[str]) -> set[str]:
@@ -278,71 +281,54 @@ def input_columns(store: ShardStore, shards: list[str]) -> set[str]:
     return common or set()
 
 
+def lineage(cfg: FiltersConfig, sources: dict, paths: dict) -> str:
+    """What decides a shard's scores besides its download: models, weights and score sources.
+    Thresholds are not in it: changing one re-selects without re-scoring."""
+    scoring = cfg.model_dump(mode="json", include={"clip", "watermark", "precision"})
+    scoring["watermark"] = {k: scoring["watermark"][k] for k in ("arch", "image_size", "weights", "source", "column")}
+    scoring["dedup"] = cfg.dedup.enabled  # whether embeddings are stored
+    blob = json.dumps({"scoring": scoring, "sources": sources, "paths": paths}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprints(store: ShardStore, shards: list[str], stage_lineage: str) -> dict[str, str]:
+    """Per shard: this stage's lineage joined with the fingerprint of the shard's input marker."""
+    downloads = store.markers("download")
+    out = {}
+    for shard in shards:
+        upstream = downloads[shard].get("fingerprint") or ""
+        out[shard] = hashlib.sha256(f"{upstream}:{stage_lineage}".encode()).hexdigest()[:16]
+    return out
+
+
 def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
         on_shard=None) -> ScoreResult:
-    """Score every downloaded shard not yet scored; return the counts over all shards."""
-    import ray
-
-    from tessera.models.clip import preprocess_for
+    """Score every downloaded shard not yet scored with these models; return the counts over all shards."""
+    from tessera.pipelines import runtime
     from tessera.pipelines.raytools import init_ray
 
     shards = store.done_shards("download")
     if not shards:
         raise ValueError(f"{store.root}: no finished download shards to score (run the download first)")
-    for folder in (SCORES, EMBEDDINGS, STAGE):
-        store.clear_temporaries(folder)
-    todo = [s for s in shards if not store.is_done(STAGE, s)]
-    log.info("Score: %d of %d shards to do (%d already done).", len(todo), len(shards), len(shards) - len(todo))
     sources = resolve_sources(cfg, input_columns(store, shards))
-    if todo:
-        paths = model_paths(cfg, sources, models_root)
-        use_gpu = cfg.num_gpus_per_actor > 0
-        device = "cuda" if use_gpu else "cpu"
-        clip_pre = preprocess_for(cfg.clip.model, paths["clip"]) if "clip" in paths else None
-        wm_size = cfg.watermark.image_size if "watermark" in paths else None
-        init_ray(ray_cfg)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images per shard
-        expected = {s: store.done_info("download", s).get("downloaded") for s in todo}
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        ds = ds.flat_map(read_shard, fn_kwargs={"store": store})
-        ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy",
-                            fn_kwargs={"clip_preprocess": clip_pre, "watermark_size": wm_size})
-        ds = ds.map_batches(ScoreActor, batch_size=cfg.batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={"cfg": cfg, "sources": sources, "paths": paths, "device": device},
-                            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                            num_gpus=cfg.num_gpus_per_actor or None,
-                            num_cpus=cfg.num_cpus_per_actor)
-        pending: dict[str, dict[str, list]] = {s: defaultdict(list) for s in todo}
-        received: Counter = Counter()
-        from tqdm.auto import tqdm
-
-        with tqdm(total=sum(v or 0 for v in expected.values()), desc=STAGE, unit="img") as bar:
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                shard_col = np.asarray(out["shard"])
-                for shard in np.unique(shard_col):
-                    sel = shard_col == shard
-                    for k, v in out.items():
-                        pending[shard][k].append(np.asarray(v)[sel])
-                    received[shard] += int(sel.sum())
-                    if received[shard] == expected.get(shard):
-                        write_shard(store, shard, pending.pop(shard), sources)
-                        if on_shard:
-                            on_shard(shard)
-                bar.update(len(shard_col))
-        for shard, columns in pending.items():  # empty shards, or counts the download info did not predict
-            if expected.get(shard) not in (None, received[shard]):
-                log.warning("Shard %s: the download recorded %s samples, its tar holds %d.",
-                            shard, expected[shard], received[shard])
-            write_shard(store, shard, columns, sources)
-            if on_shard:
-                on_shard(shard)
-    return summarize(store, shards)
+    paths = model_paths(cfg, sources, models_root)
+    init_ray(ray_cfg)
+    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+    ran = runtime.run_stage(
+        STAGE, store, shards, ScoreShard, kwargs={"cfg": cfg, "sources": sources, "paths": paths, "device": device},
+        fingerprints=fingerprints(store, shards, lineage(cfg, sources, paths)), stamp={"sources": sources},
+        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor, actors=cfg.concurrency,
+        retries=cfg.shard_retries, outputs=(SCORES, EMBEDDINGS), on_shard=on_shard)
+    return summarize(store, shards, ran.failed)
 
 
-def summarize(store: ShardStore, shards: list[str]) -> ScoreResult:
-    infos = [store.done_info(STAGE, s) for s in shards]
+def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> ScoreResult:
+    markers, downloads = store.markers(STAGE), store.markers("download")
+    infos = [markers[s] for s in shards if s not in failed]
     unreadable: Counter = Counter()
     for info in infos:
         unreadable.update(info["unreadable"])
+    lost = sum(int(downloads[s].get("downloaded", 0)) for s in failed)
     return ScoreResult(samples=sum(i["samples"] for i in infos), unreadable=dict(unreadable),
-                       shards=len(shards), sources=infos[-1]["sources"] if infos else {})
+                       shards=len(infos), sources=infos[-1]["sources"] if infos else {},
+                       failed=failed, failed_rows=lost)

@@ -17,7 +17,7 @@ import io
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from tessera.config.score import FiltersConfig
 from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, build_filters, score_configs
 from tessera.filters.dedup import NearDuplicateFilter
 from tessera.pipelines import score
+from tessera.pipelines.lineage import selection_summary
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class SelectResult:
     kept: int
     dropped: dict[str, int]
     thresholds: dict
+    failed: dict[str, str] = field(default_factory=dict)
 
     def funnel(self) -> list[dict]:
         rows = [{"stage": STAGE, "outcome": KEPT, "reason": "", "count": self.kept}]
@@ -204,7 +206,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     dropped = Counter(r for r in reasons if r)
     for shard in shards:
         part = parts[shard]
-        store.mark_done(STAGE, shard, {"kept": int(part["keep"].sum()), "dropped": int((~part["keep"]).sum())})
+        store.mark_done(STAGE, shard, selection_summary(part["key"], part["keep"], part["reason"], part["duplicate_of"]))
         if on_shard:
             on_shard(shard)
     summary = {

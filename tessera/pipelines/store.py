@@ -113,8 +113,22 @@ class ShardStore:
     def done_info(self, stage: str, shard: str) -> dict:
         return self.read_json(*self.marker(stage, shard))
 
+    def marker_info(self, stage: str, shard: str) -> dict | None:
+        """The marker's contents, or None when the shard is not done."""
+        return self.done_info(stage, shard) if self.is_done(stage, shard) else None
+
     def done_shards(self, stage: str) -> list[str]:
         return [n[: -len(".done")] for n in self.list(stage, ".done")]
+
+    def markers(self, stage: str) -> dict[str, dict]:
+        """Every done shard of a stage with its marker's contents: one listing and one batched
+        read (object stores fetch the files concurrently), not one request per shard in turn."""
+        shards = self.done_shards(stage)
+        if not shards:
+            return {}
+        paths = [self.path(*self.marker(stage, s)) for s in shards]
+        blobs = self.fs.cat(paths, on_error="omit")
+        return {s: json.loads(blobs[p]) for s, p in zip(shards, paths) if p in blobs}
 
     def clear_temporaries(self, stage: str) -> int:
         """Remove temporaries a crashed run left behind; returns how many."""

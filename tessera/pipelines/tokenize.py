@@ -1,15 +1,17 @@
 """The tokenize stage: kept samples -> WebDataset shards of VQ codes, one set per resolution.
 
-For every selected shard (select/{shard}.done), the kept samples (keep true in scores/) are read
-from download/{shard}.tar, joined with their captions (captions/, when captioned), resized on the
-short side and centre-cropped to each resolution, and encoded by the VQ tokenizer on Ray Data
-actors. Each resolution gets tokens/{res}/{shard}.tar with, per sample:
+For every selected shard (select/{shard}.done), a model actor holding the VQ tokenizer (the stage
+runtime) reads the kept samples (keep true in scores/) from download/{shard}.tar, joins them with
+their captions (captions/, when captioned), resizes them on the short side, centre-crops them to
+each resolution and encodes them. Each resolution gets tokens/{res}/{shard}.tar with, per sample:
   {key}.codes.npy       uint16 (res/16, res/16), raster order
   {key}.codes_flip.npy  the same for the horizontally flipped image (tokenize.flip)
   {key}.t5.npy          float16 caption features (L, D), no padding (tokenize.text_encoder)
   {key}.json            key, caption, caption_long, caption_short, url, hash, sha256, scores
-then the marker tokens/{res}/{shard}.done with the shard's counts. tokens/{res}/manifest.json
-sums up every finished shard: samples, bytes per sample, codebook usage.
+then the marker tokens/{res}/{shard}.done with the shard's counts and lineage: its fingerprint
+(the shard's selection decisions, its caption marker, the tokenizer settings) and the selection
+it belongs to. tokens/{res}/manifest.json sums up every finished shard: the selection, samples,
+bytes per sample, codebook usage. A re-selection redoes exactly the shards whose inputs changed.
 
 Every kept sample ends, per resolution, tokenized or dropped with one reason: `too_small` (its
 original short side is below the resolution), `corrupt_image`, `missing_from_download`.
@@ -19,19 +21,23 @@ under `no_caption`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
 import os
-import tarfile
 import zlib
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
+from tessera.pipelines.download import read_samples
+from tessera.pipelines.funnel import failed_shard_rows
+from tessera.pipelines.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
+from tessera.pipelines.runtime import matches
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ def tokens_folder(res: int) -> str:
 class TokenizeResult:
     # res -> {"rows_in", "tokenized", "no_caption", "dropped": {reason: n}, "shards"}
     per_resolution: dict[int, dict]
+    failed: dict[str, str] = field(default_factory=dict)
+    failed_rows: int = 0
 
     def funnel(self) -> list[dict]:
         rows = []
@@ -61,6 +69,7 @@ class TokenizeResult:
                 rows.append({"stage": stage, "outcome": TOKENIZED, "reason": NO_CAPTION, "count": c["no_caption"]})
             rows += [{"stage": stage, "outcome": "dropped", "reason": r, "count": n}
                      for r, n in sorted(c["dropped"].items())]
+            rows += failed_shard_rows(stage, self.failed, self.failed_rows)
         return rows
 
 
@@ -69,21 +78,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
-
-
-def _read_tar(store: ShardStore, shard: str, wanted: set[str]) -> tuple[dict[str, dict[str, bytes]], str]:
-    """Members of the wanted keys, {key: {ext: bytes}}, and "" or why the tar stopped being readable."""
-    members: dict[str, dict[str, bytes]] = defaultdict(dict)
-    try:
-        with store.fs.open(store.path("download", f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if member.isfile() and key in wanted:
-                    members[key][ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("Shard %s: download tar unreadable after %d samples: %s", shard, len(members), e)
-        return members, f"{type(e).__name__}: {e}"
-    return members, ""
 
 
 def _json_value(v):
@@ -97,9 +91,8 @@ def _json_value(v):
     return v
 
 
-def read_shard(item: dict, store: ShardStore, text_caption: str) -> list[dict]:
+def read_shard(store: ShardStore, shard: str, text_caption: str) -> list[dict]:
     """One row per kept sample of a shard: image bytes (or why there are none) and its metadata."""
-    shard = item["shard"]
     scores = store.read_table("scores", f"{shard}.parquet").to_pandas()
     kept = scores[scores["keep"].astype(bool)]
     captions: dict[str, dict] = {}
@@ -107,7 +100,7 @@ def read_shard(item: dict, store: ShardStore, text_caption: str) -> list[dict]:
         table = store.read_table("captions", f"{shard}.parquet", columns=["key", "caption_long", "caption_short"])
         captions = {r["key"]: r for r in table.to_pylist()}
     score_cols = [c for c in scores.columns if c not in NOT_SCORES]
-    members, _ = _read_tar(store, shard, set(kept["key"]))
+    members = read_samples(store, shard, set(kept["key"]))
     rows = []
     for rec in kept.to_dict("records"):
         rec = {k: _json_value(v) for k, v in rec.items()}
@@ -130,7 +123,7 @@ def read_shard(item: dict, store: ShardStore, text_caption: str) -> list[dict]:
         width = rec.get("original_width") or meta.get("original_width") or 0
         height = rec.get("original_height") or meta.get("original_height") or 0
         rows.append({
-            "shard": shard, "key": key, "image": files.get("jpg") or files.get("png") or files.get("webp") or b"",
+            "key": key, "image": files.get("jpg") or files.get("png") or files.get("webp") or b"",
             "missing": "jpg" not in files and "png" not in files and "webp" not in files,
             "short_side": int(min(width, height)) if width and height else 0,
             "meta": json.dumps(sample), "text": sample[text_caption] or caption or "",
@@ -157,7 +150,7 @@ def prepare_batch(batch: dict, resolutions: list[int]) -> dict:
     from PIL import Image
 
     n = len(batch["key"])
-    out = {k: batch[k] for k in ("shard", "key", "meta", "text", "captioned")}
+    out = {k: batch[k] for k in ("key", "meta", "text", "captioned")}
     pixels = {r: [b""] * n for r in resolutions}
     reasons = {r: [""] * n for r in resolutions}
     for i in range(n):
@@ -185,21 +178,23 @@ def prepare_batch(batch: dict, resolutions: list[int]) -> dict:
 
 
 # Encoding ------------------------------------------------------------------------------------
-class TokenizeActor:
-    """Holds the VQ tokenizer (and the text encoder) on one device; encodes batches of crops."""
+class TokenizeShard:
+    """A model actor's work: holds the VQ tokenizer (and the text encoder) on one device, and
+    tokenizes the kept samples of one shard per call at every resolution still to do."""
 
-    def __init__(self, cfg: TokenizeConfig, vq_path: str, text_path: str | None, device: str, threads: int):
-        import torch
-
+    def __init__(self, cfg: TokenizeConfig, vq_path: str, text_path: str | None, device: str,
+                 codebook_size: int, fingerprints: dict[str, str], selection: str):
         from tessera.models.vq import load_vq
 
-        torch.set_num_threads(max(1, threads))
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.codebook_size = cfg, device, codebook_size
+        self.fingerprints, self.selection = fingerprints, selection
         # A folder (tiny:vq) carries its own config; a bare LlamaGen file is named by vq_config.
         config = None if os.path.isdir(vq_path) else cfg.vq_config
         self.vq = load_vq(vq_path, config, device=device, ema=cfg.vq_ema)
         self.text = None
         if text_path:
+            import torch
+
             from tessera.models.text_encoder import TextEncoder
 
             self.text = TextEncoder.from_pretrained(text_path, cfg.text_max_length, device=device,
@@ -212,10 +207,30 @@ class TokenizeActor:
         x = x.to(self.device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         return self.vq.encode(x).cpu().numpy().astype(np.uint16)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, store: ShardStore, shard: str) -> dict:
+        from concurrent.futures import ThreadPoolExecutor
+
+        fingerprint = self.fingerprints[shard]
+        todo = [r for r in self.cfg.resolutions
+                if not matches(store.marker_info(tokens_folder(r), shard), fingerprint)]
+        rows = read_shard(store, shard, self.cfg.text_caption)
+        size = self.cfg.batch_size
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        encoded: list[dict] = []
+        with ThreadPoolExecutor(max_workers=2) as pool:  # crops of the next batch while this one encodes
+            for batch in pool.map(lambda c: prepare_batch(_columns(c), todo), chunks):
+                out = self.encode(batch, todo)
+                encoded += [{k: v[i] for k, v in out.items()} for i in range(len(out["key"]))]
+        summary = {"rows_in": len(rows)}
+        for res in todo:
+            summary[str(res)] = write_shard(store, shard, res, encoded, self.codebook_size,
+                                            {"fingerprint": fingerprint, "selection": self.selection})
+        return summary
+
+    def encode(self, batch: dict, resolutions: list[int]) -> dict:
         n = len(batch["key"])
-        out = {k: batch[k] for k in ("shard", "key", "meta", "captioned")}
-        for r in self.cfg.resolutions:
+        out = {k: batch[k] for k in ("key", "meta", "captioned")}
+        for r in resolutions:
             ok = [i for i in range(n) if batch[f"reason_{r}"][i] == ""]
             codes, flips = [b""] * n, [b""] * n
             if ok:
@@ -231,7 +246,7 @@ class TokenizeActor:
             out[f"codes_flip_{r}"] = np.array(flips, dtype=object)
         feats = [b""] * n
         if self.text is not None:
-            usable = [i for i in range(n) if any(batch[f"reason_{r}"][i] == "" for r in self.cfg.resolutions)]
+            usable = [i for i in range(n) if any(batch[f"reason_{r}"][i] == "" for r in resolutions)]
             if usable:
                 for i, f in zip(usable, self.text.encode([str(batch["text"][i]) for i in usable])):
                     feats[i] = _npy(f.numpy().astype(np.float16))
@@ -248,8 +263,14 @@ def unpack_counts(packed: str) -> np.ndarray:
     return np.frombuffer(zlib.decompress(base64.b64decode(packed)), dtype=np.uint32)
 
 
-def write_shard(store: ShardStore, shard: str, res: int, rows: list[dict], codebook_size: int) -> dict:
-    """Write tokens/{res}/{shard}.tar from the shard's encoded rows (sorted by key), then its marker."""
+def _columns(rows: list[dict]) -> dict:
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+
+def write_shard(store: ShardStore, shard: str, res: int, rows: list[dict], codebook_size: int,
+                lineage: dict) -> dict:
+    """Write tokens/{res}/{shard}.tar from the shard's encoded rows (sorted by key), then its marker
+    (the shard's counts and its lineage: fingerprint and selection); returns the counts."""
     import webdataset as wds
 
     folder = tokens_folder(res)
@@ -274,91 +295,56 @@ def write_shard(store: ShardStore, shard: str, res: int, rows: list[dict], codeb
     size = store.fs.size(store.path(folder, f"{shard}.tar"))
     info = {"rows_in": len(rows), "tokenized": tokenized, "no_caption": no_caption, "dropped": dict(dropped),
             "bytes": int(size), "code_counts": _pack_counts(counts)}
-    store.mark_done(folder, shard, info)
-    return info
+    store.mark_done(folder, shard, {**info, **lineage})
+    return {k: v for k, v in info.items() if k != "code_counts"}
 
 
 # The stage --------------------------------------------------------------------------------------
-def input_shards(store: ShardStore) -> list[str]:
-    """Shards whose selection is final (and whose download is there)."""
-    return [s for s in store.done_shards("select") if store.is_done("download", s)]
-
-
-def _kept_count(store: ShardStore, shard: str) -> int:
-    return int(store.read_table("scores", f"{shard}.parquet", columns=["keep"]).column("keep").to_numpy(
-        zero_copy_only=False).astype(bool).sum())
+def lineage(cfg: TokenizeConfig, vq_path: str, text_path: str | None) -> str:
+    """What decides a shard's codes besides its selection and captions (resolutions are per marker)."""
+    settings = cfg.model_dump(mode="json", include={"vq", "vq_config", "vq_ema", "flip", "text_encoder",
+                                                    "text_max_length", "text_caption"})
+    blob = json.dumps({"settings": settings, "vq": vq_path, "text": text_path}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
         on_shard=None) -> TokenizeResult:
-    """Tokenize every selected shard not yet done at every resolution; return counts over all shards."""
+    """Tokenize every selected shard not yet done for its current selection and captions at every
+    resolution; return counts over all shards."""
+    from tessera.models.tiny import resolve
+    from tessera.pipelines import runtime
+    from tessera.pipelines.raytools import init_ray
+
     shards = input_shards(store)
     if not shards:
         raise ValueError(f"{store.root}: no selected shards to tokenize (run score and select first)")
-    for res in cfg.resolutions:
-        store.clear_temporaries(tokens_folder(res))
-    todo = [s for s in shards if not all(store.is_done(tokens_folder(r), s) for r in cfg.resolutions)]
-    log.info("Tokenize: %d of %d shards to do at %s px (%d already done).", len(todo), len(shards),
-             "/".join(map(str, cfg.resolutions)), len(shards) - len(todo))
-    if todo:
-        _tokenize(cfg, ray_cfg, store, models_root, todo, on_shard)
-    result = summarize(store, shards, cfg.resolutions)
-    for res in cfg.resolutions:
-        write_manifest(store, res, shards, cfg)
-    return result
-
-
-def _tokenize(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
-              todo: list[str], on_shard) -> None:
-    import ray
-    from tqdm.auto import tqdm
-
-    from tessera.models.tiny import resolve
-    from tessera.pipelines.raytools import init_ray
-
     vq_path = resolve(cfg.vq, models_root)
     text_path = resolve(cfg.text_encoder, models_root) if cfg.text_encoder else None
-    codebook_size = _codebook_size(vq_path, cfg)
-    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+    fingerprints = shard_fingerprints(store, shards, lineage(cfg, vq_path, text_path), upstream=("caption",))
+    selection = selection_id(store)
+    per_res = {r: store.markers(tokens_folder(r)) for r in cfg.resolutions}
+    done = set(store.done_shards(STAGE))
+    for shard in shards:  # a resolution missing (added, or removed by hand): the shard is not done
+        if shard in done and not all(matches(per_res[r].get(shard), fingerprints[shard]) for r in cfg.resolutions):
+            store.fs.rm(store.path(*store.marker(STAGE, shard)))
     init_ray(ray_cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
-    expected = {s: _kept_count(store, s) for s in todo}
-    with tqdm(total=sum(expected.values()), desc=STAGE, unit="img") as bar:
-        for start in range(0, len(todo), cfg.shards_per_pass):
-            chunk = todo[start:start + cfg.shards_per_pass]
-            pending: dict[str, list[dict]] = {s: [] for s in chunk}
-            for shard in [s for s in chunk if expected[s] == 0]:
-                _finish(store, shard, pending.pop(shard), cfg, codebook_size, on_shard)
-            if not pending:
-                continue
-            ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-            ds = ds.flat_map(read_shard, fn_kwargs={"store": store, "text_caption": cfg.text_caption})
-            ds = ds.map_batches(prepare_batch, batch_size=cfg.batch_size, batch_format="numpy",
-                                fn_kwargs={"resolutions": cfg.resolutions})
-            ds = ds.map_batches(TokenizeActor, batch_size=cfg.batch_size, batch_format="numpy",
-                                fn_constructor_kwargs={"cfg": cfg, "vq_path": vq_path, "text_path": text_path,
-                                                       "device": device, "threads": int(cfg.num_cpus_per_actor)},
-                                compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                                num_gpus=cfg.num_gpus_per_actor or None, num_cpus=cfg.num_cpus_per_actor)
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                cols = list(out)
-                for i in range(len(out["key"])):
-                    row = {c: out[c][i] for c in cols}
-                    shard = str(row["shard"])
-                    pending[shard].append(row)
-                    if len(pending[shard]) == expected[shard]:
-                        _finish(store, shard, pending.pop(shard), cfg, codebook_size, on_shard)
-                bar.update(len(out["key"]))
-            for shard, rows in pending.items():
-                raise RuntimeError(f"shard {shard}: {len(rows)} of {expected[shard]} kept samples came back")
-
-
-def _finish(store, shard, rows, cfg, codebook_size, on_shard) -> None:
+    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+    ran = runtime.run_stage(
+        STAGE, store, shards, TokenizeShard,
+        kwargs={"cfg": cfg, "vq_path": vq_path, "text_path": text_path, "device": device,
+                "codebook_size": _codebook_size(vq_path, cfg), "fingerprints": fingerprints, "selection": selection},
+        fingerprints=fingerprints, stamp={"selection": selection}, num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor, actors=cfg.num_actors, retries=cfg.shard_retries,
+        outputs=tuple(tokens_folder(r) for r in cfg.resolutions), on_shard=on_shard)
+    for res, markers in per_res.items():  # shards kept as they were, but now part of this selection
+        for shard in (s for s in shards if s not in ran.done and s not in ran.failed):
+            if markers[shard].get("selection") != selection:
+                store.mark_done(tokens_folder(res), shard, {**markers[shard], "selection": selection})
+    result = summarize(store, shards, cfg.resolutions, ran.failed)
     for res in cfg.resolutions:
-        if not store.is_done(tokens_folder(res), shard):
-            write_shard(store, shard, res, rows, codebook_size)
-    if on_shard:
-        on_shard(shard)
+        write_manifest(store, res, shards, cfg, selection)
+    return result
 
 
 def _codebook_size(vq_path: str, cfg: TokenizeConfig) -> int:
@@ -370,24 +356,27 @@ def _codebook_size(vq_path: str, cfg: TokenizeConfig) -> int:
     return VQ_CONFIGS[cfg.vq_config].codebook_size
 
 
-def summarize(store: ShardStore, shards: list[str], resolutions: list[int]) -> TokenizeResult:
+def summarize(store: ShardStore, shards: list[str], resolutions: list[int], failed: dict[str, str]) -> TokenizeResult:
     per: dict[int, dict] = {}
+    lost = kept_counts(store, failed)
     for res in resolutions:
-        infos = [store.done_info(tokens_folder(res), s) for s in shards if store.is_done(tokens_folder(res), s)]
+        markers = store.markers(tokens_folder(res))
+        infos = [markers[s] for s in shards if s not in failed]
         dropped: Counter = Counter()
         for info in infos:
             dropped.update(info["dropped"])
         per[res] = {"rows_in": sum(i["rows_in"] for i in infos), "tokenized": sum(i["tokenized"] for i in infos),
                     "no_caption": sum(i["no_caption"] for i in infos), "dropped": dict(dropped),
                     "shards": len(infos)}
-    return TokenizeResult(per)
+        per[res]["rows_in"] += lost
+    return TokenizeResult(per, failed, lost)
 
 
-def write_manifest(store: ShardStore, res: int, shards: list[str], cfg: TokenizeConfig) -> dict:
-    """tokens/{res}/manifest.json: shards, sample counts, bytes per sample, codebook usage."""
+def write_manifest(store: ShardStore, res: int, shards: list[str], cfg: TokenizeConfig, selection: str) -> dict:
+    """tokens/{res}/manifest.json: the selection, shards, sample counts, bytes per sample, codebook usage."""
     folder = tokens_folder(res)
-    done = [s for s in shards if store.is_done(folder, s)]
-    infos = {s: store.done_info(folder, s) for s in done}
+    markers = store.markers(folder)
+    infos = {s: markers[s] for s in shards if s in markers}
     counts = None
     for info in infos.values():
         c = unpack_counts(info["code_counts"]).astype(np.int64)
@@ -396,7 +385,7 @@ def write_manifest(store: ShardStore, res: int, shards: list[str], cfg: Tokenize
     total = int(counts.sum()) if counts is not None else 0
     p = counts[counts > 0] / total if total else np.zeros(0)
     manifest = {
-        "resolution": res, "grid": [res // 16, res // 16], "vq": cfg.vq, "flip": cfg.flip,
+        "resolution": res, "grid": [res // 16, res // 16], "selection": selection, "vq": cfg.vq, "flip": cfg.flip,
         "text_encoder": cfg.text_encoder, "text_caption": cfg.text_caption if cfg.text_encoder else None,
         "samples": samples,
         "dropped": dict(sum((Counter(i["dropped"]) for i in infos.values()), Counter())),

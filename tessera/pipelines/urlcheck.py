@@ -1,35 +1,61 @@
-"""The URL guard: which URLs may be fetched, as a pure function, and enforced at connect time.
+"""The URL guard: which URLs may be fetched, as a pure function, and enforced while fetching.
 
 `check_url` looks at the text of a URL only (scheme, syntax, length, and literal addresses in
 every disguise: decimal, hex, octal, short IPv4 forms, IPv4-mapped and 6to4 IPv6).
-`GuardedOpener` enforces the same policy on the addresses a host name actually resolves to and
-on every redirect, so neither DNS nor a 30x can lead a download into a blocked network.
+`make_opener` enforces the same policy on the addresses a host name actually resolves to and
+on every redirect, so neither DNS nor a 30x can lead a download into a blocked network, and
+gives every download one wall-clock deadline (connect, TLS, redirects and every read together).
 """
 from __future__ import annotations
 
 import http.client
 import ipaddress
 import socket
+import ssl
+import time
 import urllib.request
+from functools import partial
 from urllib.parse import urlsplit
 
 from tessera.config.download import UrlPolicy
 
-# Addresses that cloud providers serve instance metadata (and credentials) on.
+# Every address known to serve cloud instance metadata, credentials or host configuration, with
+# who serves it there. Refused whatever the policy allows (some of them are public addresses).
 METADATA_ADDRESSES = {
-    ipaddress.ip_address("169.254.169.254"),
-    ipaddress.ip_address("169.254.170.2"),
-    ipaddress.ip_address("100.100.100.200"),
-    ipaddress.ip_address("fd00:ec2::254"),
+    ipaddress.ip_address(address): cloud for address, cloud in {
+        "169.254.169.254": "instance metadata: AWS, GCP, Azure, Oracle, OpenStack, DigitalOcean, "
+                           "Hetzner, Linode, IBM Cloud, Huawei Cloud",
+        "fd00:ec2::254": "AWS instance metadata (IPv6)",
+        "169.254.170.2": "AWS ECS task metadata and credentials",
+        "169.254.170.23": "AWS EKS Pod Identity agent (credentials)",
+        "fd00:ec2::23": "AWS EKS Pod Identity agent (IPv6)",
+        "fd20:ce::254": "GCP metadata server (IPv6)",
+        "168.63.129.16": "Azure WireServer (VM agent, extensions, host configuration)",
+        "100.100.100.200": "Alibaba Cloud instance metadata",
+        "169.254.0.23": "Tencent Cloud instance metadata",
+        "169.254.42.42": "Scaleway instance metadata",
+        "192.0.0.192": "Oracle Cloud legacy instance metadata",
+        "fd00:a9fe:a9fe::1": "Linode (Akamai) metadata (IPv6)",
+        "fe80::a9fe:a9fe": "OpenStack metadata (IPv6)",
+    }.items()
 }
-METADATA_HOSTS = {"metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal"}
+# Names of metadata services, refused by name (some resolve to public addresses).
+METADATA_HOSTS = {
+    "metadata": "GCP (short name)",
+    "metadata.google.internal": "GCP",
+    "instance-data": "AWS",
+    "instance-data.ec2.internal": "AWS",
+    "metadata.tencentyun.com": "Tencent Cloud",
+    "metadata.platformequinix.com": "Equinix Metal",
+    "metadata.packet.net": "Equinix Metal (former Packet)",
+}
 BLOCKED_PREFIX = "blocked_"
 
 
 class BlockedAddress(Exception):
-    """Raised at connect or redirect time; `drop_reason` is one of the blocked_* reasons.
-
-    Not an OSError, so urllib lets it through unwrapped instead of retrying other addresses."""
+    """A fetch refused while under way: a host that resolves to a blocked address (a blocked_*
+    reason) or a redirect that `check_url` refuses (its reason). The message starts with the
+    reason. Not an OSError, so urllib lets it through unwrapped instead of trying other addresses."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -101,55 +127,167 @@ def check_url(url: object, policy: UrlPolicy) -> str | None:
     return None
 
 
-def _checked_connect(conn: http.client.HTTPConnection, policy: UrlPolicy) -> None:
-    """Resolve the host, refuse blocked addresses, and connect to the address that was checked."""
-    infos = socket.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
-    last_error: Exception | None = None
-    for family, socktype, proto, _, sockaddr in infos:
+def resolve_checked(host: str, port: int, policy: UrlPolicy) -> list[tuple]:
+    """Resolve `host` and refuse it if any of its addresses is blocked; the addresses to connect to."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_, sockaddr in infos:
         reason = address_reason(ipaddress.ip_address(sockaddr[0].split("%", 1)[0]), policy)
         if reason:
-            raise BlockedAddress(reason, f"{conn.host} resolves to {sockaddr[0]}")
+            raise BlockedAddress(reason, f"{host} resolves to {sockaddr[0]}")
+    return infos
+
+
+# The wall-clock deadline --------------------------------------------------------------------
+class DeadlinePassed(TimeoutError):
+    def __init__(self, seconds: float):
+        super().__init__(f"timed out: the download took longer than its deadline of {seconds:g} s")
+
+
+class _Deadline:
+    """Every blocking call waits at most until the deadline, so the calls together do too."""
+
+    deadline: float | None = None
+    seconds: float = 0.0
+
+    def _wait(self) -> None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlinePassed(self.seconds)
+            self.settimeout(left)
+
+    def connect(self, address):
+        self._wait()
+        return super().connect(address)
+
+    def recv(self, *args):
+        self._wait()
+        return super().recv(*args)
+
+    def recv_into(self, *args):
+        self._wait()
+        return super().recv_into(*args)
+
+    def send(self, *args):
+        self._wait()
+        return super().send(*args)
+
+    def sendall(self, *args):
+        self._wait()
+        return super().sendall(*args)
+
+
+class DeadlineSocket(_Deadline, socket.socket):
+    pass
+
+
+class DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
+    def read(self, *args):
+        self._wait()
+        return super().read(*args)
+
+    def do_handshake(self, *args):
+        self._wait()
+        return super().do_handshake(*args)
+
+
+def _connect(infos: list[tuple], deadline: float | None, seconds: float) -> socket.socket:
+    """Connect to the first address of `infos` that answers, under the deadline."""
+    last_error: Exception | None = None
+    for family, socktype, proto, _, sockaddr in infos:
+        sock = DeadlineSocket(family, socktype, proto)
+        sock.deadline, sock.seconds = deadline, seconds
         try:
-            sock = socket.socket(family, socktype, proto)
-            sock.settimeout(conn.timeout if conn.timeout is not socket._GLOBAL_DEFAULT_TIMEOUT else None)
             sock.connect(sockaddr)
-            conn.sock = sock
-            return
+            return sock
         except OSError as e:
+            sock.close()
             last_error = e
-    raise last_error or OSError(f"cannot connect to {conn.host}")
+            if isinstance(e, DeadlinePassed):
+                break
+    raise last_error or OSError("no address to connect to")
 
 
-def make_opener(policy: UrlPolicy) -> urllib.request.OpenerDirector:
-    """A urllib opener that applies `policy` at every connection and every redirect."""
+# The opener ---------------------------------------------------------------------------------
+def make_opener(policy: UrlPolicy, proxy: str | None = None) -> urllib.request.OpenerDirector:
+    """A urllib opener for http(s) only that applies `policy` at every connection and redirect.
+
+    `timeout` given to `open` is a wall-clock deadline for the whole download: connecting, TLS,
+    every redirect and every read of the body. Proxy variables of the environment are ignored;
+    with `proxy` requests go through that proxy (except to hosts in no_proxy), and the target's
+    resolved addresses are checked before the request is sent (the proxy itself is trusted)."""
+    # urllib points a proxied request's `host` at the proxy's host:port, as written in its URL.
+    proxy_hostport = urlsplit(proxy).netloc.rsplit("@", 1)[-1] if proxy else None
 
     class GuardedHTTPConnection(http.client.HTTPConnection):
-        def connect(self):
-            _checked_connect(self, policy)
+        def __init__(self, *args, deadline=None, seconds=0.0, via_proxy=False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.deadline, self.seconds, self.via_proxy = deadline, seconds, via_proxy
+            self._create_connection = self._open_socket
 
-    class GuardedHTTPSConnection(http.client.HTTPSConnection):
+        def _open_socket(self, address, timeout=None, source_address=None):
+            host, port = address
+            # A direct connection goes to the addresses that were checked; the proxy is not the
+            # target (the target was checked before the request was made).
+            infos = (socket.getaddrinfo(host, port, type=socket.SOCK_STREAM) if self.via_proxy
+                     else resolve_checked(host, port, policy))
+            return _connect(infos, self.deadline, self.seconds)
+
+    class GuardedHTTPSConnection(GuardedHTTPConnection, http.client.HTTPSConnection):
         def connect(self):
-            _checked_connect(self, policy)
-            self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+            http.client.HTTPConnection.connect(self)  # the socket, and a proxy's CONNECT tunnel
+            sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host,
+                                             do_handshake_on_connect=False)
+            sock.deadline, sock.seconds = self.deadline, self.seconds
+            sock.do_handshake()
+            self.sock = sock
+
+    def connection(cls, req, **kwargs):
+        via_proxy = proxy_hostport is not None and req.host == proxy_hostport
+        if via_proxy:
+            target = urlsplit(req.full_url)
+            resolve_checked(target.hostname, target.port or {"http": 80, "https": 443}[target.scheme], policy)
+        return partial(cls, deadline=getattr(req, "deadline", None), seconds=getattr(req, "seconds", 0.0),
+                       via_proxy=via_proxy, **kwargs)
 
     class GuardedHTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
-            return self.do_open(GuardedHTTPConnection, req)
+            return self.do_open(connection(GuardedHTTPConnection, req), req)
+
+    context = ssl.create_default_context()
+    context.sslsocket_class = DeadlineSSLSocket
 
     class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req):
-            return self.do_open(GuardedHTTPSConnection, req, context=self._context)
+            return self.do_open(connection(GuardedHTTPSConnection, req, context=context), req)
 
     class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req, fp, code, msg, headers, newurl):
             reason = check_url(newurl, policy)
             if reason:
                 raise BlockedAddress(reason, f"redirect to {newurl}")
-            return super().redirect_request(req, fp, code, msg, headers, newurl)
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None:
+                new.deadline, new.seconds = getattr(req, "deadline", None), getattr(req, "seconds", 0.0)
+            return new
 
-    return urllib.request.build_opener(GuardedHTTPHandler, GuardedHTTPSHandler, GuardedRedirectHandler)
+    class DeadlineOpener(urllib.request.OpenerDirector):
+        def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
+            req = fullurl if isinstance(fullurl, urllib.request.Request) else urllib.request.Request(fullurl, data)
+            if getattr(req, "deadline", None) is None and isinstance(timeout, (int, float)):
+                req.deadline, req.seconds = time.monotonic() + timeout, timeout
+            return super().open(req, data, timeout)
+
+    opener = DeadlineOpener()
+    proxies = {"http": proxy, "https": proxy} if proxy else {}
+    for handler in (urllib.request.ProxyHandler(proxies), urllib.request.UnknownHandler(),
+                    GuardedHTTPHandler(), GuardedHTTPSHandler(context=context),
+                    urllib.request.HTTPDefaultErrorHandler(), GuardedRedirectHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
 
 
-def install_guard(policy: UrlPolicy) -> None:
+def install_guard(policy: UrlPolicy, proxy: str | None = None) -> None:
     """Make every `urllib.request.urlopen` in this process (img2dataset's included) guarded."""
-    urllib.request.install_opener(make_opener(policy))
+    urllib.request.install_opener(make_opener(policy, proxy))

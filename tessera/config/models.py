@@ -1,0 +1,32 @@
+"""`model_sources`: where `tessera fetch-models` gets a model a config names, keyed by that name."""
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from tessera.config.base import Section
+
+
+class ModelSource(Section):
+    # One of: a URL (with the sha256 the download must have; `member` takes one file out of a
+    # .zip), a Hugging Face repo (`file`: one file of it, else the whole snapshot), or an
+    # open_clip pretrained tag "ARCH/TAG" (e.g. ViT-L-14/openai).
+    url: str | None = None
+    sha256: str | None = None
+    member: str | None = None
+    hub: str | None = None
+    file: str | None = None
+    revision: str | None = None
+    open_clip: str | None = None
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        given = [k for k in ("url", "hub", "open_clip") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of url, hub, open_clip (got {', '.join(given) or 'none'})")
+        if self.member and not self.url:
+            raise ValueError("member is for a .zip fetched by url")
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())):
+            raise ValueError("sha256 must be 64 hex digits")
+        if self.open_clip and "/" not in self.open_clip:
+            raise ValueError("open_clip must look like ARCH/TAG, e.g. ViT-L-14/openai")
+        return self

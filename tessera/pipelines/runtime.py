@@ -1,0 +1,240 @@
+"""The stage runtime: one way to map per-shard work over shards on Ray, for every stage.
+
+    driver:  list shards -> skip those done with the current fingerprint -> submit per-shard work
+             -> collect per-shard summaries -> record the shards that failed every attempt
+    worker:  read the shard -> compute -> write outputs under temporary names -> rename
+             -> marker {stage}/{shard}.done last -> return the summary
+
+A work is a function `work(store, shard, **kwargs) -> dict`, run as a CPU (or GPU) Ray task, or
+a class whose `__init__(**kwargs)` loads its models once and whose `__call__(store, shard) -> dict`
+processes one shard, run in a pool of Ray actors that stay loaded across shards. Either way the
+work writes its own outputs and returns a small summary (counts per reason, bytes): the driver
+never sees a row, so its memory grows with the number of shards, never with the number of rows.
+
+The marker holds the summary, the shard's fingerprint (the lineage of its inputs) and any stamp
+the stage adds. A rerun skips a shard whose marker carries the current fingerprint, and redoes
+one whose inputs changed. A shard that still fails after its retries is written down as
+{stage}/{shard}.failed; every other shard finishes, and the caller decides what a failure means
+(the flows finish the run, then end Failed with the list; a rerun redoes exactly those shards).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from tessera.pipelines.store import ShardStore
+
+log = logging.getLogger(__name__)
+FAILED = ".failed"
+
+
+@dataclass
+class StageRun:
+    """What one pass of a stage did: shard -> summary for the shards it ran, and the failures."""
+
+    stage: str
+    done: dict[str, dict] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: int = 0
+
+
+class ShardFailures(RuntimeError):
+    """Shards failed after every retry; the others finished and are marked done."""
+
+    def __init__(self, failures: dict[str, dict[str, str]]):
+        self.failures = failures  # stage -> shard -> error
+        lines = [f"  {stage} shard {shard}: {error}" for stage, shards in failures.items()
+                 for shard, error in sorted(shards.items())]
+        count = sum(len(s) for s in failures.values())
+        more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
+        super().__init__(f"{count} shard(s) failed after all retries; every other shard is done, and a rerun "
+                         "redoes exactly these:\n" + "\n".join(lines[:20]) + more)
+
+
+# Markers --------------------------------------------------------------------------------------
+def matches(info: dict | None, fingerprint: str | None) -> bool:
+    """Whether a shard's marker (None when there is none) says it is done with these inputs."""
+    return info is not None and (fingerprint is None or info.get("fingerprint") == fingerprint)
+
+
+def failures(store: ShardStore, stage: str) -> dict[str, dict]:
+    """The shards of a stage whose last attempt failed: shard -> {stage, shard, error, attempts}."""
+    return {n[: -len(FAILED)]: store.read_json(stage, n) for n in store.list(stage, FAILED)}
+
+
+def _clear_failure(store: ShardStore, stage: str, shard: str) -> None:
+    path = store.path(stage, shard + FAILED)
+    if store.fs.exists(path):
+        store.fs.rm(path)
+
+
+def _describe(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error  # a Ray task error wraps the worker's exception
+    text = f"{type(cause).__name__}: {cause}".strip().splitlines()
+    return (text[0] if text else type(cause).__name__)[:500]
+
+
+# The worker side --------------------------------------------------------------------------------
+def process_shard(work: Callable[..., dict], store: ShardStore, stage: str, shard: str,
+                  fingerprint: str | None, stamp: dict, kwargs: dict) -> dict:
+    """Run one shard's work, then write its marker last; returns the summary."""
+    start = time.monotonic()
+    summary = work(store, shard, **kwargs)
+    if not isinstance(summary, dict):
+        raise TypeError(f"{stage}: the work for shard {shard} returned {type(summary).__name__}, not a summary dict")
+    summary = {**summary, **stamp, "fingerprint": fingerprint, "seconds": round(time.monotonic() - start, 3)}
+    store.mark_done(stage, shard, summary)
+    _clear_failure(store, stage, shard)
+    return summary
+
+
+class ShardActor:
+    """One replica of a model-holding work class; processes one shard per call."""
+
+    def __init__(self, work_class: type, kwargs: dict, threads: int | None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.work = work_class(**kwargs)
+
+    def process(self, store: ShardStore, stage: str, shard: str, fingerprint: str | None, stamp: dict,
+                kwargs: dict) -> dict:
+        return process_shard(self.work, store, stage, shard, fingerprint, stamp, kwargs)
+
+
+# The driver side --------------------------------------------------------------------------------
+class _Pool:
+    """Submits shards to Ray tasks, or to a fixed pool of actors (replacing one that dies)."""
+
+    def __init__(self, work, kwargs: dict, num_cpus: float, num_gpus: float, actors: int | None):
+        import ray
+
+        self.is_class = inspect.isclass(work)
+        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if self.is_class:
+            self.actor_class = ray.remote(max_restarts=0, **opts)(ShardActor)
+            self.args = (work, kwargs, max(1, int(num_cpus)) if num_gpus == 0 else None)
+            self.idle = [self._new_actor() for _ in range(max(1, actors or 1))]
+            self.size = len(self.idle)
+        else:
+            self.task = ray.remote(max_retries=0, **opts)(process_shard)
+            self.work, self.kwargs = work, kwargs
+        self.busy: dict[Any, Any] = {}  # ref -> actor
+
+    def _new_actor(self):
+        return self.actor_class.remote(*self.args)
+
+    def can_submit(self, in_flight: int, max_in_flight: int) -> bool:
+        return bool(self.idle) if self.is_class else in_flight < max_in_flight
+
+    def submit(self, store, stage, shard, fingerprint, stamp, shard_kwargs: dict):
+        if not self.is_class:
+            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp,
+                                    {**self.kwargs, **shard_kwargs})
+        actor = self.idle.pop()
+        ref = actor.process.remote(store, stage, shard, fingerprint, stamp, shard_kwargs)
+        self.busy[ref] = actor
+        return ref
+
+    def release(self, ref, error: BaseException | None) -> None:
+        import ray
+
+        if not self.is_class:
+            return
+        actor = self.busy.pop(ref)
+        if isinstance(error, ray.exceptions.RayActorError):
+            log.warning("A model actor died (%s); starting a new one.", _describe(error))
+            actor = self._new_actor()
+        self.idle.append(actor)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in [*self.idle, *self.busy.values()] if self.is_class else []:
+            ray.kill(actor)
+
+
+def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs: dict | None = None,
+              fingerprints: dict[str, str] | None = None, stamp: dict | None = None,
+              num_cpus: float = 1, num_gpus: float = 0, actors: int | None = None, retries: int = 2,
+              max_in_flight: int | None = None, outputs: tuple[str, ...] = (),
+              shard_kwargs: Callable[[str], dict] | None = None,
+              on_shard: Callable[[str, dict], None] | None = None, unit: str = "img") -> StageRun:
+    """Run `work` over every shard not done with its current fingerprint; see the module doc.
+
+    `kwargs` go to every call (a class's constructor), `shard_kwargs(shard)` to that shard's call.
+    `fingerprints` (shard -> lineage of its inputs) makes a shard whose inputs changed stale;
+    `stamp` adds fields to every marker (and is refreshed on the markers of skipped shards).
+    `outputs` are the folders whose temporaries a crashed run may have left.
+    """
+    import ray
+
+    stamp = stamp or {}
+    run = StageRun(stage)
+    for folder in (stage, *outputs):
+        store.clear_temporaries(folder)
+    markers = store.markers(stage)
+    todo = []
+    for shard in shards:
+        info = markers.get(shard)
+        if matches(info, fingerprints.get(shard) if fingerprints is not None else None):
+            run.skipped += 1
+            if any(info.get(k) != v for k, v in stamp.items()):
+                store.mark_done(stage, shard, {**info, **stamp})
+        else:
+            if info is not None:  # stale: its old outputs must never look done again
+                store.fs.rm(store.path(*store.marker(stage, shard)))
+            todo.append(shard)
+    log.info("%s: %d of %d shards to do (%d already done).", stage, len(todo), len(shards), run.skipped)
+    if not todo:
+        return run
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{stage}: start Ray first (tessera.pipelines.raytools.init_ray)")
+    pool = _Pool(work, kwargs or {}, num_cpus, num_gpus, actors)
+    if max_in_flight is None:
+        max_in_flight = max(1, int(2 * ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1)))
+    queue = [(shard, 0) for shard in reversed(todo)]  # popped from the end, in shard order
+    pending: dict[Any, tuple[str, int]] = {}
+    rows = 0
+    try:
+        with tqdm(total=len(todo), desc=stage, unit="shard") as bar:
+            while queue or pending:
+                while queue and pool.can_submit(len(pending), max_in_flight):
+                    shard, attempt = queue.pop()
+                    fp = fingerprints.get(shard) if fingerprints is not None else None
+                    extra = shard_kwargs(shard) if shard_kwargs else {}
+                    pending[pool.submit(store, stage, shard, fp, stamp, extra)] = (shard, attempt)
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                shard, attempt = pending.pop(ready[0])
+                try:
+                    summary = ray.get(ready[0])
+                except Exception as e:  # noqa: BLE001 - one shard never stops the others
+                    pool.release(ready[0], e)
+                    if attempt < retries:
+                        log.warning("%s: shard %s failed (attempt %d of %d): %s", stage, shard, attempt + 1,
+                                    retries + 1, _describe(e))
+                        queue.append((shard, attempt + 1))
+                        continue
+                    run.failed[shard] = _describe(e)
+                    store.write_json({"stage": stage, "shard": shard, "error": run.failed[shard],
+                                      "attempts": attempt + 1}, stage, shard + FAILED)
+                    log.error("%s: shard %s failed after %d attempts: %s", stage, shard, attempt + 1,
+                              run.failed[shard])
+                else:
+                    pool.release(ready[0], None)
+                    run.done[shard] = summary
+                    rows += int(summary.get("rows_in", 0) or 0)
+                    if on_shard:
+                        on_shard(shard, summary)
+                bar.set_postfix({unit: rows, "failed": len(run.failed)}, refresh=False)
+                bar.update(1)
+    finally:
+        pool.close()
+    return run

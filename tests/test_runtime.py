@@ -1,0 +1,120 @@
+"""The stage runtime with toy works: markers last, skip by fingerprint, retries, failure
+isolation, model actors replaced when they die, and nothing but summaries reaching the driver."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+from tessera.pipelines import runtime
+from tessera.pipelines.store import ShardStore
+
+SHARDS = ["00000", "00001", "00002", "00003"]
+
+
+def copy_shard(store: ShardStore, shard: str, fail: tuple[str, ...] = (), flaky_dir: str = "") -> dict:
+    """A CPU work: input/{shard}.txt -> output/{shard}.txt, upper-cased."""
+    if shard in fail:
+        raise ValueError(f"shard {shard} is broken")
+    if flaky_dir and not os.path.exists(os.path.join(flaky_dir, shard)):
+        open(os.path.join(flaky_dir, shard), "w").close()  # fails on the first attempt only
+        raise OSError("a transient error")
+    text = store.fs.cat(store.path("input", f"{shard}.txt")).decode()
+    store.write_bytes(text.upper().encode(), "output", f"{shard}.txt")
+    return {"rows_in": len(text.split()), "bytes": len(text)}
+
+
+class Upper:
+    """A model-actor work: loads once, counts its loads, dies on request."""
+
+    def __init__(self, die_on: str = "", flag_dir: str = ""):
+        self.die_on, self.flag_dir = die_on, flag_dir
+        self.calls = 0
+
+    def __call__(self, store: ShardStore, shard: str) -> dict:
+        self.calls += 1
+        flag = os.path.join(self.flag_dir, "died")
+        if shard == self.die_on and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(1)  # the actor's process dies mid-shard
+        summary = copy_shard(store, shard)
+        return {**summary, "calls_in_this_actor": self.calls, "pid": os.getpid()}
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = ShardStore(str(tmp_path / "data"))
+    for i, shard in enumerate(SHARDS):
+        store.write_bytes(" ".join(["word"] * (i + 1)).encode(), "input", f"{shard}.txt")
+    return store
+
+
+def test_markers_summaries_and_skip_by_fingerprint(ray_local, store):
+    fps = {s: "a" for s in SHARDS}
+    run = runtime.run_stage("toy", store, SHARDS, copy_shard, fingerprints=fps, stamp={"selection": "s1"})
+    assert sorted(run.done) == SHARDS and not run.failed and run.skipped == 0
+    for i, shard in enumerate(SHARDS):
+        info = store.done_info("toy", shard)
+        assert (info["rows_in"], info["fingerprint"], info["selection"]) == (i + 1, "a", "s1")
+        assert store.fs.cat(store.path("output", f"{shard}.txt")) == " ".join(["WORD"] * (i + 1)).encode()
+    # Same fingerprints: nothing runs, but the new stamp reaches every marker.
+    again = runtime.run_stage("toy", store, SHARDS, copy_shard, fingerprints=fps, stamp={"selection": "s2"})
+    assert (again.done, again.skipped) == ({}, 4)
+    assert {store.done_info("toy", s)["selection"] for s in SHARDS} == {"s2"}
+    # One shard's inputs changed: exactly that shard is redone.
+    changed = runtime.run_stage("toy", store, SHARDS, copy_shard, fingerprints={**fps, "00002": "b"})
+    assert list(changed.done) == ["00002"] and changed.skipped == 3
+
+
+def test_a_failing_shard_is_recorded_and_the_others_finish(ray_local, store, tmp_path):
+    run = runtime.run_stage("toy", store, SHARDS, copy_shard, kwargs={"fail": ("00001",)}, retries=1)
+    assert sorted(run.done) == ["00000", "00002", "00003"]
+    assert run.failed == {"00001": "ValueError: shard 00001 is broken"}
+    assert runtime.failures(store, "toy") == {"00001": {"stage": "toy", "shard": "00001", "attempts": 2,
+                                                         "error": "ValueError: shard 00001 is broken"}}
+    assert not store.is_done("toy", "00001") and not store.exists("output", "00001.txt")
+    # The rerun redoes exactly the failed shard, and its failure record goes.
+    rerun = runtime.run_stage("toy", store, SHARDS, copy_shard)
+    assert list(rerun.done) == ["00001"] and rerun.skipped == 3 and runtime.failures(store, "toy") == {}
+
+
+def test_transient_errors_are_retried(ray_local, store, tmp_path):
+    flaky = tmp_path / "flaky"
+    flaky.mkdir()
+    run = runtime.run_stage("toy", store, SHARDS, copy_shard, kwargs={"flaky_dir": str(flaky)}, retries=1)
+    assert sorted(run.done) == SHARDS and not run.failed
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    no_retry = runtime.run_stage("toy2", store, SHARDS, copy_shard, kwargs={"flaky_dir": str(fresh)}, retries=0)
+    assert sorted(no_retry.failed) == SHARDS and not no_retry.done
+
+
+def test_actors_stay_loaded_across_shards_and_a_dead_one_is_replaced(ray_local, store, tmp_path):
+    run = runtime.run_stage("toy", store, SHARDS, Upper, kwargs={"die_on": "00001", "flag_dir": str(tmp_path)},
+                            actors=1, retries=1)
+    assert sorted(run.done) == SHARDS and not run.failed
+    # One actor at a time: the first one died on 00001, its replacement did the rest in one process.
+    after = [run.done[s] for s in ("00001", "00002", "00003")]
+    assert len({s["pid"] for s in after}) == 1 and [s["calls_in_this_actor"] for s in after] == [1, 2, 3]
+    assert run.done["00000"]["pid"] != after[0]["pid"]
+
+
+def test_the_driver_receives_per_shard_summaries_only(ray_local, store, monkeypatch):
+    import ray
+
+    received = []
+    real_get = ray.get
+
+    def recording_get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        received.append(value)
+        return value
+
+    monkeypatch.setattr(ray, "get", recording_get)
+    big = " ".join(["word"] * 100_000)
+    store.write_bytes(big.encode(), "input", "00003.txt")
+    runtime.run_stage("toy", store, SHARDS, copy_shard)
+    assert len(received) == len(SHARDS)
+    assert all(isinstance(v, dict) and len(pickle.dumps(v)) < 1024 for v in received)
+    assert any(v["rows_in"] == 100_000 for v in received)
