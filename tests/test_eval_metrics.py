@@ -217,3 +217,17 @@ def test_inception_score_and_precision_recall_through_torch_fidelity():
     assert precision_recall(real, real) == (1.0, 1.0)
     far = precision_recall(real + 100.0, real)
     assert far == (0.0, 0.0)
+
+
+def test_fetch_models_knows_the_eval_sections_models():
+    from tessera.config import load_config
+    from tessera.models import fetch
+    from tessera.pipelines.fetch_models import named_models
+
+    cfg = load_config("configs/demo.yaml", ["eval.inception=weights-inception-2015-12-05-6726825d.pth",
+                                            "eval.clip.checkpoint=clip-vit-l-14/open_clip_pytorch_model.bin"])
+    named = dict(named_models(cfg))
+    assert named["eval.inception"] == "weights-inception-2015-12-05-6726825d.pth"
+    assert named["eval.clip.checkpoint"] == "clip-vit-l-14/open_clip_pytorch_model.bin"
+    assert "eval.vq" not in named  # tiny models are built, not fetched
+    assert fetch.source_for(named["eval.inception"]).url.endswith("/v0.2.0/weights-inception-2015-12-05-6726825d.pth")
