@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample bench-train bench-sample bench-download bench-ingest bench-score bench-scale report-screenshot
+.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-download bench-ingest bench-score bench-scale report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -88,6 +88,10 @@ stage2: setup
 sample: setup
 	$(PY) -m tessera.cli sample $(TRAIN_ARGS)
 
+# Evaluation of the run's checkpoints (eval.checkpoints: untrained, stage1, stage2) and the tokenizer.
+eval: setup
+	$(PY) -m tessera.cli eval $(TRAIN_ARGS)
+
 bench-train: setup
 	$(PY) -m bench.train
 
@@ -119,7 +123,7 @@ clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
 
 # Orchestration (README, "Running at scale"). `make deploy` registers the curate, stage1, stage2,
-# sample and all deployments with the process work pool POOL on the Prefect server at
+# sample, eval and all deployments with the process work pool POOL on the Prefect server at
 # PREFECT_API_URL (default: the `make ui` one), `make worker` runs their flow runs, `make serve` does
 # both in one process. `make submit` runs FLOW as a Ray job on the cluster whose job API is at
 # RAY_API_SERVER_ADDRESS, with Ray's token authentication (token in ~/.ray/auth_token).

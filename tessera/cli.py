@@ -78,6 +78,15 @@ def sample_cmd(args) -> int:
     return 0
 
 
+def eval_cmd(args) -> int:
+    from tessera.flows.eval import eval_flow
+
+    load_config(args.config, args.overrides)
+    eval_flow(config=args.config, overrides=args.overrides, run=args.run, checkpoints=args.checkpoints or None,
+              tokenizer=not args.no_tokenizer)
+    return 0
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("config_file", nargs="?", metavar="CONFIG", help="run config (YAML)")
     _common(p, "")
@@ -130,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=curate_cmd)
     p = sub.add_parser("all", help="curate, then train stage 1 and stage 2, then sample")
     _common(p)
-    p.add_argument("--step", dest="steps", action="append", choices=["curate", "stage1", "stage2", "sample"],
+    p.add_argument("--step", dest="steps", action="append",
+                   choices=["curate", "stage1", "stage2", "sample", "eval"],
                    help="run only this step (repeatable; default: every step, in order)")
     p.add_argument("--run", default=None, help="training run name under runs_root (default: the config's name)")
     p.set_defaults(fn=all_cmd)
@@ -150,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint path, ours or LlamaGen's")
     p.set_defaults(fn=sample_cmd)
+    p = sub.add_parser("eval", help="evaluate checkpoints (FID, CLIP score, prompt-following) and the tokenizer")
+    _common(p)
+    p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+    p.add_argument("--checkpoint", dest="checkpoints", action="append", metavar="NAME_OR_PATH",
+                   help="untrained, stage1, stage2 or a checkpoint path (repeatable; default: eval.checkpoints)")
+    p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer evaluation")
+    p.set_defaults(fn=eval_cmd)
     p = sub.add_parser("fetch-models", help="download every model the config names into models_root, verified")
     _config_arg(p)
     p.set_defaults(fn=fetch_models_cmd)

@@ -137,7 +137,7 @@ def test_deployment_runs_to_completed_through_a_worker(prefect_server, tmp_path)
 def test_build_deployments_names_every_flow_with_its_parameters():
     deployments = deploy.build_deployments("configs/demo.yaml", ["download.shard_size=50"])
     assert [d.name for d in deployments] == list(deploy.FLOWS)
-    assert {d.flow_name for d in deployments} == {"curate", "stage1", "stage2", "sample", "all"}
+    assert {d.flow_name for d in deployments} == {"curate", "stage1", "stage2", "sample", "eval", "all"}
     for d in deployments:
         assert d.parameters == {"config": "configs/demo.yaml", "overrides": ["download.shard_size=50"]}
         assert d.entrypoint.startswith("tessera.flows.")

@@ -35,8 +35,14 @@ def recorded(monkeypatch, tmp_path):
         calls.append(("sample", {"config": config, "overrides": overrides, "run": run}))
         return {"grid": str(tmp_path / "runs" / "grid.png")}
 
+    @flow(name="eval")
+    def eval_flow(config, overrides=None, run=None, checkpoints=None, tokenizer=True):
+        calls.append(("eval", {"config": config, "overrides": overrides, "run": run, "checkpoints": checkpoints}))
+        eval_dir = tmp_path / "runs" / (run or "demo") / "eval"
+        return {"page": str(eval_dir / "samples.html"), "metrics_file": str(eval_dir / "metrics.jsonl")}
+
     for name, fn in (("curate", curate), ("stage1", training("stage1")), ("stage2", training("stage2")),
-                     ("sample", sample)):
+                     ("sample", sample), ("eval_flow", eval_flow)):
         monkeypatch.setattr(all_module, name, fn)
     return calls, tmp_path
 
@@ -48,10 +54,11 @@ def overrides(tmp_path):
 def test_all_runs_every_step_in_order_with_one_config(recorded):
     calls, tmp_path = recorded
     results = all_module.all_stages(config="configs/demo.yaml", overrides=overrides(tmp_path), run="r1")
-    assert [name for name, _ in calls] == ["curate", "stage1", "stage2", "sample"]
+    assert [name for name, _ in calls] == ["curate", "stage1", "eval", "stage2", "eval", "sample"]
     assert all(kw["config"] == "configs/demo.yaml" and kw["overrides"] == overrides(tmp_path) for _, kw in calls)
-    assert [kw.get("run") for _, kw in calls[1:]] == ["r1", "r1", "r1"]
-    assert list(results) == ["curate", "stage1", "stage2", "sample"]
+    assert [kw.get("run") for _, kw in calls[1:]] == ["r1"] * 5
+    assert [kw["checkpoints"] for name, kw in calls if name == "eval"] == [["untrained", "stage1"], ["stage2"]]
+    assert list(results) == ["curate", "stage1", "eval-stage1", "stage2", "eval-stage2", "sample"]
 
     links = dict(all_module.publish_summary(f"{tmp_path}/data", results))
     assert links["reports/report.html"].endswith("data/reports/report.html")
@@ -59,6 +66,7 @@ def test_all_runs_every_step_in_order_with_one_config(recorded):
     assert "reports/funnel.parquet" not in links  # not written by the recording curate
     assert links["stage2 checkpoint"].endswith("r1/stage2/checkpoints/0000010.pt")
     assert links["sample grid"].endswith("grid.png")
+    assert links["evaluation: samples by prompt"].endswith("r1/eval/samples.html")
 
 
 def test_all_runs_only_the_steps_asked_for(recorded):
@@ -66,6 +74,9 @@ def test_all_runs_only_the_steps_asked_for(recorded):
     all_module.all_stages(config="configs/demo.yaml", overrides=overrides(tmp_path),
                           steps=["sample", "stage2"])
     assert [name for name, _ in calls] == ["stage2", "sample"]  # still in pipeline order
+    calls.clear()
+    all_module.all_stages(config="configs/demo.yaml", overrides=overrides(tmp_path), steps=["eval"])
+    assert [(name, kw["checkpoints"]) for name, kw in calls] == [("eval", None)]  # the config's checkpoints
 
 
 def test_all_refuses_an_unknown_step_or_a_bad_config_before_any_step(recorded):

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tessera.config.base import Section
 from tessera.config.caption import CaptionConfig
 from tessera.config.download import DownloadConfig, SourceConfig
+from tessera.config.eval import EvalConfig
 from tessera.config.models import ModelSource
 from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
@@ -57,6 +58,8 @@ class RunConfig(Section):
     stage1: TrainConfig | None = None
     stage2: TrainConfig | None = None
     sample: SampleConfig | None = None
+    # Evaluation of checkpoints (FID, CLIP score, prompt-following) and of the tokenizer.
+    eval: EvalConfig | None = None
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

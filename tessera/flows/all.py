@@ -1,4 +1,5 @@
-"""The `all` flow: curate, then train stage 1 (256px), stage 2 (512px), and sample, from one config.
+"""The `all` flow: curate, then train stage 1 (256px), stage 2 (512px), and sample, from one config;
+with an `eval` section, the checkpoints are evaluated after each training stage.
 
 Each step is a subflow, so the Prefect UI shows one run per step with its own tasks and
 artifacts. Every step skips what is already done (finished shards, saved checkpoints), so
@@ -14,9 +15,12 @@ from prefect.artifacts import create_markdown_artifact
 from tessera.config import load_config
 from tessera.flows.common import logger
 from tessera.flows.curate import curate
+from tessera.flows.eval import eval_flow
 from tessera.flows.train import sample, stage1, stage2
 
-STEPS = ("curate", "stage1", "stage2", "sample")
+STEPS = ("curate", "stage1", "stage2", "sample", "eval")
+# After which step `eval` evaluates which checkpoints (stage 2's run also shows the earlier figures).
+EVAL_AFTER = {"stage1": ["untrained", "stage1"], "stage2": ["stage2"]}
 
 
 @flow(name="all", log_prints=True)
@@ -31,10 +35,17 @@ def all_stages(config: str, overrides: list[str] | None = None, run: str | None 
     cfg = load_config(config, overrides)  # a bad config fails here, before any step starts
     flows = {"curate": curate, "stage1": stage1, "stage2": stage2, "sample": sample}
     results = {}
-    for step in (s for s in STEPS if s in steps):
+    evaluating = "eval" in steps and cfg.eval is not None
+    for step in (s for s in STEPS if s in steps and s != "eval"):
         logger().info("Starting %s.", step)
         training = {} if step == "curate" else {"run": run}
         results[step] = flows[step](config=config, overrides=overrides, **training)
+        if evaluating and step in EVAL_AFTER:
+            wanted = [c for c in EVAL_AFTER[step] if c in cfg.eval.checkpoints]
+            results[f"eval-{step}"] = eval_flow(config=config, overrides=overrides, run=run, checkpoints=wanted,
+                                                tokenizer=step == "stage1")
+    if evaluating and not any(s in steps for s in EVAL_AFTER):
+        results["eval"] = eval_flow(config=config, overrides=overrides, run=run)
     publish_summary(cfg.data_root, results)
     return results
 
@@ -57,6 +68,10 @@ def publish_summary(data_root: str, results: dict) -> list[tuple[str, str]]:
                 links.append((f"{step} checkpoint", results[step]["checkpoint"]))
     if "sample" in results:
         links.append(("sample grid", results["sample"]["grid"]))
+    evals = [results[k] for k in ("eval", "eval-stage2", "eval-stage1") if k in results]
+    if evals and evals[0].get("page"):
+        links.append(("evaluation: samples by prompt", evals[0]["page"]))
+        links.append(("evaluation: metrics.jsonl", evals[0]["metrics_file"]))
     markdown = "\n".join(f"- [{title}]({_link(str(url))})" for title, url in links)
     create_markdown_artifact(key="pipeline-outputs", markdown=markdown or "nothing was written",
                              description="Links to the reports and outputs of this run of `all`.")

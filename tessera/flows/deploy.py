@@ -30,6 +30,7 @@ FLOWS = {
     "stage1": "tessera.flows.train:stage1",
     "stage2": "tessera.flows.train:stage2",
     "sample": "tessera.flows.train:sample",
+    "eval": "tessera.flows.eval:eval_flow",
     "all": "tessera.flows.all:all_stages",
 }
 

@@ -41,6 +41,10 @@ KNOWN_SOURCES: dict[str, ModelSource] = {
         url="https://github.com/LAION-AI/CLIP-based-NSFW-Detector/files/10250461/clip_autokeras_binary_nsfw.zip",
         member="clip_autokeras_binary_nsfw.pth"),
     "clip-vit-l-14/open_clip_pytorch_model.bin": ModelSource(open_clip="ViT-L-14/openai"),
+    # The Inception-v3 weights torch-fidelity and torchmetrics load for FID (the eval section); no
+    # published checksum either.
+    "weights-inception-2015-12-05-6726825d.pth": ModelSource(
+        url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"),
     "vq_ds16_t2i.pt": ModelSource(hub="peizesun/llamagen_t2i", file="vq_ds16_t2i.pt"),
     "t2i_XL_stage1_256.pt": ModelSource(hub="peizesun/llamagen_t2i", file="t2i_XL_stage1_256.pt"),
     "t2i_XL_stage2_512.pt": ModelSource(hub="peizesun/llamagen_t2i", file="t2i_XL_stage2_512.pt"),

@@ -40,6 +40,10 @@ def named_models(cfg: RunConfig) -> list[tuple[str, str]]:
     if cfg.sample is not None:
         named += [("sample.checkpoint", cfg.sample.checkpoint), ("sample.vq", cfg.sample.vq),
                   ("sample.text_encoder", cfg.sample.text_encoder)]
+    if cfg.eval is not None:
+        e = cfg.eval
+        named += [("eval.vq", e.vq), ("eval.text_encoder", e.text_encoder), ("eval.clip.checkpoint", e.clip.checkpoint),
+                  ("eval.inception", e.inception), ("eval.tokenizer.vq", e.tokenizer.vq)]
     return [(key, ref) for key, ref in named if ref and not ref.startswith(PREFIX) and "://" not in ref]
 
 

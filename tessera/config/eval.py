@@ -1,0 +1,73 @@
+"""The `eval` section: evaluate generator checkpoints on a prompt set, and the tokenizer on held-out images."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from tessera.config.base import Section
+from tessera.config.score import ClipModelConfig
+
+
+class TokenizerEvalConfig(Section):
+    enabled: bool = True
+    vq: str | None = None  # None: the sampling VQ (eval.vq)
+    # Held-out images: a glob of image files (local or fsspec); None: the prompt set's `image` column.
+    images: str | None = None
+    max_images: int = 64
+    resolutions: list[Literal[256, 512]] = [256, 512]
+    batch_size: int = 8
+
+
+class EvalConfig(Section):
+    # The prompt set: a parquet with a `prompt` column and optionally `image` (a reference image
+    # path or URL). None: the synthetic source's held-out prompts (written on first use, with
+    # their known truth for prompt-following).
+    prompts: str | None = None
+    synthetic_prompts: int = 24  # how many held-out prompts to write when `prompts` is None
+    max_prompts: int | None = None  # evaluate only the first N prompts (None: all)
+    images_per_prompt: int = 2
+    # Reference images for FID: a glob of image files; None: the prompt set's `image` column.
+    reference: str | None = None
+    # Which checkpoints `eval` compares: "untrained" (a fresh model of stage 1's size), "stage1",
+    # "stage2" (each stage's newest checkpoint), or checkpoint paths.
+    checkpoints: list[str] = ["untrained", "stage1", "stage2"]
+    # Sampling (as in the `sample` section).
+    resolution: Literal[256, 512] | None = None  # None: each checkpoint's training resolution
+    vq: str = "vq_ds16_t2i.pt"
+    text_encoder: str = "google/flan-t5-xl"
+    model: str = "GPT-XL"  # for checkpoints without their config (LlamaGen's)
+    text_rope: Literal["identity", "llamagen"] = "llamagen"
+    batch_size: int = 8
+    cfg_scale: float = 7.5
+    temperature: float = 1.0
+    top_k: int = 1000
+    top_p: float = 1.0
+    seed: int = 0
+    # Metrics. Inception-v3 weights in torch-fidelity's format (weights-inception-2015-12-05-
+    # 6726825d.pth) by path: FID (and IS, precision/recall when asked); None: no Inception metrics.
+    inception: str | None = None
+    inception_score: bool = False
+    precision_recall: bool = False
+    # The CLIP for CLIP score and the CLIP-feature Frechet distance (ViT-L/14 at scale).
+    clip: ClipModelConfig = ClipModelConfig()
+    # Distribution: one sampling worker per GPU (or CPU worker), prompts in shards.
+    num_workers: int = 1
+    use_gpu: bool = False
+    shard_size: int = 256  # prompts per shard
+    retries: int = 1
+    html_prompts: int = 64  # prompts shown on the samples page
+    tokenizer: TokenizerEvalConfig = TokenizerEvalConfig()
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for key in ("images_per_prompt", "batch_size", "num_workers", "shard_size", "synthetic_prompts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1")
+        if not self.checkpoints:
+            raise ValueError("checkpoints must name at least one checkpoint")
+        return self
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"

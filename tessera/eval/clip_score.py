@@ -1,0 +1,26 @@
+"""CLIP score with the configured open_clip model: max(100 * cos(image, caption), 0) per image.
+
+This is torchmetrics' CLIPScore formula; torchmetrics loads only Hugging Face CLIP models, while
+Tessera's CLIP is an open_clip model by path (ViT-L/14 at scale, the tiny one in the demo), so the
+formula is applied here to open_clip's embeddings (`Clip.encode_images` / `encode_texts`).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from tessera.models.clip import Clip
+
+
+def clip_inputs(clip: Clip, pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> CLIP's resized and centre-cropped (N, S, S, 3) uint8."""
+    return np.stack([clip.preprocess(Image.fromarray(p)) for p in pixels])
+
+
+def clip_score(clip: Clip, pixels: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image CLIP scores (N,) and the L2-normalised image embeddings (N, D)."""
+    if len(pixels) != len(prompts):
+        raise ValueError(f"{len(pixels)} images but {len(prompts)} prompts")
+    images = clip.encode_images(clip_inputs(clip, pixels))
+    texts = clip.encode_texts(list(prompts))
+    return np.maximum(100.0 * (images * texts).sum(-1), 0.0), images
