@@ -105,6 +105,19 @@ def _input_files(store_fs_url: str) -> tuple[object, list[str]]:
     return fs, files
 
 
+def prepared_shards(store: ShardStore, source: SourceConfig) -> list[str] | None:
+    """The shards an earlier run cut the input into (None when it was not cut yet); an input of
+    another kind than the store was prepared from is an error."""
+    if not store.exists(INPUT, "_prepared.json"):
+        return None
+    prepared = store.read_json(INPUT, "_prepared.json")
+    kind = prepared.get("kind", "laion_parquet")
+    if kind != source.kind:
+        raise InputError(f"{store.url(INPUT)} was prepared from a {kind} source, not {source.kind}: "
+                         "use a new data_root")
+    return prepared["shards"]
+
+
 def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cfg: RayConfig) -> list[str]:
     """Cut the input into shards on Ray and find its duplicate URLs (once; a rerun reuses them, and
     finishes what an interrupted one left). Returns the shard names."""
@@ -116,12 +129,9 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cf
         from tessera.pipelines import ingest
 
         return ingest.prepare(source, cfg, store)
-    if store.exists(INPUT, "_prepared.json"):
-        prepared = store.read_json(INPUT, "_prepared.json")
-        if prepared.get("kind", "laion_parquet") != source.kind:
-            raise InputError(f"{store.url(INPUT)} was prepared from a {prepared['kind']} source, not "
-                             f"{source.kind}: use a new data_root")
-        return prepared["shards"]
+    shards = prepared_shards(store, source)
+    if shards is not None:
+        return shards
     fs, files = _input_files(source.path)
     schema = pq.read_schema(fs.open(files[0], "rb"))
     for need, key in ((source.columns.url, "url"), (source.columns.caption, "caption")):

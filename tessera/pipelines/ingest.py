@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 
 from tessera.config.download import CaptionFiles, DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
-from tessera.pipelines.download import INPUT, STAGE, DownloadResult, InputError, reason_for, summarize
+from tessera.pipelines.download import (INPUT, STAGE, DownloadResult, InputError, prepared_shards, reason_for,
+                                        summarize)
 from tessera.pipelines.store import ShardStore, shard_name
 
 log = logging.getLogger(__name__)
@@ -293,12 +294,9 @@ def reader_for(source: SourceConfig):
 # Prepare ----------------------------------------------------------------------------------
 def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> list[str]:
     """List the input and cut it into input shards (once; a rerun reuses them)."""
-    if store.exists(INPUT, "_prepared.json"):
-        prepared = store.read_json(INPUT, "_prepared.json")
-        if prepared.get("kind", "laion_parquet") != source.kind:
-            raise InputError(f"{store.url(INPUT)} was prepared from a {prepared.get('kind', 'laion_parquet')} "
-                             f"source, not {source.kind}: use a new data_root")
-        return prepared["shards"]
+    done = prepared_shards(store, source)
+    if done is not None:
+        return done
     shards, rows = [], {}
     for part in reader_for(source).shards(cfg.shard_size):
         name = shard_name(len(shards))
