@@ -155,9 +155,11 @@ def degrade(img: Image.Image, rng: random.Random, detail: str) -> Image.Image:
     w, h = img.size
     nrng = np.random.default_rng(rng.getrandbits(32))
     if detail == "noise":
-        sigma = rng.uniform(70, 110)
-        arr = np.asarray(img, np.float32) + nrng.normal(0, sigma, (h, w, 3))
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        # Grain about 1/60 of the short side: coarse enough to survive a resize to a model's input.
+        grain = max(1, min(w, h) // 60)
+        noise = nrng.normal(0, rng.uniform(70, 110), (h // grain + 1, w // grain + 1, 3))
+        noise = noise.repeat(grain, 0).repeat(grain, 1)[:h, :w]
+        return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
     if detail == "blur":
         return img.filter(ImageFilter.GaussianBlur(min(w, h) * rng.uniform(0.08, 0.14)))
     base = np.array(rng.choice(list(COLORS.values())), np.float32)
