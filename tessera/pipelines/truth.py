@@ -226,10 +226,13 @@ def measure_captions(store: ShardStore, truth_file: str) -> dict:
     return metrics
 
 
-def measure_tokenizer(store: ShardStore, vq_path: str, resolutions: list[int], samples: int = 32) -> dict:
+def measure_tokenizer(store: ShardStore, vq_path: str, resolutions: list[int], samples: int = 32,
+                      vq_config: str | None = None, ema: bool = False) -> dict:
+    import os
+
     from tessera.models.vq import load_vq
 
-    vq = load_vq(vq_path).eval()
+    vq = load_vq(vq_path, None if os.path.isdir(vq_path) else vq_config, ema=ema).eval()
     images = kept_images(store, samples)
     metrics = {str(res): reconstruction_metrics(vq, [i for i in images if min(i.size) >= res], res)
                for res in resolutions}
@@ -262,3 +265,26 @@ def tokenizer_rows(m: dict) -> list[dict]:
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
+
+
+def truth_section(report: dict) -> str:
+    """The filter report's section on the truth: a table per measured part."""
+    import html
+
+    def table(rows: list[dict]) -> str:
+        if not rows:
+            return ""
+        head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    parts = ["<h2>Against the truth</h2><p class=muted>The synthetic source planted these defects and "
+             "recorded them in its truth file, which no stage reads. A sample counts as caught by every "
+             "filter whose threshold it fails, whichever filter dropped it first.</p>"]
+    if "filters" in report:
+        parts.append(table(filter_rows(report["filters"])))
+    if "captions" in report:
+        parts.append("<h3>Captioner</h3>" + table(caption_rows(report["captions"])))
+    if "tokenizer" in report:
+        parts.append("<h3>Tokenizer</h3>" + table(tokenizer_rows(report["tokenizer"])))
+    return "".join(parts)

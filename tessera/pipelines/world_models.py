@@ -38,11 +38,12 @@ EVAL_SEED = 202       # a held-out slice of the world, for the tests and the thr
 CLIP_ARCH = "tessera-world-clip"
 CLIP_CONFIG = {
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 CLIP_SIZE = 64
-WATERMARK_SIZE = 128
+CAPTIONER_SIZE = 48
+WATERMARK_SIZE = 96
 CAPTION_PROMPT = "Describe this image in as much detail as possible."
 # Captions the CLIP learns for low-aesthetic pictures: quality is part of what its embedding says.
 DEGRADED_CAPTIONS = {"noise": "a noisy picture of {}", "blur": "a blurry picture of {}", "blank": "a blank picture"}
@@ -140,7 +141,7 @@ def new_clip():
         logging.disable(logging.NOTSET)
 
 
-def train_clip(data: WorldImages, steps: int = 600, batch_size: int = 128, lr: float = 2e-3, seed: int = 0):
+def train_clip(data: WorldImages, steps: int = 400, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
     from open_clip.loss import ClipLoss
 
     from tessera.models.clip import ClipPreprocess
@@ -153,7 +154,7 @@ def train_clip(data: WorldImages, steps: int = 600, batch_size: int = 128, lr: f
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     model.train()
     for step, idx in enumerate(batches(len(tokens), batch_size, steps, seed)):
-        cosine_lr(opt, step, steps, lr, warmup=50)
+        cosine_lr(opt, step, steps, lr, warmup=30)
         image_features, text_features, logit_scale = model(pixels[idx], tokens[idx])
         loss = loss_fn(image_features, text_features, logit_scale)
         opt.zero_grad(set_to_none=True)
@@ -209,7 +210,7 @@ def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 1500,
 
 
 # Watermark detector -------------------------------------------------------------------------------
-def train_watermark(data: WorldImages, steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0):
+def train_watermark(data: WorldImages, steps: int = 250, batch_size: int = 32, lr: float = 2e-3, seed: int = 0):
     from tessera.models.watermark import IMAGENET_MEAN, IMAGENET_STD, TINY_ARCH, build_detector
 
     deterministic(seed)
@@ -234,7 +235,7 @@ def train_watermark(data: WorldImages, steps: int = 300, batch_size: int = 32, l
 
 # Captioner ----------------------------------------------------------------------------------------
 def new_llava(seed: int = 0):
-    """An untrained LLaVA (64px images, 64 image tokens, 2+2 layers) and its processor."""
+    """An untrained LLaVA (48px images, 36 image tokens, 2+2 layers) and its processor."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -247,20 +248,20 @@ def new_llava(seed: int = 0):
                                 pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                 padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN})
     patch = 8
-    image_processor = CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE},
-                                         crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": CAPTIONER_SIZE},
+                                         crop_size={"height": CAPTIONER_SIZE, "width": CAPTIONER_SIZE})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=TINY_CHAT_TEMPLATE)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=CLIP_SIZE, patch_size=patch, projection_dim=64)
+                              image_size=CAPTIONER_SIZE, patch_size=patch, projection_dim=64)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(CLIP_SIZE // patch) ** 2, vision_feature_layer=-1,
+                         image_seq_length=(CAPTIONER_SIZE // patch) ** 2, vision_feature_layer=-1,
                          vision_feature_select_strategy="default")
     return LlavaForConditionalGeneration(config), processor
 
@@ -284,7 +285,7 @@ def caption_batch(processor, images: np.ndarray, captions: list[str]):
     return inputs, labels
 
 
-def train_llava(data: WorldImages, steps: int = 800, batch_size: int = 32, lr: float = 2e-3, seed: int = 0):
+def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 2e-3, seed: int = 0):
     deterministic(seed)
     model, processor = new_llava(seed)
     clean = [i for i, k in enumerate(data.kinds) if k != world.LOW_AESTHETIC]
@@ -300,6 +301,95 @@ def train_llava(data: WorldImages, steps: int = 800, batch_size: int = 32, lr: f
         if step % 100 == 0 or step == steps - 1:
             log.info("llava step %d loss %.4f", step, loss.item())
     return model.eval(), processor
+
+
+# Measured on a held-out slice of the world, through the real loaders -----------------------------
+def eval_images(n: int, seed: int = EVAL_SEED) -> tuple[list[world.WorldSample], np.ndarray, np.ndarray]:
+    """The first `n` samples of world `seed` as the demo plants them (defects, captions), rendered
+    at half size, as CLIP and watermark-detector inputs."""
+    from tessera.models.clip import ClipPreprocess
+    from tessera.models.watermark import preprocess as watermark_preprocess
+
+    samples = [world.world_sample(i, seed) for i in range(n)]
+    clip_pre = ClipPreprocess(CLIP_SIZE)
+    clip = np.zeros((n, CLIP_SIZE, CLIP_SIZE, 3), np.uint8)
+    wm = np.zeros((n, WATERMARK_SIZE, WATERMARK_SIZE, 3), np.uint8)
+    for i, s in enumerate(samples):
+        p = s.picture
+        half = dataclasses.replace(s, picture=dataclasses.replace(p, width=p.width // 2, height=p.height // 2))
+        img, _ = world.render_with_quality(half, seed)
+        clip[i] = clip_pre(img)
+        wm[i] = watermark_preprocess(img, WATERMARK_SIZE)
+    return samples, clip, wm
+
+
+def evaluate(folder: str, n: int = 400, captions: int = 48) -> dict:
+    """Scores of the models in `folder` (loaded as the stages load them) on a held-out slice."""
+    from tessera.models.aesthetic import load_aesthetic
+    from tessera.models.clip import Clip
+    from tessera.models.llava import load_llava, prompt_text
+    from tessera.models.watermark import TINY_ARCH, load_watermark, pwatermark
+    from tessera.pipelines.truth import parse_caption
+
+    torch.set_num_threads(1)
+    samples, clip_pixels, wm_pixels = eval_images(n)
+    kinds = np.array([s.defect or "clean" for s in samples])
+    clip = Clip(CLIP_ARCH, os.path.join(folder, "clip"))
+    image_emb = clip.encode_images(clip_pixels)
+    clip_score = np.sum(image_emb * clip.encode_texts([s.caption for s in samples]), axis=1)
+    with torch.inference_mode():
+        aesthetic = load_aesthetic(os.path.join(folder, "aesthetic", "aesthetic.safetensors"))(
+            torch.from_numpy(image_emb)).numpy()
+        detector = load_watermark(os.path.join(folder, "watermark", "watermark.safetensors"), TINY_ARCH)
+        pwm = np.concatenate([pwatermark(detector, torch.from_numpy(wm_pixels[i:i + 64])).numpy()
+                              for i in range(0, n, 64)])
+    # Near-duplicates: each planted copy against its original, and clean pictures against each other.
+    dup_sims = []
+    for i, s in enumerate(samples):
+        if s.defect == world.NEAR_DUPLICATE and s.duplicate_of is not None and s.duplicate_of < n:
+            dup_sims.append(float(image_emb[i] @ image_emb[s.duplicate_of]))
+    clean = np.flatnonzero(kinds == "clean")
+    sims = image_emb[clean] @ image_emb[clean].T
+    clean_pair_sims = sims[np.triu_indices(len(clean), 1)]
+    # Captions of clean pictures, generated greedily as the caption stage does.
+    model, processor = load_llava(os.path.join(folder, "llava"))
+    text = prompt_text(processor, CAPTION_PROMPT)
+    picked = clean[:captions]
+    inputs = processor(images=list(clip_pixels[picked]), text=[text] * len(picked), return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    generated = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    parsed = [parse_caption(g) for g in generated]
+    truth = [samples[i].picture for i in picked]
+    right = {f: float(np.mean([getattr(t, f) == p[f] for t, p in zip(truth, parsed)]))
+             for f in ("color", "shape", "background", "place")}
+    right["color_and_shape"] = float(np.mean([t.color == p["color"] and t.shape == p["shape"]
+                                              for t, p in zip(truth, parsed)]))
+    return {"kinds": kinds, "clip_score": clip_score, "aesthetic": aesthetic, "pwatermark": pwm,
+            "duplicate_similarity": np.array(dup_sims), "clean_pair_similarity": clean_pair_sims,
+            "captions": generated, "caption_accuracy": right}
+
+
+def summarize(ev: dict) -> dict:
+    """Thresholds that keep 99% of the clean pictures, and what each catches of its defect."""
+    kinds = ev["kinds"]
+    clean = kinds == "clean"
+    out = {}
+    for score, defect, higher in (("clip_score", world.MISMATCHED_CAPTION, True),
+                                  ("aesthetic", world.LOW_AESTHETIC, True),
+                                  ("pwatermark", world.WATERMARK, False)):
+        values = ev[score]
+        t = float(np.quantile(values[clean], 0.01 if higher else 0.99))
+        caught = values[kinds == defect] < t if higher else values[kinds == defect] > t
+        out[score] = {"threshold_keeping_99pct_clean": round(t, 4), "caught": round(float(caught.mean()), 4),
+                      "clean_median": round(float(np.median(values[clean])), 4),
+                      "defect_median": round(float(np.median(values[kinds == defect])), 4)}
+    out["near_duplicate"] = {"copy_min": round(float(ev["duplicate_similarity"].min()), 5),
+                             "copy_p10": round(float(np.quantile(ev["duplicate_similarity"], 0.1)), 5),
+                             "clean_pairs_above_copy_p10": round(float(np.mean(
+                                 ev["clean_pair_similarity"] >= np.quantile(ev["duplicate_similarity"], 0.1))), 5)}
+    out["captions"] = {k: round(v, 4) for k, v in ev["caption_accuracy"].items()}
+    return out
 
 
 # All of them ---------------------------------------------------------------------------------------
