@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--dir", default="bench-output/demo-world")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--download-only", action="store_true", help="stop after the download")
     args = p.parse_args()
     out = os.path.abspath(args.dir)
     cfg = load_config(args.config, [f"data_root={out}/data", f"models_root={out}/models",
@@ -36,6 +37,9 @@ def main() -> None:
         download.prepare(cfg.source, cfg.download, store)
         download.run(cfg.source, cfg.download, cfg.ray, store)
         seconds["download"] = time.time() - t
+    print("seconds per stage:", json.dumps({k: round(v, 1) for k, v in seconds.items()}), flush=True)
+    if args.download_only:
+        return
     t = time.time()
     score.run(cfg.filters, cfg.ray, store, cfg.models_root)
     seconds["score"] = time.time() - t

@@ -73,6 +73,22 @@ def test_captioner_names_colour_and_shape(evaluated):
     assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.8, evaluated["captions"][:8]
 
 
+def test_training_repeats_bit_for_bit_in_a_few_steps():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        data = world_models.world_images(24, seed=5)
+        runs = [world_models.train_clip(data, steps=3, batch_size=8) for _ in range(2)]
+        heads = [world_models.train_watermark(data, steps=2, batch_size=4) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    for a, b in (runs, heads):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.slow
 def test_world_models_reproduce_bit_for_bit():
     assert world_models.check(SHIPPED) == []

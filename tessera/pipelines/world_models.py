@@ -45,8 +45,9 @@ CLIP_SIZE = 64
 CAPTIONER_SIZE = 48
 WATERMARK_SIZE = 96
 CAPTION_PROMPT = "Describe this image in as much detail as possible."
-# Captions the CLIP learns for low-aesthetic pictures: quality is part of what its embedding says.
-DEGRADED_CAPTIONS = {"noise": "a noisy picture of {}", "blur": "a blurry picture of {}", "blank": "a blank picture"}
+# Captions the CLIP learns for low-aesthetic pictures: they say what is wrong and nothing of the
+# shape, so quality becomes a direction of the embedding that a linear aesthetic head can read.
+DEGRADED_CAPTIONS = {"noise": "a noisy picture", "blur": "a blurry picture", "blank": "a blank picture"}
 # The aesthetic head's targets (the LAION scale runs from about 1 to 10).
 AESTHETIC_GOOD, AESTHETIC_BAD = 7.0, 2.0
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "world_weights")
@@ -74,7 +75,7 @@ class WorldImages:
         return [p.caption for p in self.pictures]
 
     def clip_captions(self) -> list[str]:
-        return [DEGRADED_CAPTIONS[d].format(p.caption) if k == world.LOW_AESTHETIC else p.caption
+        return [DEGRADED_CAPTIONS[d] if k == world.LOW_AESTHETIC else p.caption
                 for p, k, d in zip(self.pictures, self.kinds, self.details)]
 
 
@@ -190,7 +191,7 @@ def clip_image_embeddings(model, clip_pixels: np.ndarray, batch_size: int = 256)
 
 
 # Aesthetic head -----------------------------------------------------------------------------------
-def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 1500, lr: float = 1e-3, seed: int = 0):
+def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 600, lr: float = 5e-3, seed: int = 0):
     from tessera.models.aesthetic import AestheticHead
 
     deterministic(seed)
@@ -204,13 +205,13 @@ def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 1500,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 500 == 0 or step == steps - 1:
+        if step % 200 == 0 or step == steps - 1:
             log.info("aesthetic step %d loss %.4f", step, loss.item())
     return head.eval()
 
 
 # Watermark detector -------------------------------------------------------------------------------
-def train_watermark(data: WorldImages, steps: int = 250, batch_size: int = 32, lr: float = 2e-3, seed: int = 0):
+def train_watermark(data: WorldImages, steps: int = 400, batch_size: int = 32, lr: float = 5e-3, seed: int = 0):
     from tessera.models.watermark import IMAGENET_MEAN, IMAGENET_STD, TINY_ARCH, build_detector
 
     deterministic(seed)
@@ -222,7 +223,7 @@ def train_watermark(data: WorldImages, steps: int = 250, batch_size: int = 32, l
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     for step, idx in enumerate(batches(len(labels), batch_size, steps, seed)):
-        cosine_lr(opt, step, steps, lr, warmup=20)
+        cosine_lr(opt, step, steps, lr, warmup=30)
         x = (torch.from_numpy(data.watermark[idx.numpy()]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
         opt.zero_grad(set_to_none=True)
