@@ -34,19 +34,22 @@ def test_filter_metrics_count_caught_defects_and_flagged_clean_samples():
         ("u9", "near_duplicate", "resized", "circle", "red", "blue", "on the left", "u0"),
         ("u10", "near_duplicate", "cropped", "square", "red", "blue", "on the left", "u1"),
         ("u11", "crawl_fault", "http_404", None, None, None, None, None),
+        ("u12", "near_duplicate", "reencoded", "cross", "red", "blue", "on the left", "u3"),
     ])
+    keys = [f"k{i:02d}" for i in range(11)] + ["k12"]
     scores = pd.DataFrame({
-        "key": [f"k{i:02d}" for i in range(11)],
-        "url": [f"u{i}" for i in range(11)],
+        "key": keys,
+        "url": [f"u{i}" for i in range(11)] + ["u12"],
         #              clean: 1 low clip score        mismatched: 1 of 2 caught
-        "clip_score": [0.3, 0.1, 0.3, 0.3, 0.1, 0.3, 0.3, 0.05, 0.3, 0.3, 0.3],
-        "aesthetic": [6, 6, 3, 6, 6, 6, 6, 2, 6, 6, 6],
-        "pwatermark": [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1],
-        "punsafe": [0.0] * 8 + [0.5, 0.0, 0.0],
-        "reason": ["", "low_clip_score", "low_aesthetic", "", "low_clip_score", "", "watermark",
-                   "low_clip_score", "nsfw", "near_duplicate", ""],
-        "duplicate_of": [""] * 9 + ["k00", ""],
-        "keep": [True, False, False, True, False, True, False, False, False, False, True],
+        "clip_score": [0.3, 0.1, 0.3, 0.3, 0.1, 0.3, 0.3, 0.05, 0.3, 0.3, 0.3, 0.3],
+        "aesthetic": [6, 6, 3, 6, 6, 6, 6, 2, 6, 6, 6, 6],
+        "pwatermark": [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1],
+        "punsafe": [0.0] * 8 + [0.5, 0.0, 0.0, 0.0],
+        # u3 (clean) and its copy u12 are both dropped as duplicates of u0: one group, the copy caught.
+        "reason": ["", "low_clip_score", "low_aesthetic", "near_duplicate", "low_clip_score", "", "watermark",
+                   "low_clip_score", "nsfw", "near_duplicate", "", "near_duplicate"],
+        "duplicate_of": [""] * 3 + ["k00"] + [""] * 5 + ["k00", "", "k00"],
+        "keep": [True, False, False, False, False, True, False, False, False, False, True, False],
     })
     m = truth.filter_metrics(scores, t, THRESHOLDS)
     by = {r["filter"]: r for r in m["per_filter"]}
@@ -56,11 +59,12 @@ def test_filter_metrics_count_caught_defects_and_flagged_clean_samples():
     assert (by["aesthetic"]["planted"], by["aesthetic"]["caught"], by["aesthetic"]["clean_flagged"]) == (1, 1, 1)
     assert (by["watermark"]["caught"], by["watermark"]["clean_flagged"]) == (1, 0)
     assert by["nsfw"]["caught"] == 1
-    # u9 is dropped as a duplicate of its original; u10's original was not found.
-    assert (by["near_duplicate"]["planted"], by["near_duplicate"]["caught"]) == (2, 1)
+    # u9 is dropped as a duplicate of its original, u12 in its original's group; u10 was not found.
+    assert (by["near_duplicate"]["planted"], by["near_duplicate"]["caught"]) == (3, 2)
+    assert by["near_duplicate"]["clean_flagged"] == 1  # u3, a duplicate of another clean picture
     assert m["clean_flagged_by_quality_filters"] == 2 and m["clean_flagged_by_quality_filters_rate"] == 0.5
     outcome = {r["kind"]: r for r in m["outcome"]}
-    assert outcome["clean"] == {"kind": "clean", "samples": 4, "kept": 2}
+    assert outcome["clean"] == {"kind": "clean", "samples": 4, "kept": 1}
     assert "crawl_fault" not in outcome  # never scored
     rows = truth.filter_rows(m)
     assert rows[0]["caught %"] == "50.0" and rows[-1]["clean flagged %"] == "50.0"

@@ -6,8 +6,9 @@ outputs, by URL, and counts:
 
   filters    per filter, the planted defects of its kind that its score flags (caught), and the
              clean samples it flags; a sample counts for every filter whose threshold it fails,
-             whichever filter dropped it first. Near-duplicates are caught when the copy (or the
-             original in its place) is dropped as a near-duplicate of the other.
+             whichever filter dropped it first. A planted near-duplicate is caught when the copy
+             and its original end in one near-duplicate group; a clean sample is flagged by the
+             near-duplicate filter when it is dropped as a near-duplicate of any other.
   captioner  for kept samples, whether the generated caption names the true shape colour, shape,
              background and place, and how often the stage fell back to the original caption.
   tokenizer  the VQ's reconstruction error (mean absolute error in 0-255 levels, PSNR) on a few
@@ -70,16 +71,21 @@ def filter_metrics(scores: pd.DataFrame, truth: pd.DataFrame, thresholds: dict) 
     frame = frame[frame["kind"].notna()].reset_index(drop=True)
     kind = frame["kind"].to_numpy(dtype=object)
     flagged = flags(frame, thresholds)
-    # A planted copy is caught when it, or its original, was dropped as a duplicate of the other.
+    # A planted copy is caught when it and its original end in one near-duplicate group (one of
+    # them, or both, dropped as a near-duplicate of the group's kept sample).
     if "duplicate_of_truth" in frame:
         key_of = dict(zip(frame["url"], frame["key"]))
         dropped_for = dict(zip(frame["key"], frame["duplicate_of"].fillna("")))
+        reason_of = dict(zip(frame["key"], frame["reason"].fillna("")))
+
+        def group(key: str) -> str:
+            return dropped_for.get(key) or key
+
         caught_dup = np.zeros(len(frame), bool)
         for i in np.flatnonzero(kind == NEAR_DUPLICATE):
-            original = key_of.get(frame["duplicate_of_truth"].iloc[i])
-            copy = frame["key"].iloc[i]
-            caught_dup[i] = (original is not None and
-                             (dropped_for.get(copy) == original or dropped_for.get(original) == copy))
+            original, copy = key_of.get(frame["duplicate_of_truth"].iloc[i]), frame["key"].iloc[i]
+            caught_dup[i] = (original is not None and group(copy) == group(original) and
+                             "near_duplicate" in (reason_of.get(copy), reason_of.get(original)))
         flagged["near_duplicate"] = np.where(kind == NEAR_DUPLICATE, caught_dup, flagged["near_duplicate"])
     clean = kind == CLEAN
     per_filter = []
