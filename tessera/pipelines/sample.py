@@ -120,7 +120,9 @@ def save_grid(images: torch.Tensor, path_or_file, nrow: int | None = None, label
     nrow = nrow or max(1, int(len(images) ** 0.5 + 0.999))
     pixels = ((images.float().clamp(-1, 1) + 1) / 2).cpu()
     if labels is not None:
-        pixels = torch.stack([labelled(img, text) for img, text in zip(pixels, labels)])
+        cells = [labelled(img, text) for img, text in zip(pixels, labels)]
+        tallest = max(c.shape[1] for c in cells)
+        pixels = torch.stack([F.pad(c, (0, 0, 0, tallest - c.shape[1]), value=1.0) for c in cells])
     grid = make_grid(pixels, nrow=nrow, padding=2)
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path_or_file, format="PNG")
 
