@@ -115,6 +115,14 @@ CAPTION_BENCH ?=
 bench-caption: setup
 	$(PY) -m bench.caption $(CAPTION_BENCH)
 
+# The demo's scoring models and captioner, trained on its synthetic world (bit for bit reproducible).
+.PHONY: world-models world-models-check
+world-models: setup
+	$(PY) -m tessera.pipelines.world_models
+
+world-models-check: setup
+	$(PY) -m tessera.pipelines.world_models --check
+
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new
 	mv requirements.lock.new requirements.lock

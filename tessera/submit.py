@@ -24,9 +24,10 @@ from pathlib import Path
 from tessera.pipelines.raytools import WORKER_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Not uploaded with the working directory (beyond what .gitignore already leaves out).
+# Not uploaded with the working directory (beyond what .gitignore already leaves out). The demo's
+# world-trained models (a few MB) travel with the code.
 EXCLUDES = [".git", ".venv", ".prefect", "demo-output", "bench-output", "*.pth", "*.pt", "*.ckpt",
-            "*.safetensors", "*.bin"]
+            "*.safetensors", "*.bin", "!tessera/models/world_weights/**"]
 
 
 class SubmitError(RuntimeError):

@@ -120,6 +120,6 @@ def test_no_selected_shards_is_a_clear_error(tmp_path):
 
 def test_demo_config_captions_with_the_tiny_llava():
     cfg = load_config("configs/demo.yaml").caption
-    assert cfg.model == "tiny:llava" and cfg.enabled and cfg.backend == "transformers"
+    assert cfg.model == "tiny:world-llava" and cfg.enabled and cfg.backend == "transformers"
     with pytest.raises(ValueError, match="prompt_template"):
         CaptionConfig(prompt_template="no slots")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -107,5 +108,8 @@ def test_sample_run_writes_a_png_grid_through_the_real_loaders(tmp_path):
     result = sample.run(cfg)
     assert result.images == 4 and result.tokens_per_s > 0
     image = Image.open(result.grid)
-    assert image.format == "PNG" and image.size == (2 + 2 * 130, 2 + 2 * 130)
+    # Two columns of 128 px images, each row taller than the image by its prompt's label strip.
+    assert image.format == "PNG" and image.size[0] == 2 + 2 * 130 and image.size[1] > 2 + 2 * 130
+    strip = np.asarray(image.convert("L"))[2 + 128 + 2:2 + 128 + 10, 2:130]
+    assert strip.max() == 255 and strip.min() < 128  # a white strip with writing on it
     assert result.grid.startswith(str(tmp_path / "runs" / "s" / "samples"))

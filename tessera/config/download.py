@@ -28,6 +28,9 @@ class SyntheticConfig(Section):
     seed: int = 0
     # Add one record of every bad kind (404, timeout, corrupt JPEG, file: URL, ...).
     bad_records: bool = True
+    # Plant defects in a share of the pictures (mismatched captions, watermarks, low-aesthetic
+    # images, NSFW flags, near-duplicates); the truth file beside the source records them.
+    defects: bool = True
 
 
 class CaptionFiles(Section):

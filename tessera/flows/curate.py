@@ -9,6 +9,7 @@ from tessera.flows.caption_tasks import caption_task
 from tessera.flows.common import ShardProgress, logger, publish_table, source_context
 from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.flows.tokenize_tasks import tokenize_task
+from tessera.flows.truth_tasks import truth_filters_task, truth_later_task
 from tessera.pipelines import download
 from tessera.pipelines.funnel import write_funnel
 from tessera.pipelines.runtime import ShardFailures
@@ -46,9 +47,11 @@ def curate(config: str, overrides: list[str] | None = None) -> dict:
         step("download", download_task(cfg, store))
         step("score", score_task(cfg, store))
         step("select", select_task(cfg, store))
+        truth_filters_task(cfg, store)
         report_task(store, funnel, cfg.filters.report_examples)
         step("caption", caption_task(cfg, store))
         step("tokenize", tokenize_task(cfg, store))
+        truth_later_task(cfg, store)
     url = write_funnel(store, funnel)
     publish_table("funnel", funnel, f"Rows kept and dropped per stage and reason ({url}).")
     logger().info("Funnel written to %s.", url)

@@ -20,7 +20,13 @@ BUILDERS: dict[str, str] = {
     "vq": "tessera.models.vq:build_tiny",
     "t5": "tessera.models.text_encoder:build_tiny",
     "llava": "tessera.models.llava:build_tiny",
+    # Trained on the demo's world (tessera.pipelines.world_models), shipped under world_weights/.
+    "world-clip": "tessera.models.tiny:install_world_clip",
+    "world-aesthetic": "tessera.models.tiny:install_world_aesthetic",
+    "world-watermark": "tessera.models.tiny:install_world_watermark",
+    "world-llava": "tessera.models.tiny:install_world_llava",
 }
+WORLD_WEIGHTS = os.path.join(os.path.dirname(__file__), "world_weights")
 
 PREFIX = "tiny:"
 
@@ -48,6 +54,33 @@ def resolve(ref: str, models_root: str) -> str:
             shutil.rmtree(path)
         os.replace(tmp, path)
     return path
+
+
+def install_world(name: str, path: str) -> None:
+    """Copy the shipped world-trained model `name` to `path`."""
+    import shutil
+
+    source = os.path.join(WORLD_WEIGHTS, name)
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{source}: the world-trained {name} is missing; train it with "
+                                f"`python -m tessera.pipelines.world_models`")
+    shutil.copytree(source, path)
+
+
+def install_world_clip(path: str) -> None:
+    install_world("clip", path)
+
+
+def install_world_aesthetic(path: str) -> None:
+    install_world("aesthetic", path)
+
+
+def install_world_watermark(path: str) -> None:
+    install_world("watermark", path)
+
+
+def install_world_llava(path: str) -> None:
+    install_world("llava", path)
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int = 512, special_tokens: list[str] | None = None,

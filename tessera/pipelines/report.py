@@ -235,6 +235,10 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
     parts.append("<h2>Funnel</h2><p class=muted>Every input row ends kept or dropped with one reason; "
                  "a sample failing several filters is dropped for the first in this order: "
                  f"{_e(', '.join(summary['order']))}.</p>" + funnel_table(funnel))
+    if store.exists("reports", "truth.json"):  # the synthetic world's truth (the demo)
+        from tessera.pipelines.truth import truth_section
+
+        parts.append(truth_section(store.read_json("reports", "truth.json")))
 
     # Where each score came from.
     rows = []

@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -111,14 +112,37 @@ def encode_prompts(text_encoder, prompts: list[str], dim: int, device) -> tuple[
     return cond.to(device), mask.to(device)
 
 
-def save_grid(images: torch.Tensor, path_or_file, nrow: int | None = None) -> None:
-    """Images in [-1, 1] (B, 3, H, W) as one PNG grid."""
+def save_grid(images: torch.Tensor, path_or_file, nrow: int | None = None, labels: list[str] | None = None) -> None:
+    """Images in [-1, 1] (B, 3, H, W) as one PNG grid; with `labels`, each image's label under it."""
     from torchvision.utils import make_grid
     from PIL import Image
 
     nrow = nrow or max(1, int(len(images) ** 0.5 + 0.999))
-    grid = make_grid(((images.float().clamp(-1, 1) + 1) / 2).cpu(), nrow=nrow, padding=2)
+    pixels = ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+    if labels is not None:
+        cells = [labelled(img, text) for img, text in zip(pixels, labels)]
+        tallest = max(c.shape[1] for c in cells)
+        pixels = torch.stack([F.pad(c, (0, 0, 0, tallest - c.shape[1]), value=1.0) for c in cells])
+    grid = make_grid(pixels, nrow=nrow, padding=2)
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path_or_file, format="PNG")
+
+
+def labelled(image: torch.Tensor, text: str) -> torch.Tensor:
+    """An image in [0, 1] (3, H, W) with `text` written on a white strip below it."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    _, h, w = image.shape
+    size = max(10, w // 20)
+    font = ImageFont.load_default(size=size)
+    lines = textwrap.wrap(text, width=max(8, int(w / (0.55 * size)))) or [""]
+    strip = Image.new("RGB", (w, (size + 4) * len(lines) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * (size + 4)), line, fill=(0, 0, 0), font=font)
+    below = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.cat([image, below], dim=1)
 
 
 def render(model: GPT, vq, text_encoder, prompts: list[str], *, batch_size: int = 8,
@@ -185,6 +209,6 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = No
     out = ShardStore(stage_dir(cfg.runs_root, run_name, "samples"))
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{path.rstrip('/').rsplit('/', 1)[-1].removesuffix('.pt')}.png"
     with out.open_atomic(name) as f:
-        save_grid(images, f, nrow=scfg.images_per_prompt if scfg.images_per_prompt > 1 else None)
+        save_grid(images, f, nrow=scfg.images_per_prompt if scfg.images_per_prompt > 1 else None, labels=prompts)
     log.info("Wrote %d images to %s (%.1f tokens/s).", len(images), out.url(name), tps)
     return SampleResult(checkpoint=path, grid=out.url(name), images=len(images), tokens_per_s=tps)

@@ -1,9 +1,11 @@
 """The embedded default: a synthetic LAION-COCO-like set served from a loopback HTTP server.
 
-Images are coloured shapes on plain backgrounds with captions that describe them, so later
-stages have something learnable. With `bad_records`, the set also holds one record of every
-kind of trouble a web crawl brings (dead links, slow servers, corrupt and odd images, odd
-captions, non-http schemes). The parquet has LAION-COCO's column names and types.
+Images are the pictures of `world`: coloured shapes on plain backgrounds with captions that
+describe them, a share of them with a planted defect (with `defects`). With `bad_records`, the
+set also holds one record of every kind of trouble a web crawl brings (dead links, slow servers,
+corrupt and odd images, odd captions, non-http schemes). The parquet has LAION-COCO's column
+names and types. Beside it go the truth file (`truth_path`: what every row really is, for the
+truth metrics; no stage reads it) and the held-out prompts (`prompts_path`, `write_prompts`).
 
 The server answers only on 127.0.0.1. Its port is stored in the parquet's metadata so that a
 rerun serves the same URLs again.
@@ -26,71 +28,15 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tessera.config.download import SyntheticConfig
+from tessera.pipelines.world import (COLORS, PLACES, SHAPES, Picture, WorldSample, draw, encode,  # noqa: F401
+                                     held_out_combos, image_bytes, picture, world_sample,
+                                     write_prompts)
 
-COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40),
-    "purple": (140, 50, 170), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
-}
-SHAPES = ["circle", "square", "triangle", "cross"]
-PLACES = ["in the center", "on the left", "on the right", "at the top", "at the bottom"]
 PORT_KEY = b"tessera.synthetic.port"
-
-
-@dataclass(frozen=True)
-class Picture:
-    shape: str
-    color: str
-    background: str
-    place: str
-    width: int
-    height: int
-
-    @property
-    def caption(self) -> str:
-        return f"a {self.color} {self.shape} {self.place} on a {self.background} background"
-
-
-def picture(index: int, seed: int) -> Picture:
-    rng = random.Random(seed * 1_000_003 + index)
-    color, background = rng.sample(sorted(COLORS), 2)
-    # Most images are large enough for 512px training, some only for 256px.
-    short = rng.choice([288, 320, 400, 512, 560, 640])
-    long = int(short * rng.uniform(1.0, 1.5))
-    width, height = (long, short) if rng.random() < 0.5 else (short, long)
-    return Picture(rng.choice(SHAPES), color, background, rng.choice(PLACES), width, height)
-
-
-def draw(p: Picture) -> Image.Image:
-    img = Image.new("RGB", (p.width, p.height), COLORS[p.background])
-    d = ImageDraw.Draw(img)
-    r = min(p.width, p.height) // 4
-    cx, cy = {
-        "in the center": (p.width // 2, p.height // 2),
-        "on the left": (p.width // 4, p.height // 2),
-        "on the right": (3 * p.width // 4, p.height // 2),
-        "at the top": (p.width // 2, p.height // 4),
-        "at the bottom": (p.width // 2, 3 * p.height // 4),
-    }[p.place]
-    fill = COLORS[p.color]
-    if p.shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif p.shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif p.shape == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    else:
-        d.rectangle([cx - r, cy - r // 3, cx + r, cy + r // 3], fill=fill)
-        d.rectangle([cx - r // 3, cy - r, cx + r // 3, cy + r], fill=fill)
-    return img
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
+CLEAN_KIND = "clean"
 
 
 def png_bomb(side: int = 30_000) -> bytes:
@@ -208,18 +154,18 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr, seed: int):
+    def __init__(self, addr, seed: int, defects: bool):
         super().__init__(addr, _Handler)
         self.seed = seed
         self.odd = _odd_images()
-        self.image = lru_cache(maxsize=4096)(lambda i: encode(draw(picture(i, seed)), "JPEG", quality=92))
+        self.image = lru_cache(maxsize=4096)(lambda i: image_bytes(i, seed, defects))
 
 
 class SyntheticServer:
     """The loopback image server, as a context manager: `with SyntheticServer(seed) as s: s.base`."""
 
-    def __init__(self, seed: int = 0, port: int = 0, host: str = "127.0.0.1"):
-        self._server = _Server((host, port), seed)
+    def __init__(self, seed: int = 0, port: int = 0, host: str = "127.0.0.1", defects: bool = True):
+        self._server = _Server((host, port), seed, defects)
         self.port = self._server.server_address[1]
         self.base = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -234,26 +180,50 @@ class SyntheticServer:
 
 
 def make_rows(cfg: SyntheticConfig, base: str, slow_seconds: float = 30.0) -> list[dict]:
-    """The rows of the synthetic set, good images first, then every bad kind (when enabled)."""
+    """The rows of the synthetic set, pictures first, then every bad kind (when enabled)."""
+    return [row for row, _ in rows_with_truth(cfg, base, slow_seconds)]
+
+
+def rows_with_truth(cfg: SyntheticConfig, base: str, slow_seconds: float = 30.0) -> list[tuple[dict, dict]]:
+    """(source row, truth row) pairs; the truth row says what the source row really is."""
     rng = random.Random(cfg.seed)
-    rows = []
+    out = []
     for i in range(cfg.num_images):
-        p = picture(i, cfg.seed)
-        rows.append(laion_row(rng, f"{base}/img/{i}.jpg", p.caption, p.width, p.height))
+        s = world_sample(i, cfg.seed, cfg.defects)
+        row = laion_row(rng, f"{base}/img/{i}.jpg", s.caption, s.picture.width, s.picture.height)
+        row["punsafe"] = s.punsafe
+        out.append((row, picture_truth(s, base)))
     if not cfg.bad_records:
-        return rows
+        return out
+
+    def other(row: dict, kind: str, detail: str = "", **kw) -> tuple[dict, dict]:
+        return row, {"kind": kind, "detail": detail, **kw}
+
     for path in list(SERVED_BAD) + SERVED_ODD:
         url = f"{base}{path}" + (f"?s={slow_seconds:g}" if path == "/slow" else "")
-        rows.append(laion_row(rng, url, f"an image served at {path}", 600, 520))
-    for url in UNFETCHABLE:
-        rows.append(laion_row(rng, url, "an address that must never be fetched", 600, 520))
-    rows.append(laion_row(rng, rows[0]["URL"], rows[0]["top_caption"], 600, 520))  # duplicate URL
+        row = laion_row(rng, url, f"an image served at {path}", 600, 520)
+        out.append(other(row, "crawl_fault", SERVED_BAD[path]) if path in SERVED_BAD else other(row, "odd_image", path))
+    for url, reason in UNFETCHABLE.items():
+        out.append(other(laion_row(rng, url, "an address that must never be fetched", 600, 520), "crawl_fault", reason))
+    first = out[0][0]
+    out.append(other(laion_row(rng, first["URL"], first["top_caption"], 600, 520), "crawl_fault", "duplicate_url"))
     # Caption trouble on good images: the image must still download.
     n = cfg.num_images
-    rows.append(laion_row(rng, f"{base}/img/{n}.jpg", "", 600, 520))
-    rows.append(laion_row(rng, f"{base}/img/{n + 1}.jpg", "a very long caption " * 300, 600, 520))
-    rows.append(laion_row(rng, f"{base}/img/{n + 2}.jpg", b"caf\xe9 \xff\xfe not utf-8", 600, 520))
-    return rows
+    for j, (caption, detail) in enumerate([("", "caption_empty"), ("a very long caption " * 300, "caption_too_long"),
+                                           (b"caf\xe9 \xff\xfe not utf-8", "caption_undecodable")]):
+        s = world_sample(n + j, cfg.seed, cfg.defects)
+        truth = {**picture_truth(s, base), "kind": "caption_trouble", "detail": detail}
+        row = laion_row(rng, f"{base}/img/{n + j}.jpg", caption, 600, 520)
+        row["punsafe"] = s.punsafe
+        out.append((row, truth))
+    return out
+
+
+def picture_truth(s: WorldSample, base: str) -> dict:
+    p = s.picture
+    return {"kind": s.defect or CLEAN_KIND, "detail": s.detail, "shape": p.shape, "color": p.color,
+            "background": p.background, "place": p.place, "true_caption": p.caption,
+            "duplicate_of": None if s.duplicate_of is None else f"{base}/img/{s.duplicate_of}.jpg"}
 
 
 def laion_row(rng: random.Random, url: str, caption, width: int, height: int) -> dict:
@@ -299,6 +269,41 @@ def write_parquet(rows: list[dict], path: str, port: int) -> None:
     os.replace(tmp, path)
 
 
+TRUTH_FIELDS = {"kind": pa.string(), "detail": pa.string(), "shape": pa.string(), "color": pa.string(),
+                "background": pa.string(), "place": pa.string(), "true_caption": pa.string(),
+                "duplicate_of": pa.string()}
+
+
+def truth_path(source_path: str) -> str:
+    """Where the truth of a synthetic source lives: beside it, never read by any stage."""
+    return os.path.splitext(source_path)[0] + ".truth.parquet"
+
+
+def prompts_path(source_path: str) -> str:
+    """Where the held-out prompts of a synthetic source are written (`write_prompts`)."""
+    return os.path.join(os.path.dirname(source_path), "held-out-prompts.parquet")
+
+
+def write_truth(pairs: list[tuple[dict, dict]], path: str) -> None:
+    """One truth row per source row, in source order: row_index, url, the caption it carries,
+    `kind` (clean, a planted defect, crawl_fault, odd_image, caption_trouble), `detail`, and
+    for pictures what they show (shape, color, background, place, true_caption, duplicate_of)."""
+    columns: dict[str, list] = {"row_index": [], "url": [], "caption": [], "punsafe": []}
+    columns.update({k: [] for k in TRUTH_FIELDS})
+    for i, (row, truth) in enumerate(pairs):
+        columns["row_index"].append(i)
+        columns["url"].append(row["URL"])
+        columns["caption"].append(row["top_caption"])
+        columns["punsafe"].append(row["punsafe"])
+        for k in TRUTH_FIELDS:
+            columns[k].append(truth.get(k))
+    schema = pa.schema([("row_index", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+                        ("punsafe", pa.float32()), *TRUTH_FIELDS.items()])
+    tmp = f"{path}.tmp"
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), tmp)
+    os.replace(tmp, path)
+
+
 def recorded_port(path: str) -> int | None:
     """The server port a previously generated set was made for, if any."""
     try:
@@ -314,7 +319,8 @@ def expected_outcomes() -> dict[str, str]:
 
 
 def describe(cfg: SyntheticConfig) -> str:
-    return json.dumps({"num_images": cfg.num_images, "seed": cfg.seed, "bad_records": cfg.bad_records})
+    return json.dumps({"num_images": cfg.num_images, "seed": cfg.seed, "bad_records": cfg.bad_records,
+                       "defects": cfg.defects})
 
 
 class SyntheticSource:
@@ -330,11 +336,14 @@ class SyntheticSource:
 
     def __enter__(self) -> SyntheticServer:
         port = recorded_port(self.path) if os.path.exists(self.path) else None
-        self.server = SyntheticServer(self.cfg.seed, port=port or 0).__enter__()
+        self.server = SyntheticServer(self.cfg.seed, port=port or 0, defects=self.cfg.defects).__enter__()
         if port is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            rows = make_rows(self.cfg, self.server.base, slow_seconds=self.timeout + 3)
-            write_parquet(rows, self.path, self.server.port)
+            pairs = rows_with_truth(self.cfg, self.server.base, slow_seconds=self.timeout + 3)
+            write_truth(pairs, truth_path(self.path))
+            write_prompts(prompts_path(self.path))
+            # The source last: its presence says the set (with its truth) is complete.
+            write_parquet([row for row, _ in pairs], self.path, self.server.port)
         return self.server
 
     def __exit__(self, *exc) -> None:

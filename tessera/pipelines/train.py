@@ -406,7 +406,7 @@ def _sample_grid(model: GPT, conf: dict, cfg: TrainConfig, text_encoder, run: Sh
         images, _ = render(model, vq, text_encoder, cfg.sample_prompts, generator=generator,
                            cfg_scale=4.0, temperature=1.0, top_k=1000, top_p=1.0)
         buf = io.BytesIO()
-        save_grid(images, buf)
+        save_grid(images, buf, labels=list(cfg.sample_prompts))
         run.write_bytes(buf.getvalue(), "samples", f"step-{step:08d}.png")
         metrics.image(step, buf.getvalue())
     finally:

@@ -1,0 +1,477 @@
+"""The demo's models, trained on the demo's world and saved in the real checkpoint formats.
+
+    python -m tessera.pipelines.world_models --out tessera/models/world_weights   # train, write SHA256SUMS
+    python -m tessera.pipelines.world_models --check                               # retrain, compare sha256
+
+Four models learn from pictures of `world` (a training seed of their own, never the demo's):
+an open_clip CLIP trained contrastively with open_clip's ClipLoss; the LAION-layout aesthetic
+head regressed on that CLIP's image embeddings (clean pictures high, noisy, blurred and blank
+ones low); the LAION-layout watermark detector (timm) trained to tell overlays apart; and a
+LLaVA (CLIP vision tower, Llama) trained to describe a picture in the captions' grammar. Each is
+saved where and how its loader reads it (open_clip folder, `.safetensors` state dicts, HF
+`save_pretrained`). Training is bit-for-bit reproducible on a CPU: fixed seeds, one thread,
+deterministic algorithms, so `--check` retrains and compares the files' sha256.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tessera.pipelines import world
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED = 101      # the world the models learn from
+EVAL_SEED = 202       # a held-out slice of the world, for the tests and the thresholds
+CLIP_ARCH = "tessera-world-clip"
+CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+CLIP_SIZE = 64
+CAPTIONER_SIZE = 48
+WATERMARK_SIZE = 96
+CAPTION_PROMPT = "Describe this image in as much detail as possible."
+# Captions the CLIP learns for low-aesthetic pictures: they say what is wrong and nothing of the
+# shape, so quality becomes a direction of the embedding that a linear aesthetic head can read.
+DEGRADED_CAPTIONS = {"noise": "a noisy picture", "blur": "a blurry picture", "blank": "a blank picture"}
+# The aesthetic head's targets (the LAION scale runs from about 1 to 10).
+AESTHETIC_GOOD, AESTHETIC_BAD = 7.0, 2.0
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "world_weights")
+SUMS = "SHA256SUMS"
+
+
+def deterministic(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
+# The training pictures --------------------------------------------------------------------------
+@dataclass
+class WorldImages:
+    """Rendered pictures, preprocessed once for each model's input."""
+
+    pictures: list[world.Picture]
+    kinds: list[str]          # "clean", "watermark" or "low_aesthetic"
+    details: list[str]
+    clip: np.ndarray          # (N, 64, 64, 3) uint8, CLIP's (and the captioner's) input
+    watermark: np.ndarray     # (N, 128, 128, 3) uint8, the watermark detector's input
+
+    def captions(self) -> list[str]:
+        return [p.caption for p in self.pictures]
+
+    def clip_captions(self) -> list[str]:
+        return [DEGRADED_CAPTIONS[d] if k == world.LOW_AESTHETIC else p.caption
+                for p, k, d in zip(self.pictures, self.kinds, self.details)]
+
+
+def world_images(n: int, seed: int) -> WorldImages:
+    """`n` pictures: 55% clean (some re-encoded, resized or cropped), 20% watermarked, 25% degraded."""
+    from tessera.models.clip import ClipPreprocess
+    from tessera.models.watermark import preprocess as watermark_preprocess
+
+    rng = random.Random(seed)
+    clip_pre = ClipPreprocess(CLIP_SIZE)
+    pictures, kinds, details = [], [], []
+    clip = np.zeros((n, CLIP_SIZE, CLIP_SIZE, 3), np.uint8)
+    wm = np.zeros((n, WATERMARK_SIZE, WATERMARK_SIZE, 3), np.uint8)
+    for i in range(n):
+        p = world.random_picture(rng)
+        # At half size (every defect scales with the picture): the inputs are 64 and 128 px.
+        img = world.draw(dataclasses.replace(p, width=p.width // 2, height=p.height // 2))
+        u = rng.random()
+        if u < 0.2:
+            kind, detail = world.WATERMARK, rng.choice(world.DETAILS[world.WATERMARK])
+            img = world.add_watermark(img, rng, detail)
+        elif u < 0.45:
+            kind, detail = world.LOW_AESTHETIC, rng.choice(world.DETAILS[world.LOW_AESTHETIC])
+            img = world.degrade(img, rng, detail)
+        else:
+            kind, detail = "clean", ""
+            if u > 0.85:
+                img, _ = world.copy_variant(img, rng, rng.choice(world.DETAILS[world.NEAR_DUPLICATE]))
+        pictures.append(p)
+        kinds.append(kind)
+        details.append(detail)
+        clip[i] = clip_pre(img)
+        wm[i] = watermark_preprocess(img, WATERMARK_SIZE)
+    return WorldImages(pictures, kinds, details, clip, wm)
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int):
+    """`steps` batches of indices, epoch after epoch, each epoch shuffled by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def cosine_lr(opt, step: int, steps: int, lr: float, warmup: int) -> None:
+    scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
+    for group in opt.param_groups:
+        group["lr"] = lr * scale
+
+
+# CLIP ----------------------------------------------------------------------------------------------
+def new_clip():
+    import open_clip
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS.setdefault(CLIP_ARCH, CLIP_CONFIG)
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(CLIP_ARCH, pretrained=None), open_clip.get_tokenizer(CLIP_ARCH)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def train_clip(data: WorldImages, steps: int = 400, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
+    from open_clip.loss import ClipLoss
+
+    from tessera.models.clip import ClipPreprocess
+
+    deterministic(seed)
+    model, tokenizer = new_clip()
+    tokens = tokenizer(data.clip_captions())
+    pixels = ClipPreprocess(CLIP_SIZE).normalize(torch.from_numpy(data.clip))
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    model.train()
+    for step, idx in enumerate(batches(len(tokens), batch_size, steps, seed)):
+        cosine_lr(opt, step, steps, lr, warmup=30)
+        image_features, text_features, logit_scale = model(pixels[idx], tokens[idx])
+        loss = loss_fn(image_features, text_features, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("clip step %d loss %.4f", step, loss.item())
+    return model.eval()
+
+
+def save_clip(model, path: str) -> None:
+    from safetensors.torch import save_file
+
+    from tessera.models.clip import CONFIG_FILE, OPENAI_MEAN, OPENAI_STD
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump({"model_cfg": CLIP_CONFIG,
+                   "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}, f, indent=2)
+    # Half precision keeps the (mostly unused) 49k-token embedding small; the loader casts back.
+    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "open_clip_model.safetensors"))
+
+
+@torch.inference_mode()
+def clip_image_embeddings(model, clip_pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    from tessera.models.clip import ClipPreprocess
+
+    pre = ClipPreprocess(CLIP_SIZE)
+    out = [torch.nn.functional.normalize(model.encode_image(pre.normalize(torch.from_numpy(clip_pixels[i:i + batch_size]))), dim=-1)
+           for i in range(0, len(clip_pixels), batch_size)]
+    return torch.cat(out).numpy()
+
+
+# Aesthetic head -----------------------------------------------------------------------------------
+def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 600, lr: float = 5e-3, seed: int = 0):
+    from tessera.models.aesthetic import AestheticHead
+
+    deterministic(seed)
+    head = AestheticHead(embeddings.shape[1])
+    x = torch.from_numpy(embeddings).float()
+    y = torch.tensor([AESTHETIC_BAD if k == world.LOW_AESTHETIC else AESTHETIC_GOOD for k in kinds])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr)
+    head.train()
+    for step, idx in enumerate(batches(len(x), 256, steps, seed)):
+        loss = torch.nn.functional.mse_loss(head(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log.info("aesthetic step %d loss %.4f", step, loss.item())
+    return head.eval()
+
+
+# Watermark detector -------------------------------------------------------------------------------
+def train_watermark(data: WorldImages, steps: int = 400, batch_size: int = 32, lr: float = 5e-3, seed: int = 0):
+    from tessera.models.watermark import IMAGENET_MEAN, IMAGENET_STD, TINY_ARCH, build_detector
+
+    deterministic(seed)
+    model = build_detector(TINY_ARCH)
+    mean = torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.from_numpy(IMAGENET_STD).view(1, 3, 1, 1)
+    # Class 0 is "watermark", as in LAION's detector (pwatermark = softmax[:, 0]).
+    labels = torch.tensor([0 if k == world.WATERMARK else 1 for k in data.kinds])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for step, idx in enumerate(batches(len(labels), batch_size, steps, seed)):
+        cosine_lr(opt, step, steps, lr, warmup=30)
+        x = (torch.from_numpy(data.watermark[idx.numpy()]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("watermark step %d loss %.4f", step, loss.item())
+    return model.eval()
+
+
+# Captioner ----------------------------------------------------------------------------------------
+def new_llava(seed: int = 0):
+    """An untrained LLaVA (48px images, 36 image tokens, 2+2 layers) and its processor."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from tessera.models.llava import IMAGE_TOKEN, TINY_CHAT_TEMPLATE
+    from tessera.models.tiny import caption_corpus, train_tokenizer
+
+    torch.manual_seed(seed)
+    corpus = caption_corpus() + [f"USER: {CAPTION_PROMPT} ASSISTANT:"]
+    tokenizer = train_tokenizer(corpus, vocab_size=384, special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN],
+                                pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    patch = 8
+    image_processor = CLIPImageProcessor(size={"shortest_edge": CAPTIONER_SIZE},
+                                         crop_size={"height": CAPTIONER_SIZE, "width": CAPTIONER_SIZE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=TINY_CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=CAPTIONER_SIZE, patch_size=patch, projection_dim=64)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=(CAPTIONER_SIZE // patch) ** 2, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(config), processor
+
+
+def caption_batch(processor, images: np.ndarray, captions: list[str]):
+    """Inputs and labels: the prompt (with its image tokens) is context, the caption is learned."""
+    from tessera.models.llava import prompt_text
+
+    prompt = prompt_text(processor, CAPTION_PROMPT)
+    tok = processor.tokenizer
+    texts = [f"{prompt} {c}.{tok.eos_token}" for c in captions]
+    tok.padding_side = "right"
+    try:
+        inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        prompt_len = processor(images=list(images[:1]), text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    finally:
+        tok.padding_side = "left"
+    labels = inputs["input_ids"].clone()
+    labels[:, :prompt_len] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    return inputs, labels
+
+
+def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 2e-3, seed: int = 0):
+    deterministic(seed)
+    model, processor = new_llava(seed)
+    clean = [i for i, k in enumerate(data.kinds) if k != world.LOW_AESTHETIC]
+    inputs, labels = caption_batch(processor, data.clip[clean], [data.pictures[i].caption for i in clean])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for step, idx in enumerate(batches(len(clean), batch_size, steps, seed)):
+        cosine_lr(opt, step, steps, lr, warmup=50)
+        loss = model(**{k: v[idx] for k, v in inputs.items()}, labels=labels[idx]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("llava step %d loss %.4f", step, loss.item())
+    return model.eval(), processor
+
+
+# Measured on a held-out slice of the world, through the real loaders -----------------------------
+def eval_images(n: int, seed: int = EVAL_SEED) -> tuple[list[world.WorldSample], np.ndarray, np.ndarray]:
+    """The first `n` samples of world `seed` as the demo plants them (defects, captions), rendered
+    at half size, as CLIP and watermark-detector inputs."""
+    from tessera.models.clip import ClipPreprocess
+    from tessera.models.watermark import preprocess as watermark_preprocess
+
+    samples = [world.world_sample(i, seed) for i in range(n)]
+    clip_pre = ClipPreprocess(CLIP_SIZE)
+    clip = np.zeros((n, CLIP_SIZE, CLIP_SIZE, 3), np.uint8)
+    wm = np.zeros((n, WATERMARK_SIZE, WATERMARK_SIZE, 3), np.uint8)
+    for i, s in enumerate(samples):
+        p = s.picture
+        half = dataclasses.replace(s, picture=dataclasses.replace(p, width=p.width // 2, height=p.height // 2))
+        img, _ = world.render_with_quality(half, seed)
+        clip[i] = clip_pre(img)
+        wm[i] = watermark_preprocess(img, WATERMARK_SIZE)
+    return samples, clip, wm
+
+
+def evaluate(folder: str, n: int = 400, captions: int = 48) -> dict:
+    """Scores of the models in `folder` (loaded as the stages load them) on a held-out slice."""
+    from tessera.models.aesthetic import load_aesthetic
+    from tessera.models.clip import Clip
+    from tessera.models.llava import load_llava, prompt_text
+    from tessera.models.watermark import TINY_ARCH, load_watermark, pwatermark
+    from tessera.pipelines.truth import parse_caption
+
+    torch.set_num_threads(1)
+    samples, clip_pixels, wm_pixels = eval_images(n)
+    kinds = np.array([s.defect or "clean" for s in samples])
+    clip = Clip(CLIP_ARCH, os.path.join(folder, "clip"))
+    image_emb = clip.encode_images(clip_pixels)
+    clip_score = np.sum(image_emb * clip.encode_texts([s.caption for s in samples]), axis=1)
+    with torch.inference_mode():
+        aesthetic = load_aesthetic(os.path.join(folder, "aesthetic", "aesthetic.safetensors"))(
+            torch.from_numpy(image_emb)).numpy()
+        detector = load_watermark(os.path.join(folder, "watermark", "watermark.safetensors"), TINY_ARCH)
+        pwm = np.concatenate([pwatermark(detector, torch.from_numpy(wm_pixels[i:i + 64])).numpy()
+                              for i in range(0, n, 64)])
+    # Near-duplicates: each planted copy against its original, and clean pictures against each other.
+    dup_sims = []
+    for i, s in enumerate(samples):
+        if s.defect == world.NEAR_DUPLICATE and s.duplicate_of is not None and s.duplicate_of < n:
+            dup_sims.append(float(image_emb[i] @ image_emb[s.duplicate_of]))
+    clean = np.flatnonzero(kinds == "clean")
+    sims = image_emb[clean] @ image_emb[clean].T
+    clean_pair_sims = sims[np.triu_indices(len(clean), 1)]
+    # Captions of clean pictures, generated greedily as the caption stage does.
+    model, processor = load_llava(os.path.join(folder, "llava"))
+    text = prompt_text(processor, CAPTION_PROMPT)
+    picked = clean[:captions]
+    inputs = processor(images=list(clip_pixels[picked]), text=[text] * len(picked), return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    generated = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    parsed = [parse_caption(g) for g in generated]
+    truth = [samples[i].picture for i in picked]
+    right = {f: float(np.mean([getattr(t, f) == p[f] for t, p in zip(truth, parsed)]))
+             for f in ("color", "shape", "background", "place")}
+    right["color_and_shape"] = float(np.mean([t.color == p["color"] and t.shape == p["shape"]
+                                              for t, p in zip(truth, parsed)]))
+    return {"kinds": kinds, "clip_score": clip_score, "aesthetic": aesthetic, "pwatermark": pwm,
+            "duplicate_similarity": np.array(dup_sims), "clean_pair_similarity": clean_pair_sims,
+            "captions": generated, "caption_accuracy": right}
+
+
+def summarize(ev: dict) -> dict:
+    """Thresholds that keep 99% of the clean pictures, and what each catches of its defect."""
+    kinds = ev["kinds"]
+    clean = kinds == "clean"
+    out = {}
+    for score, defect, higher in (("clip_score", world.MISMATCHED_CAPTION, True),
+                                  ("aesthetic", world.LOW_AESTHETIC, True),
+                                  ("pwatermark", world.WATERMARK, False)):
+        values = ev[score]
+        t = float(np.quantile(values[clean], 0.01 if higher else 0.99))
+        caught = values[kinds == defect] < t if higher else values[kinds == defect] > t
+        out[score] = {"threshold_keeping_99pct_clean": round(t, 4), "caught": round(float(caught.mean()), 4),
+                      "clean_median": round(float(np.median(values[clean])), 4),
+                      "defect_median": round(float(np.median(values[kinds == defect])), 4)}
+    out["near_duplicate"] = {"copy_min": round(float(ev["duplicate_similarity"].min()), 5),
+                             "copy_p10": round(float(np.quantile(ev["duplicate_similarity"], 0.1)), 5),
+                             "clean_pairs_above_copy_p10": round(float(np.mean(
+                                 ev["clean_pair_similarity"] >= np.quantile(ev["duplicate_similarity"], 0.1))), 5)}
+    out["captions"] = {k: round(v, 4) for k, v in ev["caption_accuracy"].items()}
+    return out
+
+
+# All of them ---------------------------------------------------------------------------------------
+def train_all(out: str, n: int = 3000) -> dict[str, float]:
+    """Train every model on `n` pictures of the training world and save them under `out`."""
+    from safetensors.torch import save_file
+
+    seconds = {}
+    t = time.time()
+    data = world_images(n, TRAIN_SEED)
+    seconds["render"] = time.time() - t
+    t = time.time()
+    clip = train_clip(data)
+    save_clip(clip, os.path.join(out, "clip"))
+    seconds["clip"] = time.time() - t
+    t = time.time()
+    head = train_aesthetic(clip_image_embeddings(clip, data.clip), data.kinds)
+    os.makedirs(os.path.join(out, "aesthetic"), exist_ok=True)
+    save_file(head.state_dict(), os.path.join(out, "aesthetic", "aesthetic.safetensors"))
+    seconds["aesthetic"] = time.time() - t
+    t = time.time()
+    detector = train_watermark(data)
+    os.makedirs(os.path.join(out, "watermark"), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in detector.state_dict().items()},
+              os.path.join(out, "watermark", "watermark.safetensors"))
+    seconds["watermark"] = time.time() - t
+    t = time.time()
+    llava, processor = train_llava(data)
+    llava.save_pretrained(os.path.join(out, "llava"))
+    processor.save_pretrained(os.path.join(out, "llava"))
+    seconds["llava"] = time.time() - t
+    write_sums(out)
+    return seconds
+
+
+def weight_files(folder: str) -> list[str]:
+    """The files whose sha256 is compared: every weights file (configs carry library versions)."""
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder)
+                  for f in files if f.endswith((".safetensors", "tokenizer.json")))
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_sums(folder: str) -> None:
+    with open(os.path.join(folder, SUMS), "w") as f:
+        for name in weight_files(folder):
+            f.write(f"{sha256(os.path.join(folder, name))}  {name}\n")
+
+
+def read_sums(folder: str) -> dict[str, str]:
+    with open(os.path.join(folder, SUMS)) as f:
+        return {name: digest for digest, name in (line.split("  ", 1) for line in f.read().splitlines())}
+
+
+def check(shipped: str = DEFAULT_OUT) -> list[str]:
+    """Retrain into a temporary folder; the names whose sha256 differs from the shipped ones."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train_all(tmp)
+        fresh, want = read_sums(tmp), read_sums(shipped)
+    return sorted(name for name in set(fresh) | set(want) if fresh.get(name) != want.get(name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=DEFAULT_OUT, help="where to write the models (default: the shipped folder)")
+    p.add_argument("--check", action="store_true", help="retrain and compare with the shipped sha256 sums")
+    args = p.parse_args(argv)
+    if args.check:
+        differ = check(args.out)
+        print("identical to the shipped weights" if not differ else f"differ: {', '.join(differ)}")
+        return 1 if differ else 0
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    seconds = train_all(args.out)
+    print(" ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""The demo's world-trained models load through the real loaders and do their jobs on a held-out slice."""
+import os
+
+import numpy as np
+import pytest
+
+from tessera.models import tiny
+from tessera.pipelines import world, world_models
+
+SHIPPED = world_models.DEFAULT_OUT
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED, world_models.SUMS)),
+                                reason="the world models are not in this checkout")
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return world_models.evaluate(SHIPPED, n=400, captions=48)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_shipped_files_match_their_sums_and_fit_the_budget():
+    sums = world_models.read_sums(SHIPPED)
+    assert sorted(sums) == world_models.weight_files(SHIPPED)
+    for name, digest in sums.items():
+        assert world_models.sha256(os.path.join(SHIPPED, name)) == digest, name
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(SHIPPED) for f in files)
+    assert total <= 10 * 2**20
+
+
+def test_tiny_world_models_install_under_models_root(tmp_path):
+    for name in ("world-clip", "world-aesthetic", "world-watermark", "world-llava"):
+        path = tiny.resolve(f"tiny:{name}", str(tmp_path))
+        assert os.path.exists(os.path.join(path, ".complete"))
+
+
+def _caught(values, kinds, defect, threshold, higher_is_better):
+    bad = values[kinds == defect]
+    clean = values[kinds == "clean"]
+    if higher_is_better:
+        return (bad < threshold).mean(), (clean < threshold).mean()
+    return (bad > threshold).mean(), (clean > threshold).mean()
+
+
+def test_clip_score_separates_mismatched_captions(evaluated):
+    caught, clean = _caught(evaluated["clip_score"], evaluated["kinds"], world.MISMATCHED_CAPTION,
+                            DEMO_THRESHOLDS["clip_score"], True)
+    assert caught >= 0.9 and clean <= 0.03
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the world CLIP's embedding separates near-blank pictures but "
+                   "not noisy or blurred ones, so the linear LAION-layout head catches only about a third")
+def test_aesthetic_head_flags_noisy_blurred_and_blank_pictures(evaluated):
+    caught, clean = _caught(evaluated["aesthetic"], evaluated["kinds"], world.LOW_AESTHETIC,
+                            DEMO_THRESHOLDS["aesthetic"], True)
+    assert caught >= 0.9 and clean <= 0.03
+
+
+def test_watermark_detector_flags_overlays(evaluated):
+    caught, clean = _caught(evaluated["pwatermark"], evaluated["kinds"], world.WATERMARK,
+                            DEMO_THRESHOLDS["pwatermark"], False)
+    assert caught >= 0.9 and clean <= 0.03
+
+
+def test_planted_copies_are_nearer_than_the_dedup_threshold(evaluated):
+    assert (evaluated["duplicate_similarity"] >= DEMO_THRESHOLDS["dedup"]).mean() >= 0.9
+
+
+def test_captioner_names_colours_and_background(evaluated):
+    assert evaluated["caption_accuracy"]["color"] >= 0.9 and evaluated["caption_accuracy"]["background"] >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: after 700 steps the tiny LLaVA names the colours but the shape "
+                   "of only about a third of the pictures")
+def test_captioner_names_colour_and_shape(evaluated):
+    assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.8, evaluated["captions"][:8]
+
+
+def test_training_repeats_bit_for_bit_in_a_few_steps():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        data = world_models.world_images(24, seed=5)
+        runs = [world_models.train_clip(data, steps=3, batch_size=8) for _ in range(2)]
+        heads = [world_models.train_watermark(data, steps=2, batch_size=4) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    for a, b in (runs, heads):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_world_models_reproduce_bit_for_bit():
+    assert world_models.check(SHIPPED) == []
+
+
+def _demo_thresholds() -> dict:
+    import yaml
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")) as f:
+        filters = yaml.safe_load(f)["filters"]
+    return {"clip_score": filters["clip_score"]["min"], "aesthetic": filters["aesthetic"]["min"],
+            "pwatermark": filters["watermark"]["max"], "dedup": filters["dedup"]["min_similarity"]}
+
+
+DEMO_THRESHOLDS = _demo_thresholds() if os.path.exists(os.path.join(SHIPPED, world_models.SUMS)) else {}
