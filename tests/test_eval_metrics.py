@@ -117,7 +117,7 @@ def _heldout(tmp_path, n=40, size=256):
     from tessera.pipelines.store import ShardStore
 
     store = ShardStore(str(tmp_path / "heldout"))
-    write_synthetic_prompts(store, n, seed=0, train_images=300, train_seed=0, image_size=size)
+    write_synthetic_prompts(store, n, seed=0, image_size=size)
     return store, read_prompt_set(store).to_pylist()
 
 

@@ -37,24 +37,20 @@ def has_truth(table: pa.Table) -> bool:
     return all(c in table.column_names for c in TRUTH)
 
 
-def write_synthetic_prompts(store: ShardStore, count: int, seed: int, train_images: int, train_seed: int,
-                            image_size: int = 512) -> str:
+def write_synthetic_prompts(store: ShardStore, count: int, seed: int, image_size: int = 512) -> str:
     """Write `count` held-out prompts of the synthetic world, with their truth and reference images.
 
-    Held out: no description among the source's first `train_images` pictures (seed `train_seed`)
-    is chosen. Returns the parquet's URL; a set already written is kept as it is.
+    Held out: the world's (shape, colour, background) combinations that no training picture or
+    caption shows, at every place. Returns the parquet's URL; a set already written is kept.
     """
-    from tessera.pipelines.synthetic import COLORS, PLACES, SHAPES, Picture, draw, picture
+    from tessera.pipelines.world import HELD_OUT, PLACES, Picture, draw
 
     if store.exists(FILE):
         return store.url(FILE)
-    seen = {picture(i, train_seed).caption for i in range(train_images)}
-    pictures = [Picture(shape, color, background, place, image_size, image_size)
-                for color in COLORS for shape in SHAPES for place in PLACES for background in COLORS
-                if background != color]
-    unseen = [p for p in pictures if p.caption not in seen]
+    unseen = [Picture(shape, color, background, place, image_size, image_size)
+              for shape, color, background in HELD_OUT for place in PLACES]
     if len(unseen) < count:
-        raise ValueError(f"the synthetic world has only {len(unseen)} descriptions unseen in training; "
+        raise ValueError(f"the synthetic world has only {len(unseen)} held-out descriptions; "
                          f"asked for {count} held-out prompts")
     chosen = random.Random(seed).sample(unseen, count)
     rows = []

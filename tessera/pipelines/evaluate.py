@@ -54,8 +54,7 @@ def prompt_store(cfg: RunConfig) -> tuple[ShardStore, str]:
         raise ValueError("eval.prompts is not set and the source is not synthetic: give a prompt-set parquet "
                          "(a `prompt` column, optionally `image`)")
     store = ShardStore(posixpath.join(cfg.data_root, "eval", "heldout"))
-    write_synthetic_prompts(store, ecfg.synthetic_prompts, seed=ecfg.seed, train_images=syn.num_images,
-                            train_seed=syn.seed)
+    write_synthetic_prompts(store, ecfg.synthetic_prompts, seed=ecfg.seed)
     return store, PROMPTS_FILE
 
 
