@@ -159,3 +159,28 @@ def test_export_writes_one_llamagen_format_file(tmp_path, data):
     model.load_state_dict(saved["model"], strict=True)  # LlamaGen's loaders read `model` the same way
     loaded, res = load_generator(out, None, None)
     assert res == 256 and loaded.cfg.vocab_size == 64
+
+
+@pytest.mark.parametrize("mode", ["off", "full"])
+def test_memory_plan_matches_the_measured_peak_on_cpu(mode):
+    """The plan's estimate of a small model's fp32 step on CPU within 20% of the peak resident
+    memory two such steps really take (in a fresh process)."""
+    from tessera.models.gpt import GPTConfig
+    from tessera.training.plan import estimate, measure_cpu_peak
+
+    cfg = GPTConfig(dim=256, n_layer=4, n_head=4, vocab_size=4096, caption_dim=256, multiple_of=256)
+    planned = estimate(cfg, resolution=256, micro_batch=8, checkpointing=mode, bf16=False).total
+    measured = measure_cpu_peak(cfg, 256, 8, mode)
+    assert 0.8 < planned / measured < 1.2, (planned / 2**20, measured / 2**20)
+
+
+def test_plan_names_a_micro_batch_that_fits_stage2_on_an_80gb_gpu():
+    from tessera.config import load_config
+    from tessera.training.plan import GiB, largest_micro_batch, plan_stage
+    from tests.conftest import REPO
+
+    stage2 = load_config(REPO / "configs" / "aesthetic_stage2.yaml", []).stage2
+    assert stage2.model == "GPT-XL" and stage2.data.resolution == 512
+    assert plan_stage(stage2).total < 0.9 * 80 * GiB  # as configured
+    assert plan_stage(stage2, checkpointing="off", micro_batch=32).total > 80 * GiB  # why checkpointing
+    assert largest_micro_batch(stage2, 80 * GiB, "full") == 32

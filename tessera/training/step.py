@@ -63,6 +63,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             with autocast:
                 logits = model(codes[:, :-1], cond, cond_mask)
             loss = image_loss(logits, codes, valid, denominator)
+            del logits  # the loss keeps what it needs; the logits themselves need not outlive it
             loss.backward()
         total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
