@@ -27,18 +27,24 @@ import torch
 
 
 def import_llamagen(src: str):
-    """Their GPT models, VQ models, generate and optimizer, from a checkout at `src`."""
+    """Their GPT builder, VQ models, generate and optimizer, from a checkout at `src`."""
     if not os.path.isdir(os.path.join(src, "autoregressive")):
         raise SystemExit(f"--llamagen-src {src!r} is not a LlamaGen checkout (no autoregressive/ folder)")
     sys.path.insert(0, os.path.abspath(src))
     from autoregressive.models.generate import generate
-    from autoregressive.models.gpt import GPT_models
+    from autoregressive.models.gpt import ModelArgs, Transformer
     from tokenizer.tokenizer_image.vq_model import VQ_models
     try:
         from autoregressive.train.train_c2i import creat_optimizer
     except ImportError:  # their training script needs packages the model does not
         creat_optimizer = None
-    return GPT_models, VQ_models, generate, creat_optimizer
+
+    def build(cfg, grid: int):
+        """Their t2i Transformer with the dimensions of our GPTConfig (their GPT-B/XL... for ours)."""
+        return Transformer(ModelArgs(dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, multiple_of=cfg.multiple_of,
+                                     vocab_size=cfg.vocab_size, caption_dim=cfg.caption_dim, cls_token_num=120,
+                                     block_size=grid * grid, model_type="t2i"))
+    return build, VQ_models, generate, creat_optimizer
 
 
 def their_mask(cond_mask: torch.Tensor, n_image: int) -> torch.Tensor:
@@ -79,7 +85,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    GPT_models, VQ_models, their_generate, creat_optimizer = import_llamagen(args.llamagen_src)
+    build_theirs, VQ_models, their_generate, creat_optimizer = import_llamagen(args.llamagen_src)
 
     from tessera.config.train import TrainConfig
     from tessera.models.gpt import build_gpt
@@ -91,8 +97,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = build_gpt(args.model, grid=grid, device=device, text_rope="llamagen")
     torch.nn.init.normal_(ours.output.weight, std=0.02)  # the zero-init head would make logits trivially equal
-    theirs = GPT_models[args.model](vocab_size=ours.cfg.vocab_size, block_size=n_image, cls_token_num=120,
-                                    model_type="t2i", caption_dim=ours.cfg.caption_dim).to(device)
+    theirs = build_theirs(ours.cfg, grid).to(device)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     vq = VQ_models["VQ-16"](codebook_size=16384, codebook_embed_dim=8).to(device).eval()  # random weights
 
