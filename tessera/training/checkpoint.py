@@ -12,7 +12,6 @@ sharing; `read_checkpoint_any` reads either kind (and LlamaGen's own files).
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 import re
 
@@ -23,8 +22,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from tessera.models.gpt import read_checkpoint
 from tessera.pipelines.store import ShardStore
-
-log = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")

@@ -105,7 +105,3 @@ def parallelize(model: GPT, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model
 
-
-def unwrap(model: torch.nn.Module) -> GPT:
-    """The GPT inside DDP (FSDP2 and per-block compile keep the GPT itself)."""
-    return getattr(model, "module", model)

@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from tessera.config.train import TrainConfig
-from tessera.models.gpt import TEXT_POSITIONS, GPTConfig, build_gpt, flops_per_token, gpt_config
+from tessera.models.gpt import TEXT_POSITIONS, GPTConfig, flops_per_token, gpt_config
 
 GiB = 2**30
 # Encoder parameters of the text encoders the configs name (bf16 on GPU: 2 B each).
