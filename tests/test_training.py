@@ -184,3 +184,12 @@ def test_plan_names_a_micro_batch_that_fits_stage2_on_an_80gb_gpu():
     assert plan_stage(stage2).total < 0.9 * 80 * GiB  # as configured
     assert plan_stage(stage2, checkpointing="off", micro_batch=32).total > 80 * GiB  # why checkpointing
     assert largest_micro_batch(stage2, 80 * GiB, "full") == 32
+
+
+def test_async_checkpoints_finish_and_resume(tmp_path, data):
+    ref = train.train_worker(_conf(tmp_path, "sync", max_steps=3))["losses"]
+    conf = _conf(tmp_path, "async", max_steps=3, checkpoint_every=1, keep_checkpoints=2, async_checkpoint=True)
+    first = train.train_worker({**conf, "stop_at": 2})["losses"]
+    assert checkpoint_steps(ShardStore(conf["run_dir"])) == [1, 2]
+    assert first + train.train_worker(conf)["losses"] == pytest.approx(ref, rel=1e-5)
+    assert checkpoint_steps(ShardStore(conf["run_dir"])) == [2, 3]
