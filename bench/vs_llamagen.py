@@ -152,8 +152,11 @@ def main() -> None:
 
     def their_step() -> None:
         theirs.train()
+        start = time.perf_counter()
         with torch.no_grad():
             x = vq.encode(images)[2][2].reshape(args.batch, -1)
+        sync(device)
+        vq_times.append(time.perf_counter() - start)
         mask = their_mask(mask_cpu, n_image).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             _, loss = theirs(idx=x[:, :-1], cond_idx=cond, targets=x, mask=mask, valid=valid)
@@ -166,6 +169,7 @@ def main() -> None:
         train_step(ours, our_opt, our_batch, device=device, autocast_dtype=autocast)
 
     times = {"ours": [], "theirs": []}
+    vq_times: list[float] = []
     for i in range(args.warmup + args.steps):
         for name, fn in (("theirs", their_step), ("ours", our_step)):
             sync(device)
@@ -178,9 +182,11 @@ def main() -> None:
     t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
     print(f"{args.model}, {args.res}px, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
           f"load average {load:.1f}")
+    t_vq = statistics.median(vq_times[args.warmup:])
     print(f"  training step, LlamaGen (VQ encode + GPT): {t_theirs:7.2f} s   (median of {args.steps})")
+    print(f"    of which the VQ encode:                  {t_vq:7.2f} s")
     print(f"  training step, Tessera (from codes):       {t_ours:7.2f} s")
-    print(f"  ratio: {t_theirs / t_ours:.2f}x")
+    print(f"  ratio: {t_theirs / t_ours:.2f}x (GPT step alone: {(t_theirs - t_vq) / t_ours:.2f}x)")
 
     if args.sample_batch:
         ours.eval()
