@@ -193,3 +193,11 @@ def test_async_checkpoints_finish_and_resume(tmp_path, data):
     assert checkpoint_steps(ShardStore(conf["run_dir"])) == [1, 2]
     assert first + train.train_worker(conf)["losses"] == pytest.approx(ref, rel=1e-5)
     assert checkpoint_steps(ShardStore(conf["run_dir"])) == [2, 3]
+
+
+def test_flex_attention_is_refused_for_cpu_training_and_auto_picks_the_dense_mask():
+    from tessera.training.parallel import Dist, parallelize
+
+    with pytest.raises(ValueError, match="no CPU backward"):
+        parallelize(build_gpt("GPT-nano"), TrainConfig(attention="flex"), Dist())
+    assert parallelize(build_gpt("GPT-nano"), TrainConfig(), Dist()).attention == "sdpa"

@@ -67,7 +67,8 @@ class TrainConfig(Section):
     # matmul and attention outputs, recompute the element-wise work).
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     # Attention masking: sdpa (a dense mask; every device), flex (a FlexAttention block mask; GPU
-    # only for training, as FlexAttention has no CPU backward), auto (flex on GPU, sdpa on CPU).
+    # only for training, as FlexAttention has no CPU backward), auto (flex on GPU when compiled,
+    # else sdpa).
     attention: Literal["auto", "sdpa", "flex"] = "auto"
     # Checkpoints, metrics, sample grids.
     checkpoint_every: int = 500

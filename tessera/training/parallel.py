@@ -85,8 +85,12 @@ def apply_activation_checkpointing(model: GPT, mode: str) -> None:
 
 def parallelize(model: GPT, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
     """Activation checkpointing, compile, then FSDP2 or DDP; returns the module to train."""
-    model.attention = "flex" if cfg.attention == "flex" or (cfg.attention == "auto" and d.device.type == "cuda") \
-        else "sdpa"
+    if cfg.attention == "flex" and d.device.type != "cuda":
+        raise ValueError("attention: flex trains on GPU only (FlexAttention has no CPU backward); "
+                         "use attention: sdpa or auto here")
+    # FlexAttention is fast only compiled (eager, it materialises every score): auto picks it then.
+    flex = cfg.attention == "flex" or (cfg.attention == "auto" and d.device.type == "cuda" and cfg.compile)
+    model.attention = "flex" if flex else "sdpa"
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         for i, block in enumerate(model.layers):
