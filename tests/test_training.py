@@ -109,6 +109,7 @@ def _on_two(conf: dict, port: int) -> list[float]:
     return out[0]
 
 
+@pytest.mark.slow  # four gloo processes spawned: most of a minute on 2 idle cores
 def test_sharded_checkpoint_resumes_on_another_number_of_workers(tmp_path, data):
     """FSDP2 on 2 gloo workers saves shards at step 2; 1 worker resumes from them. 1 worker saves;
     2 FSDP2 workers resume. Both give the loss of step 3 of an uninterrupted 1-worker run."""
