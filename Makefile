@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-download bench-ingest bench-score bench-scale report-screenshot
+.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-gpu bench-download bench-ingest bench-score bench-scale report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -97,6 +97,12 @@ bench-train: setup
 
 bench-sample: setup
 	$(PY) -m bench.sample
+
+# On a GPU node: training (GPT-B/XL, 256/512px, checkpointing, FlexAttention), GPT-XL sampling
+# against LlamaGen's sampler (LLAMAGEN_SRC: a LlamaGen checkout) and CLIP ViT-L/14 scoring.
+LLAMAGEN_SRC ?=
+bench-gpu: setup
+	$(PY) -m bench.gpu $(if $(LLAMAGEN_SRC),--llamagen-src $(LLAMAGEN_SRC))
 
 # Tokenize: a PNG grid of code-shard samples decoded beside their original images (run `make demo`
 # first; VISUAL_SET points it at the demo's output), and the encoding / shard-read benchmark.

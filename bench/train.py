@@ -76,7 +76,7 @@ def main() -> None:
     from tessera.models.tiny import resolve
     from tessera.pipelines.codes_loader import CodesLoader, left_pad
     from tessera.pipelines.store import ShardStore
-    from tessera.pipelines.train import build_optimizer, train_step
+    from tessera.training.step import build_optimizer, train_step
 
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None

@@ -125,6 +125,28 @@ def status_cmd(args) -> int:
     return 0
 
 
+def plan_cmd(args) -> int:
+    from tessera.training.plan import report
+
+    cfg = load_config(args.config, args.overrides)
+    tcfg = getattr(cfg, args.stage)
+    if tcfg is None:
+        print(f"error: the config {args.config} has no {args.stage} section", file=sys.stderr)
+        return 2
+    print(report(tcfg, args.stage, args.gpu_gb))
+    return 0
+
+
+def export_cmd(args) -> int:
+    import torch
+
+    from tessera.training.checkpoint import export
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    print(export(args.checkpoint, args.out, dtype=dtype))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -174,6 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="per stage: shards done, failed and to do; the funnel; newest checkpoints")
     _config_arg(p)
     p.set_defaults(fn=status_cmd)
+    p = sub.add_parser("plan", help="per-GPU memory and tokens per step of a training stage, before it runs")
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--stage", choices=["stage1", "stage2"], default="stage2")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=plan_cmd)
+    p = sub.add_parser("export", help="one LlamaGen-format file (weights under `model`) from a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder (runs/RUN/STAGE/checkpoints/step-N) or file")
+    p.add_argument("out", help="the .pt file to write (local or fsspec URL)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.set_defaults(fn=export_cmd)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

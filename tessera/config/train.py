@@ -44,6 +44,7 @@ class TrainConfig(Section):
     caption_dim: int | None = None  # None: the text encoder's dim, or the stored features' dim
     text_rope: Literal["identity", "llamagen"] = "identity"
     dropout: float | None = None  # token, residual and FFN dropout together
+    class_dropout: float | None = None  # CFG training: probability a caption becomes the uncond one
     # Start from these weights only (fresh optimizer and step): "stage1" (the newest checkpoint of
     # this run's stage 1), "RUN/stage1" (another run's, under the same runs_root), or a checkpoint
     # path, LlamaGen's included. Ignored once this stage has a checkpoint of its own (resume).
@@ -60,11 +61,19 @@ class TrainConfig(Section):
     use_gpu: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block, for the large configs
     use_ray: bool = True  # False: train in this process without Ray (one worker)
-    bf16: bool = True  # autocast to bf16 on GPU (CPU runs in fp32)
-    compile: bool = False
+    bf16: bool = True  # autocast to bf16 on GPU (CPU runs in fp32); the text encoder runs in bf16 on GPU
+    compile: bool = False  # torch.compile each block
+    # Activation checkpointing per block: off, full (recompute the block) or selective (keep the
+    # matmul and attention outputs, recompute the element-wise work).
+    activation_checkpointing: Literal["off", "full", "selective"] = "off"
+    # Attention masking: sdpa (a dense mask; every device), flex (a FlexAttention block mask; GPU
+    # only for training, as FlexAttention has no CPU backward), auto (flex on GPU when compiled,
+    # else sdpa).
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
     # Checkpoints, metrics, sample grids.
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    async_checkpoint: bool = False  # save in a background thread while training goes on
     log_every: int = 10
     sample_every: int = 0  # 0: never during training
     sample_prompts: list[str] = ["a red circle on a blue background", "a green square in the center"]
@@ -79,6 +88,15 @@ class TrainConfig(Section):
         if self.global_batch % self.num_workers:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of num_workers {self.num_workers}")
         return self
+
+    def micro_batch_for(self, world: int) -> int:
+        """Samples per forward pass on each of `world` workers (every step is global_batch samples)."""
+        share = self.global_batch // world
+        micro = min(self.micro_batch or share, share)
+        if share % micro:
+            raise ValueError(f"each of {world} workers takes {share} samples per step, which micro_batch "
+                             f"{micro} does not divide")
+        return micro
 
     @property
     def grad_accum(self) -> int:

@@ -6,6 +6,10 @@ Parameter names match LlamaGen's released t2i checkpoints, so those load with st
 
 Pre-norm blocks: RMSNorm (fp32) -> fused qkv attention with 2D RoPE -> RMSNorm -> SwiGLU.
 Configurations are data (GPT_CONFIGS); the name of a config is the name of the model.
+
+Attention takes either a dense boolean mask (SDPA; every device, the only one with a CPU backward)
+or a FlexAttention block mask (`model.attention = "flex"`; fast when compiled on GPU). Parallelism,
+activation checkpointing and compilation are applied to this model from outside (tessera.training).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 TEXT_POSITIONS = 120  # the text prefix: FLAN-T5 features, at most 120 tokens, left-padded
 
@@ -194,7 +199,10 @@ class Attention(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(b, t, -1)))
 
 
@@ -222,6 +230,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.attention: Literal["sdpa", "flex"] = "sdpa"  # how forward() masks: dense or block mask
         self.set_grid(grid)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -249,11 +258,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.tok_embeddings.weight.numel()
 
-    def _blocks(self, h: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def _blocks(self, h: torch.Tensor, start: int, mask, keep_from: int = 0) -> torch.Tensor:
+        """The blocks over all positions, then the head over positions keep_from: only."""
         rope = self.rope[start:start + h.shape[1]]
         for layer in self.layers:
             h = layer(h, rope, mask, start)
-        return self.output(self.norm(h)).float()
+        return self.output(self.norm(h[:, keep_from:])).float()
 
     @staticmethod
     def attention_mask(cond_mask: torch.Tensor | None, q_pos: torch.Tensor, n_keys: int) -> torch.Tensor | None:
@@ -267,6 +277,17 @@ class GPT(nn.Module):
         mask |= (k_pos[None, :] == q_pos[:, None])[None]
         return mask[:, None]
 
+    @staticmethod
+    def block_mask(cond_mask: torch.Tensor | None, n: int, device: torch.device) -> BlockMask:
+        """attention_mask over n positions as a FlexAttention block mask (blocks wholly hidden are skipped)."""
+        if cond_mask is None:
+            return create_block_mask(lambda b, h, q, kv: kv <= q, None, None, n, n, device=device)
+        key_ok = F.pad(cond_mask, (0, max(0, n - cond_mask.shape[1])), value=True)[:, :n]
+
+        def mask_mod(b, h, q, kv):
+            return ((kv <= q) & key_ok[b, kv]) | (kv == q)
+        return create_block_mask(mask_mod, cond_mask.shape[0], None, n, n, device=device)
+
     def forward(self, idx: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, 1 + T, vocab) for the image tokens after the prefix and after each of idx (B, T).
@@ -279,8 +300,11 @@ class GPT(nn.Module):
         t = h.shape[1]
         if t > self.rope.shape[0]:
             raise ValueError(f"sequence of {t} positions is longer than the {self.grid}x{self.grid} grid allows")
-        mask = self.attention_mask(cond_mask, torch.arange(t, device=h.device), t)
-        return self._blocks(h, 0, mask)[:, self.cfg.cls_token_num - 1:]
+        if self.attention == "flex":
+            mask = self.block_mask(cond_mask, t, h.device)
+        else:
+            mask = self.attention_mask(cond_mask, torch.arange(t, device=h.device), t)
+        return self._blocks(h, 0, mask, keep_from=self.cfg.cls_token_num - 1)
 
     # Generation with a KV cache ------------------------------------------------------------------
     def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
@@ -302,7 +326,7 @@ class GPT(nn.Module):
         self._cond_mask = cond_mask
         h = self.cls_embedding(cond, drop_cond)
         mask = self.attention_mask(cond_mask, torch.arange(h.shape[1], device=h.device), h.shape[1])
-        return self._blocks(h, 0, mask)[:, -1]
+        return self._blocks(h, 0, mask, keep_from=-1)[:, -1]
 
     def decode_step(self, token: torch.Tensor, index: int) -> torch.Tensor:
         """Feed image token number `index` (B,); logits (B, vocab) for the next one."""

@@ -144,7 +144,7 @@ class CodesLoader:
 
     def __init__(self, store: ShardStore, cfg: CodesDataConfig, global_batch: int, rank: int = 0,
                  world: int = 1, text_encoder=None, caption_dim: int | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, pin_memory: bool = False):
         self.store, self.cfg = store, cfg
         self.folder = tokens_folder(cfg.resolution)
         self.grid = cfg.resolution // 16
@@ -156,6 +156,7 @@ class CodesLoader:
         self.pos = Position()
         self._index: tuple[tuple, ShardIndex, np.ndarray] | None = None
         self.prefetch = prefetch
+        self.pin_memory = pin_memory  # page-locked batches, so copies to the GPU do not block
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -272,8 +273,9 @@ class CodesLoader:
                 feats[i] = next(it).float().cpu() if c else torch.zeros(0, self.caption_dim or 1)
         dim = self.caption_dim or next((f.shape[1] for f in feats if len(f)), 1)
         cond, cond_mask = left_pad(feats, dim)
-        return {"codes": torch.from_numpy(np.stack([c for c, _ in mine])), "cond": cond,
-                "cond_mask": cond_mask, "valid": cond_mask.any(1)}
+        batch = {"codes": torch.from_numpy(np.stack([c for c, _ in mine])), "cond": cond,
+                 "cond_mask": cond_mask, "valid": cond_mask.any(1)}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     # Iteration with a prefetch thread --------------------------------------------------------
     def _produce(self) -> None:

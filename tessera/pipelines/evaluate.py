@@ -33,7 +33,7 @@ from tessera.eval.fid import Moments, frechet_distance, merge
 from tessera.eval.prompts import FILE as PROMPTS_FILE
 from tessera.eval.prompts import TRUTH, has_truth, read_prompt_set, write_synthetic_prompts
 from tessera.eval.report import append_metrics, read_metrics, write_page, write_tensorboard
-from tessera.pipelines.checkpoint import latest_checkpoint, stage_dir
+from tessera.training.checkpoint import latest_checkpoint, stage_dir
 from tessera.pipelines.runtime import StageRun, run_stage
 from tessera.pipelines.store import ShardStore
 
@@ -374,9 +374,10 @@ def _conf(cfg: RunConfig, resolutions: list[int]) -> dict:
 def _resolution(ecfg: EvalConfig, target: Target) -> int:
     if ecfg.resolution:
         return ecfg.resolution
-    from tessera.models.gpt import read_checkpoint
+    from tessera.training.checkpoint import is_sharded, read_checkpoint_any, read_train_state
 
-    meta = read_checkpoint(target.checkpoint).get("config") or {}
+    path = target.checkpoint
+    meta = (read_train_state(path) if is_sharded(path) else read_checkpoint_any(path)).get("config") or {}
     return int(meta.get("resolution", 256)) if isinstance(meta, dict) else 256
 
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from tessera.config import RunConfig
 from tessera.config.train import SampleConfig
-from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config, read_checkpoint
-from tessera.pipelines.checkpoint import latest_checkpoint, stage_dir
+from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config
+from tessera.training.checkpoint import latest_checkpoint, read_checkpoint_any, stage_dir
 from tessera.pipelines.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = No
 def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
                    device: str = "cpu") -> tuple[GPT, int]:
     """The model of a checkpoint (ours carry their config; LlamaGen's take `fallback`) and its resolution."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint_any(path)
     meta = ckpt.get("config") if isinstance(ckpt, dict) else None
     if isinstance(meta, dict) and "model_config" in meta:
         cfg = GPTConfig(**meta["model_config"])

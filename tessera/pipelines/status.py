@@ -10,7 +10,7 @@ import posixpath
 from collections import Counter
 
 from tessera.config import RunConfig
-from tessera.pipelines.checkpoint import checkpoint_steps, latest_checkpoint, stage_dir
+from tessera.training.checkpoint import checkpoint_steps, latest_checkpoint, stage_dir
 from tessera.pipelines.runtime import failures
 from tessera.pipelines.store import ShardStore
 

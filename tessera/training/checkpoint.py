@@ -1,0 +1,157 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a folder {run}/{stage}/checkpoints/step-NNNNNNNN/: every worker writes its own
+part of the weights and optimizer state (DCP deduplicates DDP replicas and writes FSDP2 shards
+as they are), rank 0 writes `train.json` (step, data position, config) first, and DCP writes
+`.metadata` last: a folder without `.metadata` is unfinished and ignored. DCP reshards on load,
+so a run saved by N workers resumes on M. Only the newest `keep` are kept.
+
+`export` turns one into a single LlamaGen-format file (weights under `model`) for sampling and
+sharing; `read_checkpoint_any` reads either kind (and LlamaGen's own files).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from tessera.models.gpt import read_checkpoint
+from tessera.pipelines.store import ShardStore
+
+FOLDER = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})$")
+TRAIN_STATE = "train.json"
+DONE = ".metadata"  # written by DCP once every worker's part is in place
+
+
+def checkpoint_steps(run: ShardStore) -> list[int]:
+    """Steps of the finished checkpoints, oldest first."""
+    return sorted(int(m.group(1)) for n in run.list(FOLDER)
+                  if (m := _NAME.match(n)) and run.exists(FOLDER, n, DONE))
+
+
+def checkpoint_url(run: ShardStore, step: int) -> str:
+    return run.url(FOLDER, f"step-{step:08d}")
+
+
+def latest_checkpoint(run: ShardStore) -> str | None:
+    steps = checkpoint_steps(run)
+    return checkpoint_url(run, steps[-1]) if steps else None
+
+
+def step_of(url: str) -> int:
+    return int(url.rstrip("/").rsplit("step-", 1)[1])
+
+
+def stage_dir(runs_root: str, run: str, stage: str) -> str:
+    return posixpath.join(runs_root.rstrip("/"), run, stage)
+
+
+def is_sharded(url: str) -> bool:
+    return ShardStore(url).exists(DONE)
+
+
+class Checkpointer:
+    """Saves (every worker calls `save`) and loads the sharded checkpoints of one run stage."""
+
+    def __init__(self, run: ShardStore, keep: int, rank: int = 0, async_save: bool = False):
+        self.run, self.keep, self.rank, self.async_save = run, max(keep, 1), rank, async_save
+        self._pending = None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, train_state: dict) -> str:
+        self.wait()  # one save in flight at a time
+        url = checkpoint_url(self.run, step)
+        if self.rank == 0:
+            self.run.write_json({"step": step, **train_state}, FOLDER, f"step-{step:08d}", TRAIN_STATE)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        if self.async_save:
+            self._pending = dcp.async_save(state, checkpoint_id=url, no_dist=not _distributed())
+        else:
+            dcp.save(state, checkpoint_id=url, no_dist=not _distributed())
+            self._prune()
+        return url
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            (getattr(pending, "upload_completion", None) or pending).result()
+            self._prune()
+
+    def _prune(self) -> None:
+        if self.rank != 0:
+            return
+        for old in checkpoint_steps(self.run)[:-self.keep]:
+            self.run.fs.rm(self.run.path(FOLDER, f"step-{old:08d}"), recursive=True)
+
+    @staticmethod
+    def load(url: str, model: torch.nn.Module, optimizer) -> dict:
+        """Load weights and optimizer state in place (resharded to this job); returns train.json."""
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=url, no_dist=not _distributed())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return read_train_state(url)
+
+
+def read_train_state(url: str) -> dict:
+    store = ShardStore(url)
+    return store.read_json(TRAIN_STATE)
+
+
+def read_model_state(url: str) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights of a checkpoint, in this process (no process group needed)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = _reader(url)
+    metadata = reader.read_metadata()
+    model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model
+
+
+def _reader(url: str):
+    if "://" in url and not url.startswith("file://"):
+        from torch.distributed.checkpoint import FsspecReader
+
+        return FsspecReader(url)
+    return dcp.FileSystemReader(url.removeprefix("file://"))
+
+
+def read_checkpoint_any(path: str) -> dict:
+    """{"model": weights, ...} of a sharded checkpoint folder (plus its train.json) or of a file."""
+    if is_sharded(path):
+        return {"model": read_model_state(path), **read_train_state(path)}
+    return read_checkpoint(path)
+
+
+def export(src: str, out: str, dtype: torch.dtype | None = None) -> str:
+    """One LlamaGen-format file: {"model": weights} (names are LlamaGen's) plus our config."""
+    ckpt = read_checkpoint_any(src)
+    weights = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+               for k, v in ckpt["model"].items()}
+    payload = {"model": weights}
+    if "config" in ckpt:
+        payload["config"] = json.loads(json.dumps(ckpt["config"]))
+    if "step" in ckpt:
+        payload["steps"] = int(ckpt["step"])
+    target = ShardStore(posixpath.dirname(out) or ".")
+    with target.open_atomic(posixpath.basename(out)) as f:
+        torch.save(payload, f)
+    return out
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()
