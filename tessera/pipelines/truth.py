@@ -181,13 +181,13 @@ def kept_images(store: ShardStore, limit: int) -> list:
     """Up to `limit` kept images (PIL), from the first selected shards."""
     from PIL import Image
 
-    from tessera.pipelines.tokenize import _read_tar
+    from tessera.pipelines.download import read_samples
 
     images = []
     for shard in store.done_shards("select"):
         table = store.read_table("scores", f"{shard}.parquet", columns=["key", "keep"]).to_pandas()
         keys = set(table.loc[table["keep"], "key"].head(limit - len(images)))
-        members, _ = _read_tar(store, shard, keys)
+        members = read_samples(store, shard, keys)
         for key in sorted(members):
             data = next((members[key][e] for e in ("jpg", "jpeg", "png", "webp") if e in members[key]), None)
             if data:
