@@ -135,7 +135,7 @@ def test_pool_size_is_one_actor_per_gpu_or_per_cpu_slot(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})
     assert caption.num_actors(CaptionConfig(num_gpus_per_actor=1)) == 8
     assert caption.num_actors(CaptionConfig(num_gpus_per_actor=2)) == 4
-    assert caption.num_actors(CaptionConfig(num_cpus_per_actor=2)) == 7  # one CPU left for reading
+    assert caption.num_actors(CaptionConfig(num_cpus_per_actor=2)) == 8  # each actor reads its own shards
     assert caption.num_actors(CaptionConfig(num_actors=3, num_gpus_per_actor=1)) == 3
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
     assert caption.num_actors(CaptionConfig()) == 1
