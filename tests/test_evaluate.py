@@ -25,12 +25,14 @@ def evaluated(tmp_path_factory, ray_local):
         f"data_root={tmp}/data", f"runs_root={tmp}/runs", f"models_root={tmp}/models",
         "eval.synthetic_prompts=4", "eval.images_per_prompt=1", "eval.shard_size=2", "eval.batch_size=2",
         "eval.tokenizer.max_images=2"])
+    from tessera.training.checkpoint import Checkpointer
+
     torch.manual_seed(0)
     model = build_gpt("GPT-nano", grid=16, vocab_size=512)  # the tiny VQ's codebook, the tiny T5's width
-    ckpt = ShardStore(f"{tmp}/runs/demo/stage1/checkpoints")
-    with ckpt.open_atomic("step-00000002.pt") as f:
-        torch.save({"model": model.state_dict(), "config": {"stage": "stage1", "resolution": 256,
-                                                            "model_config": dataclasses.asdict(model.cfg)}}, f)
+    optimizer = torch.optim.AdamW(model.parameters())
+    Checkpointer(ShardStore(f"{tmp}/runs/demo/stage1"), keep=1).save(
+        2, model, optimizer, {"config": {"stage": "stage1", "resolution": 256,
+                                         "model_config": dataclasses.asdict(model.cfg)}})
     result = evaluate.run(cfg, checkpoints=["untrained", "stage1"])
     return cfg, result, ShardStore(f"{tmp}/runs/demo/eval")
 
