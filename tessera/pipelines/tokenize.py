@@ -211,21 +211,26 @@ class TokenizeShard:
         from concurrent.futures import ThreadPoolExecutor
 
         fingerprint = self.fingerprints[shard]
-        todo = [r for r in self.cfg.resolutions
-                if not matches(store.marker_info(tokens_folder(r), shard), fingerprint)]
-        rows = read_shard(store, shard, self.cfg.text_caption)
-        size = self.cfg.batch_size
-        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        done = {r: store.marker_info(tokens_folder(r), shard) for r in self.cfg.resolutions}
+        todo = [r for r in self.cfg.resolutions if not matches(done[r], fingerprint)]
         encoded: list[dict] = []
-        with ThreadPoolExecutor(max_workers=2) as pool:  # crops of the next batch while this one encodes
-            for batch in pool.map(lambda c: prepare_batch(_columns(c), todo), chunks):
-                out = self.encode(batch, todo)
-                encoded += [{k: v[i] for k, v in out.items()} for i in range(len(out["key"]))]
-        summary = {"rows_in": len(rows)}
-        for res in todo:
-            summary[str(res)] = write_shard(store, shard, res, encoded, self.codebook_size,
-                                            {"fingerprint": fingerprint, "selection": self.selection})
-        return summary
+        if todo:  # a resolution finished before a crash is not encoded again
+            rows = read_shard(store, shard, self.cfg.text_caption)
+            size = self.cfg.batch_size
+            chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+            with ThreadPoolExecutor(max_workers=2) as pool:  # crops of the next batch while this one encodes
+                for batch in pool.map(lambda c: prepare_batch(_columns(c), todo), chunks):
+                    out = self.encode(batch, todo)
+                    encoded += [{k: v[i] for k, v in out.items()} for i in range(len(out["key"]))]
+        summary = {}
+        for res in self.cfg.resolutions:
+            if res in todo:
+                summary[str(res)] = write_shard(store, shard, res, encoded, self.codebook_size,
+                                                {"fingerprint": fingerprint, "selection": self.selection})
+            else:
+                summary[str(res)] = {k: v for k, v in done[res].items()
+                                     if k not in ("code_counts", "fingerprint", "selection")}
+        return {"rows_in": summary[str(self.cfg.resolutions[0])]["rows_in"], **summary}
 
     def encode(self, batch: dict, resolutions: list[int]) -> dict:
         n = len(batch["key"])
