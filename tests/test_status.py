@@ -27,11 +27,12 @@ def half_finished(tmp_path) -> RunConfig:
     store.mark_done("caption", "00000", {"rows_in": 5, "captioned": 4, "fallback": {"degenerate": 1}})
     store.mark_done("tokens/256", "00000", {"rows_in": 5, "tokenized": 5, "no_caption": 0, "dropped": {},
                                             "bytes": 100, "code_counts": "x"})
+    # Sharded checkpoints are finished once DCP's .metadata is there; step 9 of r2 is still being written.
     for run, stage, step in (("r1", "stage1", 2), ("r1", "stage1", 4), ("r1", "stage2", 1), ("r2", "stage1", 3)):
-        folder = tmp_path / "runs" / run / stage / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"step-{step:08d}.pt").write_bytes(b"")
-    (tmp_path / "runs" / "r2" / "stage1" / "checkpoints" / "step-00000009.pt.tmp-1234").write_bytes(b"")
+        folder = tmp_path / "runs" / run / stage / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / ".metadata").write_bytes(b"")
+    (tmp_path / "runs" / "r2" / "stage1" / "checkpoints" / "step-00000009").mkdir()
     return RunConfig.model_validate(tree)
 
 
@@ -60,7 +61,7 @@ def test_status_prefers_the_flows_funnel_and_prints(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Funnel (reports/funnel.parquet)" in out and "99" in out
     assert "failed 00002: OSError: disk full" in out
-    assert "r1/stage1: step 4" in out and "step-00000004.pt" in out
+    assert "r1/stage1: step 4" in out and "step-00000004" in out
 
 
 def test_status_of_an_empty_store(tmp_path, capsys):
