@@ -56,7 +56,9 @@ class SelectResult:
 
 
 def fingerprint(cfg: FiltersConfig, store: ShardStore, shards: list[str]) -> str:
-    infos = [store.done_info(score.STAGE, s) for s in shards]
+    """The selection's inputs: its config and what each scored shard holds (not how long it took)."""
+    markers = store.markers(score.STAGE)
+    infos = [{k: v for k, v in markers[s].items() if k != "seconds"} for s in shards]
     blob = json.dumps({"cfg": cfg.model_dump(mode="json"), "shards": shards, "infos": infos}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
