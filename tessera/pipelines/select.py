@@ -212,7 +212,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
         log.warning("Selecting over %d scored shards; %d downloaded shards are not scored yet (%s...).",
                     len(shards), len(missing), ", ".join(missing[:3]))
     stamp = fingerprint(cfg, store, shards)
-    if store.exists("reports", "thresholds.json") and all(store.is_done(STAGE, s) for s in shards):
+    if store.exists("reports", "thresholds.json") and set(store.done_shards(STAGE)) >= set(shards):
         previous = store.read_json("reports", "thresholds.json")
         if previous.get("fingerprint") == stamp:
             log.info("Select: nothing changed since the last selection; keeping it.")
@@ -223,7 +223,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     if unscored:
         raise ValueError(f"filters.{unscored[0]} is on but the shards were scored without it; "
                          f"remove the score/ markers to score again")
-    if cfg.dedup.enabled and not all(store.exists(score.EMBEDDINGS, f"{s}.npy") for s in shards):
+    if cfg.dedup.enabled and not set(store.list(score.EMBEDDINGS, ".npy")) >= {f"{s}.npy" for s in shards}:
         raise ValueError("near-duplicate search needs the image embeddings, which were not stored "
                          "(filters.dedup was enabled after scoring; remove the score/ markers to score again)")
     plan = Plan(cfg, sources)
