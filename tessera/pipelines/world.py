@@ -1,9 +1,10 @@
 """The demo's world: pictures whose truth is known, with planted defects.
 
 Every picture is a coloured shape on a plain background, and its caption says which: "a red
-circle on the left on a blue background". Image `index` of a world (`seed`) is a pure function
-of the two, so the loopback server, the source parquet, the truth file and the models' training
-sets all agree without sharing state. A share of the pictures carries one planted defect:
+circle on the left on a blue background"; the shape's size and offset vary from picture to
+picture. Image `index` of a world (`seed`) is a pure function of the two, so the loopback
+server, the source parquet, the truth file and the models' training sets all agree without
+sharing state. A share of the pictures carries one planted defect:
 
   mismatched_caption  the caption describes a different picture (shape, colour and background)
   watermark           a text or logo overlay of varying size and opacity
@@ -62,6 +63,11 @@ class Picture:
     place: str
     width: int
     height: int
+    # Per-picture variation, so that two pictures of one description are not copies of each other:
+    # the shape's half-size as a share of the short side, and its offset from the place's anchor
+    # as shares of the width and height.
+    size: float = 0.25
+    shift: tuple[float, float] = (0.0, 0.0)
 
     @property
     def caption(self) -> str:
@@ -83,7 +89,9 @@ def random_picture(rng: random.Random, allow_held_out: bool = False) -> Picture:
     short = rng.choice([288, 320, 400, 512, 560, 640])
     long = int(short * rng.uniform(1.0, 1.5))
     width, height = (long, short) if rng.random() < 0.5 else (short, long)
-    return Picture(shape, color, background, rng.choice(PLACES), width, height)
+    size = rng.uniform(0.17, 0.28)
+    shift = (rng.uniform(-0.07, 0.07), rng.uniform(-0.07, 0.07))
+    return Picture(shape, color, background, rng.choice(PLACES), width, height, size, shift)
 
 
 def picture(index: int, seed: int) -> Picture:
@@ -94,14 +102,10 @@ def picture(index: int, seed: int) -> Picture:
 def draw(p: Picture) -> Image.Image:
     img = Image.new("RGB", (p.width, p.height), COLORS[p.background])
     d = ImageDraw.Draw(img)
-    r = min(p.width, p.height) // 4
-    cx, cy = {
-        "in the center": (p.width // 2, p.height // 2),
-        "on the left": (p.width // 4, p.height // 2),
-        "on the right": (3 * p.width // 4, p.height // 2),
-        "at the top": (p.width // 2, p.height // 4),
-        "at the bottom": (p.width // 2, 3 * p.height // 4),
-    }[p.place]
+    r = round(min(p.width, p.height) * p.size)
+    ax, ay = {"in the center": (0.5, 0.5), "on the left": (0.25, 0.5), "on the right": (0.75, 0.5),
+              "at the top": (0.5, 0.25), "at the bottom": (0.5, 0.75)}[p.place]
+    cx, cy = round(p.width * (ax + p.shift[0])), round(p.height * (ay + p.shift[1]))
     fill = COLORS[p.color]
     if p.shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
