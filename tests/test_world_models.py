@@ -53,8 +53,6 @@ def test_clip_score_separates_mismatched_captions(evaluated):
     assert caught >= 0.9 and clean <= 0.03
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the world CLIP's embedding separates near-blank pictures but "
-                   "not noisy or blurred ones, so the linear LAION-layout head catches only about a third")
 def test_aesthetic_head_flags_noisy_blurred_and_blank_pictures(evaluated):
     caught, clean = _caught(evaluated["aesthetic"], evaluated["kinds"], world.LOW_AESTHETIC,
                             DEMO_THRESHOLDS["aesthetic"], True)
@@ -69,6 +67,12 @@ def test_watermark_detector_flags_overlays(evaluated):
 
 def test_planted_copies_are_nearer_than_the_dedup_threshold(evaluated):
     assert (evaluated["duplicate_similarity"] >= DEMO_THRESHOLDS["dedup"]).mean() >= 0.9
+
+
+def test_few_clean_pictures_have_a_look_alike_above_the_dedup_threshold(evaluated):
+    # Pictures of one description differ in the shape's size and offset and in their frame; the
+    # CLIP's copy term keeps them apart, so dedup drops copies, not every picture with a twin caption.
+    assert (evaluated["clean_nearest_similarity"] >= DEMO_THRESHOLDS["dedup"]).mean() <= 0.15
 
 
 def test_captioner_names_colours_and_background(evaluated):

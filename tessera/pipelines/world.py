@@ -89,8 +89,8 @@ def random_picture(rng: random.Random, allow_held_out: bool = False) -> Picture:
     short = rng.choice([288, 320, 400, 512, 560, 640])
     long = int(short * rng.uniform(1.0, 1.5))
     width, height = (long, short) if rng.random() < 0.5 else (short, long)
-    size = rng.uniform(0.17, 0.28)
-    shift = (rng.uniform(-0.07, 0.07), rng.uniform(-0.07, 0.07))
+    size = rng.uniform(0.15, 0.29)
+    shift = (rng.uniform(-0.09, 0.09), rng.uniform(-0.09, 0.09))
     return Picture(shape, color, background, rng.choice(PLACES), width, height, size, shift)
 
 
@@ -178,7 +178,7 @@ def copy_variant(img: Image.Image, rng: random.Random, detail: str) -> tuple[Ima
         scale = rng.uniform(max(0.7, 290 / min(w, h)), 0.95) if min(w, h) > 300 else rng.uniform(1.1, 1.3)
         return img.resize((round(w * scale), round(h * scale)), Image.BICUBIC), 90
     if detail == "cropped":
-        dx, dy = int(w * rng.uniform(0.02, 0.05)), int(h * rng.uniform(0.02, 0.05))
+        dx, dy = int(w * rng.uniform(0.01, 0.04)), int(h * rng.uniform(0.01, 0.04))
         return img.crop((dx, dy, w - dx, h - dy)), 90
     return img, rng.randrange(35, 60)
 
