@@ -21,8 +21,8 @@ TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": Fal
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _config(tmp_path, stage1: dict | None = None, stage2: dict | None = None) -> RunConfig:
-    return RunConfig.model_validate({
+def _config(tmp_path, stage1: dict | None = None, stage2: dict | None = None, **sections) -> RunConfig:
+    return RunConfig.model_validate({**sections,
         "name": "t", "data_root": str(tmp_path / "data"), "runs_root": str(tmp_path / "runs"),
         "models_root": str(tmp_path / "models"), "source": {"path": str(tmp_path / "src.parquet")},
         "stage1": {**TINY, **(stage1 or {})}, "stage2": {**TINY, **(stage2 or {})} if stage2 is not None else None})
@@ -223,3 +223,18 @@ def test_ddp_and_fsdp2_on_two_workers_agree(tmp_path, data):
     assert losses["ddp", 0] == losses["ddp", 1] == pytest.approx(losses["fsdp", 0], rel=1e-5)
     ckpt = read_checkpoint_any(str(tmp_path / "runs" / "fsdp" / "checkpoints" / "step-00000003"))
     build_gpt("GPT-nano", vocab_size=64).load_state_dict(ckpt["model"], strict=True)
+
+
+def test_a_short_text_prefix_model_trains_and_samples(tmp_path, data):
+    """GPT-demo's 24-position prefix: the loader pads to it, the checkpoint keeps it, and the
+    sample stage (tiny T5 and VQ through the real loaders) generates with it."""
+    from tessera.pipelines import sample
+
+    cfg = _config(tmp_path, {"model": "GPT-demo", "max_steps": 2}, sample={
+        "vq": "tiny:vq", "text_encoder": "tiny:t5", "top_k": 50, "prompts": ["a red circle on a blue background"]})
+    result = train.run(cfg, "stage1")
+    assert result.step == 2 and math.isfinite(result.last_loss)
+    saved = read_checkpoint_any(result.checkpoint)["config"]["model_config"]
+    assert saved["cls_token_num"] == 24
+    out = sample.run(cfg)
+    assert out.images == 1 and out.tokens_per_s > 0
