@@ -230,7 +230,7 @@ def test_a_short_text_prefix_model_trains_and_samples(tmp_path, data):
     sample stage (tiny T5 and VQ through the real loaders) generates with it."""
     from tessera.pipelines import sample
 
-    cfg = _config(tmp_path, {"model": "GPT-demo", "max_steps": 2}, sample={
+    cfg = _config(tmp_path, {"model": "GPT-demo", "max_steps": 2, "threads": 1}, sample={
         "vq": "tiny:vq", "text_encoder": "tiny:t5", "top_k": 50, "prompts": ["a red circle on a blue background"]})
     result = train.run(cfg, "stage1")
     assert result.step == 2 and math.isfinite(result.last_loss)

@@ -71,6 +71,8 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
 def train_worker(conf: dict) -> dict:
     """The training loop of one worker. `conf` is plain data so that Ray can ship it."""
     cfg = TrainConfig.model_validate(conf["train"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     d = dist_context(conf["use_ray"], cfg.use_gpu)
     if d.device.type == "cuda":
         torch.cuda.set_device(d.device)
