@@ -154,14 +154,16 @@ def test_training_through_ray_train(tmp_path, data, ray_local):
 
 @pytest.mark.slow
 def test_demo_config_loss_falls_well_below_log_vocab_and_grids_are_drawn(tmp_path):
-    """The demo's stage-1 section as written (tiny GPT, tiny T5 and VQ, Ray Train), on learnable
-    code shards shaped like the demo's (512-code vocabulary, 32-dim caption features)."""
+    """The demo's stage-1 section as written (tiny GPT, tiny T5 and VQ, Ray Train), for its first
+    60 steps, on learnable code shards shaped like the demo's (512-code vocabulary, 32-dim caption
+    features)."""
     from tessera.config import load_config
 
     store = ShardStore(str(tmp_path / "data"))
     write_synthetic_codes(store, 256, shards=2, per_shard=60, vocab=512, caption_dim=32, classes=8)
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data_root={tmp_path / 'data'}", f"runs_root={tmp_path / 'runs'}",
-                                            f"models_root={tmp_path / 'models'}", "stage1.sample_every=60"])
+                                            f"models_root={tmp_path / 'models'}", "stage1.sample_every=60",
+                                            "stage1.max_steps=60", "stage1.checkpoint_every=60"])
     result = train.run(cfg, "stage1")
     assert result.step == cfg.stage1.max_steps
     assert result.last_loss < 0.5 * math.log(cfg.stage1.vocab_size), result.last_loss
