@@ -143,3 +143,11 @@ def test_flipped_codes_are_used_with_their_probability(store):
 def test_left_pad_truncates_to_120():
     cond, mask = left_pad([torch.ones(130, 2), torch.ones(0, 2)], 2)
     assert mask[0].all() and not mask[1].any()
+
+
+def test_batches_are_padded_to_the_models_text_prefix(store):
+    """A model with a shorter text prefix (the demo's) gets its features left-padded to that length."""
+    batch = CodesLoader(store, CodesDataConfig(), 4, prefetch=0, text_positions=8).next_batch()
+    assert batch["cond"].shape == (4, 8, 8) and batch["cond_mask"].shape == (4, 8)
+    real = batch["cond_mask"].sum(1)
+    assert (real > 0).all() and batch["cond_mask"][:, -1].all()  # real tokens sit at the right

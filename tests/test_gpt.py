@@ -162,3 +162,15 @@ def test_output_head_is_zero_initialised():
     model = build_gpt("GPT-nano", grid=2)
     assert torch.all(model.output.weight == 0)
     assert 0.015 < model.tok_embeddings.weight.std() < 0.025
+
+
+def test_llamagen_configs_keep_the_120_position_text_prefix_and_the_demo_config_a_short_one():
+    for name in ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B"):
+        assert GPT_CONFIGS[name].cls_token_num == 120, name
+    model = build_gpt("GPT-demo", grid=4).eval()
+    assert model.rope.shape[0] == 24 + 16
+    cond = torch.randn(2, 24, model.cfg.caption_dim)
+    mask = torch.zeros(2, 24, dtype=torch.bool)
+    mask[:, -5:] = True
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 15))
+    assert model(idx, cond, mask).shape == (2, 16, model.cfg.vocab_size)

@@ -30,3 +30,16 @@ def test_different_captions_give_different_features(encoder):
     a, b = encoder.encode(["a red circle", "a green cross"])
     assert not torch.allclose(a[: min(len(a), len(b))], b[: min(len(a), len(b))])
     assert encoder.encode([]) == []
+
+
+def test_a_colour_word_says_whether_it_names_the_shape_or_the_background(encoder):
+    """The tiny encoder is random but contextual: "red" as the shape's colour and "red" as the
+    background's get different features (a random T5's attention would average them together)."""
+    long = TextEncoder(encoder.model, encoder.tokenizer, max_length=32)
+    a, b = long.encode(["a red circle in the center on a blue background",
+                        "a blue circle in the center on a red background"])
+    ids = long.tokenizer("a red circle in the center on a blue background")["input_ids"]
+    words = long.tokenizer.convert_ids_to_tokens(ids)
+    shape_colour, background = words.index("Ġred"), words.index("Ġblue")
+    same_word = torch.nn.functional.cosine_similarity(a[shape_colour], b[background], dim=0)
+    assert same_word < 0.8

@@ -21,8 +21,8 @@ TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": Fal
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _config(tmp_path, stage1: dict | None = None, stage2: dict | None = None) -> RunConfig:
-    return RunConfig.model_validate({
+def _config(tmp_path, stage1: dict | None = None, stage2: dict | None = None, **sections) -> RunConfig:
+    return RunConfig.model_validate({**sections,
         "name": "t", "data_root": str(tmp_path / "data"), "runs_root": str(tmp_path / "runs"),
         "models_root": str(tmp_path / "models"), "source": {"path": str(tmp_path / "src.parquet")},
         "stage1": {**TINY, **(stage1 or {})}, "stage2": {**TINY, **(stage2 or {})} if stage2 is not None else None})
@@ -154,14 +154,16 @@ def test_training_through_ray_train(tmp_path, data, ray_local):
 
 @pytest.mark.slow
 def test_demo_config_loss_falls_well_below_log_vocab_and_grids_are_drawn(tmp_path):
-    """The demo's stage-1 section as written (tiny GPT, tiny T5 and VQ, Ray Train), on learnable
-    code shards shaped like the demo's (512-code vocabulary, 32-dim caption features)."""
+    """The demo's stage-1 section as written (tiny GPT, tiny T5 and VQ, Ray Train), for its first
+    60 steps, on learnable code shards shaped like the demo's (512-code vocabulary, 32-dim caption
+    features)."""
     from tessera.config import load_config
 
     store = ShardStore(str(tmp_path / "data"))
     write_synthetic_codes(store, 256, shards=2, per_shard=60, vocab=512, caption_dim=32, classes=8)
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data_root={tmp_path / 'data'}", f"runs_root={tmp_path / 'runs'}",
-                                            f"models_root={tmp_path / 'models'}", "stage1.sample_every=60"])
+                                            f"models_root={tmp_path / 'models'}", "stage1.sample_every=60",
+                                            "stage1.max_steps=60", "stage1.checkpoint_every=60"])
     result = train.run(cfg, "stage1")
     assert result.step == cfg.stage1.max_steps
     assert result.last_loss < 0.5 * math.log(cfg.stage1.vocab_size), result.last_loss
@@ -223,3 +225,18 @@ def test_ddp_and_fsdp2_on_two_workers_agree(tmp_path, data):
     assert losses["ddp", 0] == losses["ddp", 1] == pytest.approx(losses["fsdp", 0], rel=1e-5)
     ckpt = read_checkpoint_any(str(tmp_path / "runs" / "fsdp" / "checkpoints" / "step-00000003"))
     build_gpt("GPT-nano", vocab_size=64).load_state_dict(ckpt["model"], strict=True)
+
+
+def test_a_short_text_prefix_model_trains_and_samples(tmp_path, data):
+    """GPT-demo's 24-position prefix: the loader pads to it, the checkpoint keeps it, and the
+    sample stage (tiny T5 and VQ through the real loaders) generates with it."""
+    from tessera.pipelines import sample
+
+    cfg = _config(tmp_path, {"model": "GPT-demo", "max_steps": 2, "threads": 1}, sample={
+        "vq": "tiny:vq", "text_encoder": "tiny:t5", "top_k": 50, "prompts": ["a red circle on a blue background"]})
+    result = train.run(cfg, "stage1")
+    assert result.step == 2 and math.isfinite(result.last_loss)
+    saved = read_checkpoint_any(result.checkpoint)["config"]["model_config"]
+    assert saved["cls_token_num"] == 24
+    out = sample.run(cfg)
+    assert out.images == 1 and out.tokens_per_s > 0

@@ -61,6 +61,8 @@ class TrainConfig(Section):
     use_gpu: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block, for the large configs
     use_ray: bool = True  # False: train in this process without Ray (one worker)
+    # Torch threads per worker on CPU; None: torch's default (Ray sets one thread per CPU it grants).
+    threads: int | None = None
     bf16: bool = True  # autocast to bf16 on GPU (CPU runs in fp32); the text encoder runs in bf16 on GPU
     compile: bool = False  # torch.compile each block
     # Activation checkpointing per block: off, full (recompute the block) or selective (keep the

@@ -1,7 +1,8 @@
 """The Llama generator: a text-conditioned GPT over VQ image codes, LlamaGen's t2i architecture.
 
-A sequence is 120 text positions (caption features through a small MLP, left-padded) followed by
-the image codes in raster order; the model predicts each code from everything before it.
+A sequence is 120 text positions (caption features through a small MLP, left-padded; fewer for the
+tiny demo configs) followed by the image codes in raster order; the model predicts each code from
+everything before it.
 Parameter names match LlamaGen's released t2i checkpoints, so those load with strict=True.
 
 Pre-norm blocks: RMSNorm (fp32) -> fused qkv attention with 2D RoPE -> RMSNorm -> SwiGLU.
@@ -70,6 +71,11 @@ GPT_CONFIGS: dict[str, GPTConfig] = {
     # Tiny ones for tests and the CPU demo.
     "GPT-nano": GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=256, caption_dim=32, multiple_of=32),
     "GPT-tiny": GPTConfig(dim=64, n_layer=4, n_head=4, vocab_size=1024, caption_dim=64, multiple_of=64),
+    # The CPU demo's: its captions are about a dozen tokens, so a 24-position text prefix (not 120)
+    # leaves most of every sequence to the image; two layers learn the captions' colours as fast per
+    # image as four, at twice the images per second.
+    "GPT-demo": GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=512, caption_dim=32, multiple_of=64,
+                          cls_token_num=24),
 }
 
 
@@ -292,7 +298,7 @@ class GPT(nn.Module):
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, 1 + T, vocab) for the image tokens after the prefix and after each of idx (B, T).
 
-        cond: (B, 120, caption_dim) left-padded caption features; cond_mask: (B, 120) True where real.
+        cond: (B, cls_token_num, caption_dim) left-padded caption features; cond_mask: True where real.
         Training passes idx = codes[:, :-1] and scores the logits against all codes.
         """
         h = torch.cat([self.cls_embedding(cond, drop_cond), self.tok_embeddings(idx)], dim=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 MAX_LENGTH = 120
+NEIGHBOUR_BIAS = 10.0  # attention logit bias of the tiny encoder's heads towards their neighbour
 
 
 class TextEncoder:
@@ -68,5 +69,18 @@ def build_tiny(path: str) -> None:
     config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                       feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                       decoder_start_token_id=tokenizer.pad_token_id)
-    T5EncoderModel(config).save_pretrained(path)
+    model = T5EncoderModel(config)
+    # Random attention averages the whole caption into every token, so a colour word's feature
+    # would be the same whether it names the shape or the background. Instead two heads look at
+    # the token itself and two at its neighbours (offsets 0, 0, -1, +1 through the shared relative
+    # position bias): each feature keeps its word and carries its context, as a trained encoder's does.
+    attention = model.encoder.block[0].layer[0].SelfAttention
+    with torch.no_grad():
+        attention.relative_attention_bias.weight.zero_()
+        for head, offset in enumerate((0, 0, -1, 1)):
+            bucket = attention._relative_position_bucket(
+                torch.tensor(offset), bidirectional=True, num_buckets=config.relative_attention_num_buckets,
+                max_distance=config.relative_attention_max_distance)
+            attention.relative_attention_bias.weight[bucket, head] = NEIGHBOUR_BIAS
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)

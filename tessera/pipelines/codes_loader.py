@@ -144,7 +144,7 @@ class CodesLoader:
 
     def __init__(self, store: ShardStore, cfg: CodesDataConfig, global_batch: int, rank: int = 0,
                  world: int = 1, text_encoder=None, caption_dim: int | None = None,
-                 prefetch: int = 2, pin_memory: bool = False):
+                 prefetch: int = 2, pin_memory: bool = False, text_positions: int = TEXT_POSITIONS):
         self.store, self.cfg = store, cfg
         self.folder = tokens_folder(cfg.resolution)
         self.grid = cfg.resolution // 16
@@ -152,6 +152,7 @@ class CodesLoader:
         self.local = global_batch // world
         self.text_encoder = text_encoder
         self.caption_dim = caption_dim or (text_encoder.dim if text_encoder is not None else None)
+        self.text_positions = text_positions  # the model's text prefix: features are left-padded to it
         self.skipped: Counter = Counter()
         self.pos = Position()
         self._index: tuple[tuple, ShardIndex, np.ndarray] | None = None
@@ -272,7 +273,7 @@ class CodesLoader:
             for i, c in zip(to_encode, captions):
                 feats[i] = next(it).float().cpu() if c else torch.zeros(0, self.caption_dim or 1)
         dim = self.caption_dim or next((f.shape[1] for f in feats if len(f)), 1)
-        cond, cond_mask = left_pad(feats, dim)
+        cond, cond_mask = left_pad(feats, dim, self.text_positions)
         batch = {"codes": torch.from_numpy(np.stack([c for c, _ in mine])), "cond": cond,
                  "cond_mask": cond_mask, "valid": cond_mask.any(1)}
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch

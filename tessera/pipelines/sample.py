@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tessera.config import RunConfig
 from tessera.config.train import SampleConfig
-from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config
+from tessera.models.gpt import GPT, TEXT_POSITIONS, GPTConfig, extract_state_dict, gpt_config
 from tessera.training.checkpoint import latest_checkpoint, read_checkpoint_any, stage_dir
 from tessera.pipelines.store import ShardStore
 
@@ -50,7 +50,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 def generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, *,
              cfg_scale: float = 7.5, temperature: float = 1.0, top_k: int = 1000, top_p: float = 1.0,
              use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Image codes (B, grid*grid) for caption features cond (B, 120, caption_dim)."""
+    """Image codes (B, grid*grid) for caption features cond (B, cls_token_num, caption_dim)."""
     model.eval()
     cond = cond.to(next(model.parameters()).dtype)
     b, n = cond.shape[0], model.num_image_tokens
@@ -105,10 +105,11 @@ def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
     return model.eval(), resolution
 
 
-def encode_prompts(text_encoder, prompts: list[str], dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(text_encoder, prompts: list[str], dim: int, device,
+                   length: int = TEXT_POSITIONS) -> tuple[torch.Tensor, torch.Tensor]:
     from tessera.pipelines.codes_loader import left_pad
 
-    cond, mask = left_pad([f.float().cpu() for f in text_encoder.encode(prompts)], dim)
+    cond, mask = left_pad([f.float().cpu() for f in text_encoder.encode(prompts)], dim, length)
     return cond.to(device), mask.to(device)
 
 
@@ -151,7 +152,8 @@ def render(model: GPT, vq, text_encoder, prompts: list[str], *, batch_size: int 
     device = next(model.parameters()).device
     images, tokens_done, seconds = [], 0, 0.0
     for i in range(0, len(prompts), batch_size):
-        cond, mask = encode_prompts(text_encoder, prompts[i:i + batch_size], model.cfg.caption_dim, device)
+        cond, mask = encode_prompts(text_encoder, prompts[i:i + batch_size], model.cfg.caption_dim, device,
+                                    model.cfg.cls_token_num)
         start = time.perf_counter()
         codes = generate(model, cond, mask, generator=generator, **sampling)
         seconds += time.perf_counter() - start

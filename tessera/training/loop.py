@@ -71,6 +71,8 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
 def train_worker(conf: dict) -> dict:
     """The training loop of one worker. `conf` is plain data so that Ray can ship it."""
     cfg = TrainConfig.model_validate(conf["train"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     d = dist_context(conf["use_ray"], cfg.use_gpu)
     if d.device.type == "cuda":
         torch.cuda.set_device(d.device)
@@ -78,12 +80,13 @@ def train_worker(conf: dict) -> dict:
     data = ShardStore(conf["data_root"])
     run = ShardStore(conf["run_dir"])
     text_encoder = None
+    text_positions = gpt_config(cfg.model).cls_token_num
     if conf.get("text_encoder"):
         from tessera.models.text_encoder import TextEncoder
 
         dtype = torch.bfloat16 if d.device.type == "cuda" and cfg.bf16 else None
-        text_encoder = TextEncoder.from_pretrained(conf["text_encoder"], max_length=120, device=str(d.device),
-                                                   dtype=dtype)
+        text_encoder = TextEncoder.from_pretrained(conf["text_encoder"], max_length=text_positions,
+                                                   device=str(d.device), dtype=dtype)
     caption_dim = cfg.caption_dim or (text_encoder.dim if text_encoder else stored_feature_dim(data, cfg.data.resolution))
     if caption_dim is None:
         raise ValueError("no text encoder is configured and no sample has stored caption features; "
@@ -104,7 +107,7 @@ def train_worker(conf: dict) -> dict:
     optimizer = build_optimizer(model, cfg, d.device)
     micro = cfg.micro_batch_for(d.world)
     loader = CodesLoader(data, cfg.data, cfg.global_batch, d.rank, d.world, text_encoder, caption_dim,
-                         pin_memory=d.device.type == "cuda")
+                         pin_memory=d.device.type == "cuda", text_positions=model_cfg.cls_token_num)
     checkpointer = Checkpointer(run, cfg.keep_checkpoints, d.rank, cfg.async_checkpoint)
     step = 0
     if ckpt_url is not None:

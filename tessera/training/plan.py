@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from tessera.config.train import TrainConfig
-from tessera.models.gpt import TEXT_POSITIONS, GPTConfig, flops_per_token, gpt_config
+from tessera.models.gpt import GPTConfig, flops_per_token, gpt_config
 
 GiB = 2**30
 # Encoder parameters of the text encoders the configs name (bf16 on GPU: 2 B each).
@@ -93,7 +93,7 @@ def estimate(cfg: GPTConfig, *, resolution: int, micro_batch: int, workers: int 
              global_batch: int | None = None, model: str = "") -> MemoryPlan:
     grid = resolution // 16
     n_image = grid * grid
-    positions = TEXT_POSITIONS + n_image
+    positions = cfg.cls_token_num + n_image
     params = sum(p.numel() for p in build_gpt_meta(cfg, grid).parameters())
     block_params = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden + 2 * cfg.dim
     shard = workers if parallel == "fsdp" else 1
@@ -112,7 +112,7 @@ def estimate(cfg: GPTConfig, *, resolution: int, micro_batch: int, workers: int 
     # checkpointing, the block being recomputed holds its full activations too.
     activations += block_activation_bytes(cfg, a, "off", r) * tokens * (1 if checkpointing == "off" else 2)
     # Caption projection (fp32 features in, two hidden states) and the final norm (image positions).
-    activations += micro_batch * TEXT_POSITIONS * (4 * cfg.caption_dim + 2 * a * cfg.dim)
+    activations += micro_batch * cfg.cls_token_num * (4 * cfg.caption_dim + 2 * a * cfg.dim)
     activations += micro_batch * n_image * (4 * cfg.dim + 2 * r * cfg.dim + (a * cfg.dim if a != r else 0))
     logits = 3 * 4 * micro_batch * n_image * cfg.vocab_size
     encoder = 0.0
@@ -194,9 +194,9 @@ a = json.loads(sys.argv[1])
 cfg, grid, mb = GPTConfig(**a["cfg"]), a["resolution"] // 16, a["micro_batch"]
 g = torch.Generator().manual_seed(0)
 batch = {"codes": torch.randint(0, cfg.vocab_size, (mb, grid * grid), generator=g),
-         "cond": torch.randn(mb, 120, cfg.caption_dim, generator=g),
-         "cond_mask": torch.ones(mb, 120, dtype=torch.bool), "valid": torch.ones(mb, dtype=torch.bool)}
-batch["cond_mask"][:, :60] = False
+         "cond": torch.randn(mb, cfg.cls_token_num, cfg.caption_dim, generator=g),
+         "cond_mask": torch.ones(mb, cfg.cls_token_num, dtype=torch.bool), "valid": torch.ones(mb, dtype=torch.bool)}
+batch["cond_mask"][:, :cfg.cls_token_num // 2] = False
 
 def steps(cfg, batch, n):
     model = GPT(cfg, grid=grid)
