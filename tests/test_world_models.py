@@ -116,3 +116,20 @@ def _demo_thresholds() -> dict:
 
 
 DEMO_THRESHOLDS = _demo_thresholds() if os.path.exists(os.path.join(SHIPPED, world_models.SUMS)) else {}
+
+
+def test_a_tiny_model_built_from_something_else_is_rebuilt_and_changes_the_lineage(tmp_path):
+    from tessera.config.score import FiltersConfig
+    from tessera.pipelines import score
+
+    path = tiny.resolve("tiny:world-aesthetic", str(tmp_path))
+    weights = os.path.join(path, "aesthetic.safetensors")
+    cfg = FiltersConfig()
+    current = score.lineage(cfg, {}, {"aesthetic": weights})
+    with open(os.path.join(path, ".complete"), "w") as f:
+        f.write("an older build")
+    stale = score.lineage(cfg, {}, {"aesthetic": weights})
+    assert stale != current
+    assert tiny.resolve("tiny:world-aesthetic", str(tmp_path)) == path
+    assert tiny.build_of(weights) == tiny.build_id("world-aesthetic")
+    assert score.lineage(cfg, {}, {"aesthetic": weights}) == current

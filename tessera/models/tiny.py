@@ -7,7 +7,10 @@ path as a real checkpoint. Nothing is ever downloaded for a tiny model.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
+import logging
 import os
 from typing import Callable
 
@@ -29,6 +32,7 @@ BUILDERS: dict[str, str] = {
 WORLD_WEIGHTS = os.path.join(os.path.dirname(__file__), "world_weights")
 
 PREFIX = "tiny:"
+log = logging.getLogger(__name__)
 
 
 def resolve(ref: str, models_root: str) -> str:
@@ -42,18 +46,50 @@ def resolve(ref: str, models_root: str) -> str:
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {ref!r}; known: {', '.join(sorted(BUILDERS)) or 'none'}")
     path = os.path.join(models_root, name)
-    if not os.path.exists(os.path.join(path, ".complete")):
+    wanted = build_id(name)
+    if _built(path) != wanted:
         module, func = BUILDERS[name].split(":")
         builder: Callable[[str], None] = getattr(importlib.import_module(module), func)
+        if os.path.exists(path):
+            log.info("%s: rebuilding %s, its build changed", path, ref)
         tmp = f"{path}.tmp-{os.getpid()}"
         builder(tmp)
-        open(os.path.join(tmp, ".complete"), "w").close()
+        with open(os.path.join(tmp, ".complete"), "w") as f:
+            f.write(wanted)
         if os.path.exists(path):
             import shutil
 
             shutil.rmtree(path)
         os.replace(tmp, path)
     return path
+
+
+def build_id(name: str) -> str:
+    """What a tiny model is built from: its builder's module source, or the shipped weights' sums.
+    A model built from anything else is rebuilt, and the stages that used it redo their shards."""
+    module = BUILDERS[name].split(":")[0]
+    if name.startswith("world-"):
+        with open(os.path.join(WORLD_WEIGHTS, "SHA256SUMS"), "rb") as f:
+            source = b"".join(line for line in f if f" {name[len('world-'):]}/".encode() in line)
+    else:
+        source = inspect.getsource(importlib.import_module(module)).encode()
+    return hashlib.sha256(source).hexdigest()[:16]
+
+
+def build_of(path: str | None) -> str:
+    """The build id of the tiny model at `path` (its folder, or a file in it); "" for any other model.
+    Stage lineages include it, so a rebuilt tiny model redoes the shards computed with the old one."""
+    if not path:
+        return ""
+    return _built(path if os.path.isdir(path) else os.path.dirname(path)) or ""
+
+
+def _built(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, ".complete")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
 
 
 def install_world(name: str, path: str) -> None:

@@ -207,7 +207,9 @@ def write_shard(store: ShardStore, shard: str, rows: list[dict], captioner: str,
 # The stage --------------------------------------------------------------------------------------
 def lineage(cfg: CaptionConfig, model_path: str, settings: dict) -> str:
     """What decides a shard's captions besides its selection."""
-    blob = json.dumps({"model": cfg.model, "path": model_path, "prompt": cfg.prompt,
+    from tessera.models.tiny import build_of
+
+    blob = json.dumps({"model": cfg.model, "path": model_path, "build": build_of(model_path), "prompt": cfg.prompt,
                        "template": cfg.prompt_template, "settings": settings,
                        "checks": [cfg.repetition_ngram, cfg.max_repetition]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

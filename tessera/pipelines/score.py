@@ -287,7 +287,10 @@ def lineage(cfg: FiltersConfig, sources: dict, paths: dict) -> str:
     scoring = cfg.model_dump(mode="json", include={"clip", "watermark", "precision"})
     scoring["watermark"] = {k: scoring["watermark"][k] for k in ("arch", "image_size", "weights", "source", "column")}
     scoring["dedup"] = cfg.dedup.enabled  # whether embeddings are stored
-    blob = json.dumps({"scoring": scoring, "sources": sources, "paths": paths}, sort_keys=True)
+    from tessera.models.tiny import build_of
+
+    builds = {name: build_of(path) for name, path in paths.items()}
+    blob = json.dumps({"scoring": scoring, "sources": sources, "paths": paths, "builds": builds}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

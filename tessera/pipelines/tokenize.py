@@ -309,7 +309,10 @@ def lineage(cfg: TokenizeConfig, vq_path: str, text_path: str | None) -> str:
     """What decides a shard's codes besides its selection and captions (resolutions are per marker)."""
     settings = cfg.model_dump(mode="json", include={"vq", "vq_config", "vq_ema", "flip", "text_encoder",
                                                     "text_max_length", "text_caption"})
-    blob = json.dumps({"settings": settings, "vq": vq_path, "text": text_path}, sort_keys=True)
+    from tessera.models.tiny import build_of
+
+    blob = json.dumps({"settings": settings, "vq": vq_path, "text": text_path,
+                       "builds": [build_of(vq_path), build_of(text_path)]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
