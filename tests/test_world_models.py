@@ -97,6 +97,22 @@ def test_training_repeats_bit_for_bit_in_a_few_steps():
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_captioner_training_repeats_bit_for_bit_in_a_few_steps():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        data = world_models.world_images(24, seed=5)
+        runs = [world_models.train_llava(data, steps=2, batch_size=4, warm_up_steps=2)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    sa, sb = runs[0].state_dict(), runs[1].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    untrained = world_models.new_llava()[0].state_dict()
+    assert not all(torch.equal(sa[k], untrained[k]) for k in sa if "vision_tower" in k)
+
+
 @pytest.mark.slow
 def test_world_models_reproduce_bit_for_bit():
     assert world_models.check(SHIPPED) == []
