@@ -71,12 +71,19 @@ def test_planted_copies_are_nearer_than_the_dedup_threshold(evaluated):
     assert (evaluated["duplicate_similarity"] >= DEMO_THRESHOLDS["dedup"]).mean() >= 0.9
 
 
-def test_captioner_names_colours_and_background(evaluated):
-    assert evaluated["caption_accuracy"]["color"] >= 0.9 and evaluated["caption_accuracy"]["background"] >= 0.9
+def test_captioner_names_colours_background_and_place(evaluated):
+    # Measured on this slice: colour 100%, background 100%, place 96% (200 pictures: 99.5%, 99.5%, 96.5%).
+    right = evaluated["caption_accuracy"]
+    assert right["color"] >= 0.9 and right["background"] >= 0.9 and right["place"] >= 0.85, evaluated["captions"][:8]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: after 700 steps the tiny LLaVA names the colours but the shape "
-                   "of only about a third of the pictures")
+def test_captioner_names_shapes_above_chance(evaluated):
+    # Four shapes: chance is 25%; measured 52% on this slice (200 pictures: 55%).
+    assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.4, evaluated["captions"][:8]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the tiny LLaVA's vision tower, trained from scratch within the "
+                   "CPU budget, names the shape of only about half the pictures")
 def test_captioner_names_colour_and_shape(evaluated):
     assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.8, evaluated["captions"][:8]
 

@@ -45,7 +45,7 @@ CLIP_SIZE = 64
 CAPTIONER_SIZE = 48
 # The captioner: CAPTIONER_SIZE px pictures in patches of `patch` px, a CLIP tower and a Llama.
 CAPTIONER = {"image_size": CAPTIONER_SIZE, "patch": 8, "vision_width": 64, "vision_layers": 2,
-             "text_width": 128, "text_layers": 2, "feature_layer": -1, "max_positions": 256}
+             "text_width": 64, "text_layers": 2, "feature_layer": -1, "max_positions": 256}
 WATERMARK_SIZE = 96
 CAPTION_PROMPT = "Describe this image in as much detail as possible."
 # Captions the CLIP learns for low-aesthetic pictures: they say what is wrong and nothing of the
@@ -287,8 +287,8 @@ def warm_up_vision(model, pixel_values: torch.Tensor, pictures: list[world.Pictu
             log.info("llava vision warm-up step %d loss %.4f", step, loss.item())
 
 
-def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
-                warm_up_steps: int = 0, warm_up_lr: float = 1e-3, **sizes):
+def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+                warm_up_steps: int = 4000, warm_up_lr: float = 1e-3, **sizes):
     deterministic(seed)
     model, processor = new_llava(seed, **sizes)
     clean = [i for i, k in enumerate(data.kinds) if k != world.LOW_AESTHETIC]
