@@ -72,14 +72,14 @@ def test_planted_copies_are_nearer_than_the_dedup_threshold(evaluated):
 
 
 def test_captioner_names_colours_background_and_place(evaluated):
-    # Measured on this slice: colour 100%, background 100%, place 96% (200 pictures: 100%, 100%, 98%).
+    # Measured on this slice: colour 100%, background 100%, place 96% (200 pictures: 99%, 100%, 96.5%).
     right = evaluated["caption_accuracy"]
     assert right["color"] >= 0.9 and right["background"] >= 0.9 and right["place"] >= 0.85, evaluated["captions"][:8]
 
 
 def test_captioner_names_colour_and_shape(evaluated):
-    # Four shapes, chance is 25%; measured 81% on this slice (200 pictures: 80%).
-    assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.65, evaluated["captions"][:8]
+    # Four shapes, chance is 25%; measured 87.5% on this slice (200 pictures: 82.5%).
+    assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.7, evaluated["captions"][:8]
 
 
 def test_training_repeats_bit_for_bit_in_a_few_steps():

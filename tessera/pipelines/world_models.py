@@ -285,7 +285,7 @@ def warm_up_vision(model, pixel_values: torch.Tensor, pictures: list[world.Pictu
 
 
 def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-                warm_up_steps: int = 4000, warm_up_lr: float = 1e-3, **sizes):
+                warm_up_steps: int = 6000, warm_up_lr: float = 1e-3, **sizes):
     deterministic(seed)
     model, processor = new_llava(seed, **sizes)
     clean = [i for i, k in enumerate(data.kinds) if k != world.LOW_AESTHETIC]
