@@ -75,14 +75,15 @@ def test_few_clean_pictures_have_a_look_alike_above_the_dedup_threshold(evaluate
     assert (evaluated["clean_nearest_similarity"] >= DEMO_THRESHOLDS["dedup"]).mean() <= 0.15
 
 
-def test_captioner_names_colours_and_background(evaluated):
-    assert evaluated["caption_accuracy"]["color"] >= 0.9 and evaluated["caption_accuracy"]["background"] >= 0.9
+def test_captioner_names_colours_background_and_place(evaluated):
+    # Measured on this slice: colour 100%, background 100%, place 96% (200 pictures: 99%, 100%, 96.5%).
+    right = evaluated["caption_accuracy"]
+    assert right["color"] >= 0.9 and right["background"] >= 0.9 and right["place"] >= 0.85, evaluated["captions"][:8]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: after 700 steps the tiny LLaVA names the colours but the shape "
-                   "of only about a third of the pictures")
 def test_captioner_names_colour_and_shape(evaluated):
-    assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.8, evaluated["captions"][:8]
+    # Four shapes, chance is 25%; measured 87.5% on this slice (200 pictures: 82.5%).
+    assert evaluated["caption_accuracy"]["color_and_shape"] >= 0.7, evaluated["captions"][:8]
 
 
 def test_training_repeats_bit_for_bit_in_a_few_steps():
@@ -99,6 +100,22 @@ def test_training_repeats_bit_for_bit_in_a_few_steps():
     for a, b in (runs, heads):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_captioner_training_repeats_bit_for_bit_in_a_few_steps():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        data = world_models.world_images(24, seed=5)
+        runs = [world_models.train_llava(data, steps=2, batch_size=4, warm_up_steps=2)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    sa, sb = runs[0].state_dict(), runs[1].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    untrained = world_models.new_llava()[0].state_dict()
+    assert not all(torch.equal(sa[k], untrained[k]) for k in sa if "vision_tower" in k)
 
 
 @pytest.mark.slow

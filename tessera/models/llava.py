@@ -1,8 +1,8 @@
 """LLaVA captioners: any LLaVA-family checkpoint (HF transformers format) by path or hub id.
 
 `load_llava` returns the model (bf16 on GPU) and its processor, set for batched generation
-(left padding). `build_tiny` saves a tiny LLaVA in the same format, offline: a byte-level BPE
-tokenizer with an `<image>` token, a 2-layer CLIP vision tower and a 2-layer Llama.
+(left padding). `build_llava` makes a small untrained one offline, of any size: a byte-level BPE
+tokenizer with an `<image>` token, a CLIP vision tower and a Llama; `build_tiny` saves the tiniest.
 """
 from __future__ import annotations
 
@@ -41,33 +41,43 @@ def prompt_text(processor, prompt: str, template: str = PROMPT_TEMPLATE) -> str:
     return template.format(prompt=prompt)
 
 
-def build_tiny(path: str) -> None:
-    """A tiny LLaVA (32px images, 16 image tokens, 2+2 layers) and its processor, saved in HF format."""
+def build_llava(image_size: int = 32, patch: int = 8, vision_width: int = 32, vision_layers: int = 2,
+                text_width: int = 64, text_layers: int = 2, feature_layer: int = -2, max_positions: int = 512,
+                prompt: str = "Describe this image in as much detail as possible.", seed: int = 0):
+    """An untrained LLaVA and its processor: a byte-level BPE tokenizer (trained on the captions'
+    grammar and `prompt`) with an `<image>` token, a CLIP vision tower of (`image_size` / `patch`)^2
+    patches and a Llama; MLPs are twice as wide as their layer, heads are 4."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     from tessera.models.tiny import caption_corpus, train_tokenizer
 
-    torch.manual_seed(0)
-    corpus = caption_corpus() + ["USER: Describe this image in as much detail as possible. ASSISTANT:"]
-    tokenizer = train_tokenizer(corpus, vocab_size=384, special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN],
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(caption_corpus() + [f"USER: {prompt} ASSISTANT:"], vocab_size=384,
+                                special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN],
                                 pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                 padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN})
-    image_size, patch = 32, 8
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=TINY_CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=image_size, patch_size=patch, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
+                              num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                              patch_size=patch, projection_dim=vision_width)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                       num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-2,
+                         image_seq_length=(image_size // patch) ** 2, vision_feature_layer=feature_layer,
                          vision_feature_select_strategy="default")
-    LlavaForConditionalGeneration(config).save_pretrained(path)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def build_tiny(path: str) -> None:
+    """An untrained tiny LLaVA (32px images, 16 image tokens, 2+2 layers), saved in HF format."""
+    model, processor = build_llava()
+    model.save_pretrained(path)
     processor.save_pretrained(path)

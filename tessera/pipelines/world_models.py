@@ -46,6 +46,9 @@ CLIP_CONFIG = {
 }
 CLIP_SIZE = 64
 CAPTIONER_SIZE = 48
+# The captioner: CAPTIONER_SIZE px pictures in patches of `patch` px, a CLIP tower and a Llama.
+CAPTIONER = {"image_size": CAPTIONER_SIZE, "patch": 8, "vision_width": 64, "vision_layers": 2,
+             "text_width": 64, "text_layers": 2, "feature_layer": -1, "max_positions": 256}
 WATERMARK_SIZE = 96
 CAPTION_PROMPT = "Describe this image in as much detail as possible."
 # Captions the CLIP learns for low-aesthetic pictures: they say what is wrong and nothing of the
@@ -263,36 +266,11 @@ def train_watermark(data: WorldImages, steps: int = 400, batch_size: int = 32, l
 
 
 # Captioner ----------------------------------------------------------------------------------------
-def new_llava(seed: int = 0):
-    """An untrained LLaVA (48px images, 36 image tokens, 2+2 layers) and its processor."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+def new_llava(seed: int = 0, **sizes):
+    """An untrained LLaVA of the captioner's sizes (CAPTIONER, or `sizes` instead) and its processor."""
+    from tessera.models.llava import build_llava
 
-    from tessera.models.llava import IMAGE_TOKEN, TINY_CHAT_TEMPLATE
-    from tessera.models.tiny import caption_corpus, train_tokenizer
-
-    torch.manual_seed(seed)
-    corpus = caption_corpus() + [f"USER: {CAPTION_PROMPT} ASSISTANT:"]
-    tokenizer = train_tokenizer(corpus, vocab_size=384, special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN],
-                                pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN})
-    patch = 8
-    image_processor = CLIPImageProcessor(size={"shortest_edge": CAPTIONER_SIZE},
-                                         crop_size={"height": CAPTIONER_SIZE, "width": CAPTIONER_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=TINY_CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=CAPTIONER_SIZE, patch_size=patch, projection_dim=64)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(CAPTIONER_SIZE // patch) ** 2, vision_feature_layer=-1,
-                         vision_feature_select_strategy="default")
-    return LlavaForConditionalGeneration(config), processor
+    return build_llava(**{**CAPTIONER, **sizes}, prompt=CAPTION_PROMPT, seed=seed)
 
 
 def caption_batch(processor, images: np.ndarray, captions: list[str]):
@@ -314,11 +292,35 @@ def caption_batch(processor, images: np.ndarray, captions: list[str]):
     return inputs, labels
 
 
-def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 2e-3, seed: int = 0):
+def warm_up_vision(model, pixel_values: torch.Tensor, pictures: list[world.Picture], steps: int, batch_size: int,
+                   lr: float, seed: int) -> None:
+    """Train the vision tower alone to tell the shapes apart (a linear head on its mean patch feature).
+    A tower this small, trained from scratch, needs thousands of steps before it sees shapes, and a step
+    here costs a fraction of a LLaVA step; colours, background and place the LLaVA learns by itself."""
+    tower = model.model.vision_tower
+    target = torch.tensor([world.SHAPES.index(p.shape) for p in pictures])
+    head = torch.nn.Linear(tower.config.hidden_size, len(world.SHAPES))
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.01)
+    tower.train()
+    for step, idx in enumerate(batches(len(pictures), batch_size, steps, seed)):
+        features = tower(pixel_values[idx]).last_hidden_state[:, 1:].mean(1)
+        loss = torch.nn.functional.cross_entropy(head(features), target[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            log.info("llava vision warm-up step %d loss %.4f", step, loss.item())
+
+
+def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+                warm_up_steps: int = 8000, warm_up_lr: float = 1e-3, **sizes):
     deterministic(seed)
-    model, processor = new_llava(seed)
+    model, processor = new_llava(seed, **sizes)
     clean = [i for i, k in enumerate(data.kinds) if k != world.LOW_AESTHETIC]
     inputs, labels = caption_batch(processor, data.clip[clean], [data.pictures[i].caption for i in clean])
+    if warm_up_steps:
+        warm_up_vision(model, inputs["pixel_values"], [data.pictures[i] for i in clean], warm_up_steps,
+                       batch_size, warm_up_lr, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     for step, idx in enumerate(batches(len(clean), batch_size, steps, seed)):
@@ -356,9 +358,7 @@ def evaluate(folder: str, n: int = 400, captions: int = 48) -> dict:
     """Scores of the models in `folder` (loaded as the stages load them) on a held-out slice."""
     from tessera.models.aesthetic import load_aesthetic
     from tessera.models.clip import Clip
-    from tessera.models.llava import load_llava, prompt_text
     from tessera.models.watermark import TINY_ARCH, load_watermark, pwatermark
-    from tessera.pipelines.truth import parse_caption
 
     torch.set_num_threads(1)
     samples, clip_pixels, wm_pixels = eval_images(n)
@@ -380,23 +380,35 @@ def evaluate(folder: str, n: int = 400, captions: int = 48) -> dict:
     clean = np.flatnonzero(kinds == "clean")
     sims = image_emb[clean] @ image_emb[clean].T
     np.fill_diagonal(sims, -1.0)
-    # Captions of clean pictures, generated greedily as the caption stage does.
-    model, processor = load_llava(os.path.join(folder, "llava"))
+    generated, right = evaluate_captions(os.path.join(folder, "llava"), [samples[i].picture for i in clean[:captions]],
+                                         clip_pixels[clean[:captions]])
+    return {"kinds": kinds, "clip_score": clip_score, "aesthetic": aesthetic, "pwatermark": pwm,
+            "duplicate_similarity": np.array(dup_sims), "clean_nearest_similarity": sims.max(axis=1),
+            "captions": generated, "caption_accuracy": right}
+
+
+def evaluate_captions(folder: str, truth: list[world.Picture], images: np.ndarray, batch_size: int = 48):
+    """Captions of `images` (generated greedily as the caption stage does) and the share of them that
+    name each of the truth's colour, shape, background and place right."""
+    from tessera.models.llava import load_llava, prompt_text
+    from tessera.pipelines.truth import parse_caption
+
+    model, processor = load_llava(folder)
     text = prompt_text(processor, CAPTION_PROMPT)
-    picked = clean[:captions]
-    inputs = processor(images=list(clip_pixels[picked]), text=[text] * len(picked), return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    generated = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    generated = []
+    for i in range(0, len(images), batch_size):
+        inputs = processor(images=list(images[i:i + batch_size]), text=[text] * len(images[i:i + batch_size]),
+                           return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=20, do_sample=False,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+        generated += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     parsed = [parse_caption(g) for g in generated]
-    truth = [samples[i].picture for i in picked]
     right = {f: float(np.mean([getattr(t, f) == p[f] for t, p in zip(truth, parsed)]))
              for f in ("color", "shape", "background", "place")}
     right["color_and_shape"] = float(np.mean([t.color == p["color"] and t.shape == p["shape"]
                                               for t, p in zip(truth, parsed)]))
-    return {"kinds": kinds, "clip_score": clip_score, "aesthetic": aesthetic, "pwatermark": pwm,
-            "duplicate_similarity": np.array(dup_sims), "clean_nearest_similarity": sims.max(axis=1),
-            "captions": generated, "caption_accuracy": right}
+    return generated, right
 
 
 def summarize(ev: dict) -> dict:
