@@ -242,7 +242,7 @@ def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 600, 
 
 
 # Watermark detector -------------------------------------------------------------------------------
-def train_watermark(data: WorldImages, steps: int = 400, batch_size: int = 32, lr: float = 5e-3, seed: int = 0):
+def train_watermark(data: WorldImages, steps: int = 800, batch_size: int = 32, lr: float = 5e-3, seed: int = 0):
     from tessera.models.watermark import IMAGENET_MEAN, IMAGENET_STD, TINY_ARCH, build_detector
 
     deterministic(seed)
