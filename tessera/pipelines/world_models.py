@@ -76,6 +76,7 @@ class WorldImages:
     details: list[str]
     clip: np.ndarray          # (N, 64, 64, 3) uint8, CLIP's (and the captioner's) input
     copies: np.ndarray        # (N, 64, 64, 3) uint8, a near-duplicate of each picture as CLIP sees it
+    captioner: np.ndarray     # (N, 48, 48, 3) uint8, the captioner's input as its processor makes it
     watermark: np.ndarray     # (N, 96, 96, 3) uint8, the watermark detector's input
 
     def captions(self) -> list[str]:
@@ -103,6 +104,8 @@ def world_images(n: int, seed: int) -> WorldImages:
     pictures, kinds, details = [], [], []
     clip = np.zeros((n, CLIP_SIZE, CLIP_SIZE, 3), np.uint8)
     copies = np.zeros_like(clip)
+    cap_pre = ClipPreprocess(CAPTIONER_SIZE)  # the LLaVA processor's resize and centre crop
+    captioner = np.zeros((n, CAPTIONER_SIZE, CAPTIONER_SIZE, 3), np.uint8)
     wm = np.zeros((n, WATERMARK_SIZE, WATERMARK_SIZE, 3), np.uint8)
     for i in range(n):
         p = world.random_picture(rng)
@@ -124,8 +127,9 @@ def world_images(n: int, seed: int) -> WorldImages:
         details.append(detail)
         clip[i] = clip_pre(img)
         copies[i] = clip_pre(served(copy, quality))
+        captioner[i] = cap_pre(img)
         wm[i] = watermark_preprocess(img, WATERMARK_SIZE)
-    return WorldImages(pictures, kinds, details, clip, copies, wm)
+    return WorldImages(pictures, kinds, details, clip, copies, captioner, wm)
 
 
 def batches(n: int, batch_size: int, steps: int, seed: int):
@@ -313,11 +317,11 @@ def warm_up_vision(model, pixel_values: torch.Tensor, pictures: list[world.Pictu
 
 
 def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-                warm_up_steps: int = 8000, warm_up_lr: float = 1e-3, **sizes):
+                warm_up_steps: int = 12000, warm_up_lr: float = 1e-3, **sizes):
     deterministic(seed)
     model, processor = new_llava(seed, **sizes)
     clean = [i for i, k in enumerate(data.kinds) if k != world.LOW_AESTHETIC]
-    inputs, labels = caption_batch(processor, data.clip[clean], [data.pictures[i].caption for i in clean])
+    inputs, labels = caption_batch(processor, data.captioner[clean], [data.pictures[i].caption for i in clean])
     if warm_up_steps:
         warm_up_vision(model, inputs["pixel_values"], [data.pictures[i] for i in clean], warm_up_steps,
                        batch_size, warm_up_lr, seed)
