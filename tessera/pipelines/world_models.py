@@ -45,7 +45,7 @@ CLIP_CONFIG = {
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 CLIP_SIZE = 64
-CAPTIONER_SIZE = 48
+CAPTIONER_SIZE = 64
 # The captioner: CAPTIONER_SIZE px pictures in patches of `patch` px, a CLIP tower and a Llama.
 CAPTIONER = {"image_size": CAPTIONER_SIZE, "patch": 8, "vision_width": 64, "vision_layers": 2,
              "text_width": 64, "text_layers": 2, "feature_layer": -1, "max_positions": 256}
