@@ -76,7 +76,7 @@ class WorldImages:
     details: list[str]
     clip: np.ndarray          # (N, 64, 64, 3) uint8, CLIP's (and the captioner's) input
     copies: np.ndarray        # (N, 64, 64, 3) uint8, a near-duplicate of each picture as CLIP sees it
-    captioner: np.ndarray     # (N, 48, 48, 3) uint8, the captioner's input as its processor makes it
+    captioner: np.ndarray     # (N, 64, 64, 3) uint8, the captioner's input as its processor makes it
     watermark: np.ndarray     # (N, 96, 96, 3) uint8, the watermark detector's input
 
     def captions(self) -> list[str]:
