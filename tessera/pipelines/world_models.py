@@ -143,6 +143,15 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
         order = order[batch_size:]
 
 
+def update(opt, loss: torch.Tensor, name: str, step: int, steps: int, every: int) -> None:
+    """One optimizer step on `loss`, logged every `every` steps and at the last."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if step % every == 0 or step == steps - 1:
+        log.info("%s step %d loss %.4f", name, step, loss.item())
+
+
 def cosine_lr(opt, step: int, steps: int, lr: float, warmup: int) -> None:
     scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
     for group in opt.param_groups:
@@ -193,11 +202,7 @@ def train_clip(data: WorldImages, steps: int = 400, batch_size: int = 64, lr: fl
         if quality_weight:
             loss = loss + quality_weight * torch.nn.functional.binary_cross_entropy_with_logits(
                 probe(image_features).squeeze(-1), good[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("clip step %d loss %.4f", step, loss.item())
+        update(opt, loss, "clip", step, steps, every=100)
     return model.eval()
 
 
@@ -237,11 +242,7 @@ def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 600, 
     head.train()
     for step, idx in enumerate(batches(len(x), 256, steps, seed)):
         loss = torch.nn.functional.mse_loss(head(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 200 == 0 or step == steps - 1:
-            log.info("aesthetic step %d loss %.4f", step, loss.item())
+        update(opt, loss, "aesthetic", step, steps, every=200)
     return head.eval()
 
 
@@ -261,11 +262,7 @@ def train_watermark(data: WorldImages, steps: int = 800, batch_size: int = 32, l
         cosine_lr(opt, step, steps, lr, warmup=30)
         x = (torch.from_numpy(data.watermark[idx.numpy()]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("watermark step %d loss %.4f", step, loss.item())
+        update(opt, loss, "watermark", step, steps, every=100)
     return model.eval()
 
 
@@ -309,11 +306,7 @@ def warm_up_vision(model, pixel_values: torch.Tensor, pictures: list[world.Pictu
     for step, idx in enumerate(batches(len(pictures), batch_size, steps, seed)):
         features = tower(pixel_values[idx]).last_hidden_state[:, 1:].mean(1)
         loss = torch.nn.functional.cross_entropy(head(features), target[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 500 == 0 or step == steps - 1:
-            log.info("llava vision warm-up step %d loss %.4f", step, loss.item())
+        update(opt, loss, "llava vision warm-up", step, steps, every=500)
 
 
 def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
@@ -330,11 +323,7 @@ def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: f
     for step, idx in enumerate(batches(len(clean), batch_size, steps, seed)):
         cosine_lr(opt, step, steps, lr, warmup=50)
         loss = model(**{k: v[idx] for k, v in inputs.items()}, labels=labels[idx]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("llava step %d loss %.4f", step, loss.item())
+        update(opt, loss, "llava", step, steps, every=100)
     return model.eval(), processor
 
 
