@@ -151,3 +151,28 @@ def test_batches_are_padded_to_the_models_text_prefix(store):
     assert batch["cond"].shape == (4, 8, 8) and batch["cond_mask"].shape == (4, 8)
     real = batch["cond_mask"].sum(1)
     assert (real > 0).all() and batch["cond_mask"][:, -1].all()  # real tokens sit at the right
+
+
+def test_code_noise_replaces_a_share_of_the_inputs_and_never_the_targets(store):
+    clean = _take(_loader(store, batch=8), 3)
+    noisy_loader = CodesLoader(store, CodesDataConfig(code_noise=0.25), 8, prefetch=0, vocab_size=64)
+    noisy = _take(noisy_loader, 3)
+    for c, n in zip(clean, noisy):
+        assert torch.equal(c["codes"], n["codes"]) and "inputs" not in c
+        changed = (n["inputs"] != n["codes"]).float().mean().item()
+        # A random code equals the true one 1 time in 64, so slightly under a quarter change.
+        assert 0.18 < changed < 0.3
+        assert n["inputs"].min() >= 0 and n["inputs"].max() < 64
+    # The noise is part of the stream: a restored loader draws the same replacements.
+    state = noisy_loader.state_dict()
+    following = _take(noisy_loader, 2)
+    resumed = CodesLoader(store, CodesDataConfig(code_noise=0.25), 8, prefetch=0, vocab_size=64)
+    resumed.load_state_dict(state)
+    assert _same(_take(resumed, 2), following)
+
+
+def test_code_noise_needs_the_codebook_size(store):
+    with pytest.raises(ValueError, match="vocab_size"):
+        CodesLoader(store, CodesDataConfig(code_noise=0.1), 4, prefetch=0)
+    with pytest.raises(ValueError, match="code_noise"):
+        CodesDataConfig(code_noise=1.5)

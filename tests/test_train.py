@@ -106,6 +106,28 @@ def test_gradient_accumulation_matches_one_big_batch(data):
         assert torch.allclose(p, q, atol=1e-6)
 
 
+def test_a_step_reads_the_noisy_inputs_and_scores_the_true_codes(data):
+    from tessera.pipelines.codes_loader import CodesLoader
+    from tessera.config.train import CodesDataConfig
+
+    batch = CodesLoader(data, CodesDataConfig(code_noise=0.3), 4, prefetch=0, vocab_size=64).next_batch()
+    assert not torch.equal(batch["inputs"], batch["codes"])
+    torch.manual_seed(0)
+    model = build_gpt("GPT-nano", vocab_size=64, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0,
+                      class_dropout=0.0)
+    torch.nn.init.normal_(model.output.weight, std=0.02)
+    with torch.no_grad():
+        expected = steps.image_loss(model(batch["inputs"][:, :-1], batch["cond"], batch["cond_mask"]),
+                                    batch["codes"], batch["valid"])
+        clean = steps.image_loss(model(batch["codes"][:, :-1], batch["cond"], batch["cond_mask"]),
+                                 batch["codes"], batch["valid"])
+    opt = steps.build_optimizer(model, TrainConfig(**TINY, dropout=0.0), torch.device("cpu"))
+    out = steps.train_step(model, opt, [batch])
+    # The noisy and the clean inputs give losses further apart than the tolerance of the check.
+    assert float(expected) != pytest.approx(float(clean), rel=1e-4)
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_optimizer_follows_llamagen_defaults():
     cfg = TrainConfig(global_batch=512)
     model = build_gpt("GPT-nano")

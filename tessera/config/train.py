@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from tessera.config.base import Section
 
@@ -22,6 +22,10 @@ class CodesDataConfig(Section):
     short_caption_prob: float = 0.0
     # Probability of training on the flipped codes ({key}.codes_flip.npy) when a sample has them.
     flip_prob: float = 0.0
+    # Share of a sample's input codes replaced by random codes; the targets stay the true codes.
+    # Teacher forcing never shows the model a wrong code, so at sampling time one badly drawn code
+    # is copied onwards; with noise in its inputs the model learns to fall back on the caption.
+    code_noise: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
 
 

@@ -140,12 +140,17 @@ class Position:
 
 
 class CodesLoader:
-    """Batches {"codes", "cond", "cond_mask", "valid"} for one worker, in a fixed order."""
+    """Batches {"codes", "cond", "cond_mask", "valid"} for one worker, in a fixed order; with
+    data.code_noise also "inputs": the codes the model reads, some replaced by random ones."""
 
     def __init__(self, store: ShardStore, cfg: CodesDataConfig, global_batch: int, rank: int = 0,
                  world: int = 1, text_encoder=None, caption_dim: int | None = None,
-                 prefetch: int = 2, pin_memory: bool = False, text_positions: int = TEXT_POSITIONS):
+                 prefetch: int = 2, pin_memory: bool = False, text_positions: int = TEXT_POSITIONS,
+                 vocab_size: int | None = None):
+        if cfg.code_noise > 0 and not vocab_size:
+            raise ValueError("data.code_noise needs the codebook size to draw random codes from (vocab_size)")
         self.store, self.cfg = store, cfg
+        self.vocab_size = vocab_size
         self.folder = tokens_folder(cfg.resolution)
         self.grid = cfg.resolution // 16
         self.global_batch, self.rank, self.world = global_batch, rank, world
@@ -218,7 +223,8 @@ class CodesLoader:
 
     # Samples -------------------------------------------------------------------------------------
     def _usable(self, index: ShardIndex, key: str, rng: np.random.Generator):
-        """(codes, caption, stored-features flag) or None with the reason counted in self.skipped."""
+        """(codes, noisy input codes or None, caption, stored-features flag), or None with the
+        reason counted in self.skipped."""
         try:
             meta = json.loads(index.read(key, "json") or b"{}")
             flip = self.cfg.flip_prob > 0 and rng.random() < self.cfg.flip_prob and "codes_flip.npy" in index.members[key]
@@ -243,7 +249,12 @@ class CodesLoader:
         if self.cfg.text == "stored" and not use_stored:
             self.skipped["no_stored_features"] += 1
             return None
-        return codes.astype(np.int64).reshape(-1), caption, use_stored
+        codes = codes.astype(np.int64).reshape(-1)
+        inputs = None
+        if self.cfg.code_noise > 0:
+            noisy = rng.random(codes.shape) < self.cfg.code_noise
+            inputs = np.where(noisy, rng.integers(0, self.vocab_size, codes.shape), codes)
+        return codes, inputs, caption, use_stored
 
     def _features(self, index: ShardIndex, key: str, caption: str, stored: bool) -> torch.Tensor | str:
         if stored:
@@ -258,10 +269,10 @@ class CodesLoader:
             if usable is None:
                 continue
             mine = len(picked) // self.local == self.rank
-            codes, caption, stored = usable
-            picked.append((codes, self._features(index, key, caption, stored) if mine else None))
+            codes, inputs, caption, stored = usable
+            picked.append((codes, inputs, self._features(index, key, caption, stored) if mine else None))
         mine = picked[self.rank * self.local:(self.rank + 1) * self.local]
-        feats = [f for _, f in mine]
+        feats = [f for _, _, f in mine]
         to_encode = [i for i, f in enumerate(feats) if isinstance(f, str)]
         if to_encode:
             if self.text_encoder is None:
@@ -274,8 +285,10 @@ class CodesLoader:
                 feats[i] = next(it).float().cpu() if c else torch.zeros(0, self.caption_dim or 1)
         dim = self.caption_dim or next((f.shape[1] for f in feats if len(f)), 1)
         cond, cond_mask = left_pad(feats, dim, self.text_positions)
-        batch = {"codes": torch.from_numpy(np.stack([c for c, _ in mine])), "cond": cond,
+        batch = {"codes": torch.from_numpy(np.stack([c for c, _, _ in mine])), "cond": cond,
                  "cond_mask": cond_mask, "valid": cond_mask.any(1)}
+        if self.cfg.code_noise > 0:
+            batch["inputs"] = torch.from_numpy(np.stack([i for _, i, _ in mine]))
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     # Iteration with a prefetch thread --------------------------------------------------------

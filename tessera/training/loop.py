@@ -107,7 +107,8 @@ def train_worker(conf: dict) -> dict:
     optimizer = build_optimizer(model, cfg, d.device)
     micro = cfg.micro_batch_for(d.world)
     loader = CodesLoader(data, cfg.data, cfg.global_batch, d.rank, d.world, text_encoder, caption_dim,
-                         pin_memory=d.device.type == "cuda", text_positions=model_cfg.cls_token_num)
+                         pin_memory=d.device.type == "cuda", text_positions=model_cfg.cls_token_num,
+                         vocab_size=model_cfg.vocab_size)
     checkpointer = Checkpointer(run, cfg.keep_checkpoints, d.rank, cfg.async_checkpoint)
     step = 0
     if ckpt_url is not None:

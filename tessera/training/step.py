@@ -49,6 +49,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
         codes = batch["codes"].to(device, non_blocking=True)
+        inputs = batch["inputs"].to(device, non_blocking=True) if "inputs" in batch else codes
         cond = batch["cond"].to(device, non_blocking=True)
         cond_mask = batch["cond_mask"].to(device, non_blocking=True)
         valid = batch["valid"].to(device, non_blocking=True)
@@ -61,7 +62,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                     else contextlib.nullcontext())
         with sync:
             with autocast:
-                logits = model(codes[:, :-1], cond, cond_mask)
+                logits = model(inputs[:, :-1], cond, cond_mask)
             loss = image_loss(logits, codes, valid, denominator)
             del logits  # the loss keeps what it needs; the logits themselves need not outlive it
             loss.backward()
