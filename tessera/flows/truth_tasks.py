@@ -33,8 +33,9 @@ def truth_filters_task(cfg: RunConfig, store: ShardStore) -> dict | None:
     publish_table("truth-filters", rows, "Per filter: planted defects caught and clean samples flagged "
                                          "(reports/truth.json).")
     for r in rows:
-        logger().info("Truth, %s: caught %s (%s%%) of %s; clean flagged %s (%s%%).", r["filter"], r["caught"],
-                      r["caught %"], r["planted defect"] or "-", r["clean flagged"], r["clean flagged %"])
+        caught = f"caught {r['caught']} ({r['caught %']}%) of {r['planted defect']}; " if r["planted defect"] else ""
+        logger().info("Truth, %s: %sclean flagged %s (%s%%).", r["filter"], caught, r["clean flagged"],
+                      r["clean flagged %"])
     return metrics
 
 
