@@ -223,8 +223,7 @@ class CodesLoader:
 
     # Samples -------------------------------------------------------------------------------------
     def _usable(self, index: ShardIndex, key: str, rng: np.random.Generator):
-        """(codes, noisy input codes or None, caption, stored-features flag), or None with the
-        reason counted in self.skipped."""
+        """(codes, caption, stored-features flag) or None with the reason counted in self.skipped."""
         try:
             meta = json.loads(index.read(key, "json") or b"{}")
             flip = self.cfg.flip_prob > 0 and rng.random() < self.cfg.flip_prob and "codes_flip.npy" in index.members[key]
@@ -249,12 +248,12 @@ class CodesLoader:
         if self.cfg.text == "stored" and not use_stored:
             self.skipped["no_stored_features"] += 1
             return None
-        codes = codes.astype(np.int64).reshape(-1)
-        inputs = None
-        if self.cfg.code_noise > 0:
-            noisy = rng.random(codes.shape) < self.cfg.code_noise
-            inputs = np.where(noisy, rng.integers(0, self.vocab_size, codes.shape), codes)
-        return codes, inputs, caption, use_stored
+        return codes.astype(np.int64).reshape(-1), caption, use_stored
+
+    def _noisy(self, codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The codes with a share `code_noise` replaced by random ones: what the model reads."""
+        replaced = rng.random(codes.shape) < self.cfg.code_noise
+        return np.where(replaced, rng.integers(0, self.vocab_size, codes.shape), codes)
 
     def _features(self, index: ShardIndex, key: str, caption: str, stored: bool) -> torch.Tensor | str:
         if stored:
@@ -269,7 +268,8 @@ class CodesLoader:
             if usable is None:
                 continue
             mine = len(picked) // self.local == self.rank
-            codes, inputs, caption, stored = usable
+            codes, caption, stored = usable
+            inputs = self._noisy(codes, rng) if mine and self.cfg.code_noise > 0 else None
             picked.append((codes, inputs, self._features(index, key, caption, stored) if mine else None))
         mine = picked[self.rank * self.local:(self.rank + 1) * self.local]
         feats = [f for _, _, f in mine]
