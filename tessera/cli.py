@@ -32,7 +32,8 @@ def demo(args) -> int:
     print(f"  {out}/data/scores               per-sample scores, keep and reason (parquet)")
     print(f"  {out}/data/reports/report.html   the filter report: open it in a browser")
     print(f"  {out}/data/reports/truth.json    every stage measured against the synthetic world's truth")
-    print(f"  {out}/data/tokens/{{256,512}}     WebDataset shards of VQ codes")
+    tokens = ",".join(str(r) for r in cfg.tokenize.resolutions)
+    print(f"  {out}/data/tokens/{{{tokens}}}     WebDataset shards of VQ codes")
     print(f"  {out}/runs/{cfg.name}           stage-1 and stage-2 checkpoints, metrics, sample grids")
     return 0
 

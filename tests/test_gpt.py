@@ -88,6 +88,17 @@ def test_rope_table_text_modes_and_2d_layout():
     assert torch.allclose(image[0, 0, :, 0], torch.ones(8))  # position (0, 0) is not rotated
 
 
+def test_rope_grid_interpolates_a_larger_grid_between_the_first_grids_positions():
+    first = rope_2d(4, 16, 10000, 3, "identity")[3:].view(4, 4, 8, 2)
+    larger = rope_2d(8, 16, 10000, 3, "identity", rope_grid=4)[3:].view(8, 8, 8, 2)
+    assert torch.allclose(larger[::2, ::2], first, atol=1e-6)  # (2i, 2j) is the first grid's (i, j)
+    half_a_row = rope_2d(8, 16, 10000, 3, "identity")[3:].view(8, 8, 8, 2)[1, 0]
+    assert not torch.allclose(larger[1, 0], first[1, 0]) and not torch.allclose(larger[1, 0], half_a_row)
+    model = build_gpt("GPT-nano", grid=4, rope_grid=2)
+    assert torch.allclose(model.rope[120:].view(4, 4, -1, 2)[::2, ::2],
+                          build_gpt("GPT-nano", grid=2).rope[120:].view(2, 2, -1, 2), atol=1e-6)
+
+
 def _batch(model: GPT, b: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     cond = torch.randn(b, 120, model.cfg.caption_dim, generator=g)

@@ -165,9 +165,11 @@ def test_rerun_redoes_only_a_missing_resolution(tokenized):
 
 
 def test_config_rejects_bad_resolutions():
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         TokenizeConfig(resolutions=[250])
-    assert TokenizeConfig(resolutions=[512, 256, 256]).resolutions == [256, 512]
+    with pytest.raises(ValueError, match="at least one"):
+        TokenizeConfig(resolutions=[])
+    assert TokenizeConfig(resolutions=[512, 128, 256, 256]).resolutions == [128, 256, 512]
 
 
 def test_visual_check_puts_decoded_codes_under_their_originals(tokenized):

@@ -62,7 +62,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, data):
 
 def test_stage2_starts_from_stage1_weights_only(tmp_path, data):
     write_synthetic_codes(data, 512, shards=1, per_shard=4, vocab=64, caption_dim=32)
-    cfg = _config(tmp_path, {"max_steps": 3}, {"max_steps": 1, "init_from": "stage1",
+    cfg = _config(tmp_path, {"max_steps": 3}, {"max_steps": 1, "init_from": "stage1", "rope_grid": 16,
                                              "data": {"resolution": 512}, "optim": {"lr_per_256": 0.0}})
     with pytest.raises(FileNotFoundError, match="train stage1 first"):
         train.run(cfg, "stage2")
@@ -70,6 +70,15 @@ def test_stage2_starts_from_stage1_weights_only(tmp_path, data):
     s2 = train.run(cfg, "stage2")
     one, two = read_checkpoint_any(s1.checkpoint), read_checkpoint_any(s2.checkpoint)
     assert two["step"] == 1 and two["config"]["resolution"] == 512
+    # Its 32x32 grid keeps stage 1's 16x16 rotary positions, and sampling builds it that way.
+    assert two["config"]["model_config"]["rope_grid"] == 16
+    from tessera.pipelines.sample import load_generator
+
+    model, resolution = load_generator(s2.checkpoint, build_gpt("GPT-nano").cfg, None)
+    assert resolution == 512 and model.cfg.rope_grid == 16
+    text = model.cfg.cls_token_num
+    stage1_rope = build_gpt("GPT-nano", grid=16).rope[text:].view(16, 16, -1, 2)
+    assert torch.allclose(model.rope[text:].view(32, 32, -1, 2)[::2, ::2], stage1_rope, atol=1e-6)
     assert _full_checkpoint(s2.checkpoint, tmp_path)["optim"]["state"]["tok_embeddings.weight"]["step"] == 1  # fresh
     for k, v in one["model"].items():  # lr 0: the weights are still stage 1's
         assert torch.equal(two["model"][k], v), k
@@ -181,11 +190,12 @@ def test_demo_config_loss_falls_well_below_log_vocab_and_grids_are_drawn(tmp_pat
     features)."""
     from tessera.config import load_config
 
-    store = ShardStore(str(tmp_path / "data"))
-    write_synthetic_codes(store, 256, shards=2, per_shard=60, vocab=512, caption_dim=32, classes=8)
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data_root={tmp_path / 'data'}", f"runs_root={tmp_path / 'runs'}",
                                             f"models_root={tmp_path / 'models'}", "stage1.sample_every=60",
                                             "stage1.max_steps=60", "stage1.checkpoint_every=60"])
+    store = ShardStore(str(tmp_path / "data"))
+    write_synthetic_codes(store, cfg.stage1.data.resolution, shards=2, per_shard=60, vocab=512, caption_dim=32,
+                          classes=8)
     result = train.run(cfg, "stage1")
     assert result.step == cfg.stage1.max_steps
     assert result.last_loss < 0.5 * math.log(cfg.stage1.vocab_size), result.last_loss

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from tessera.config.base import Section
+from tessera.config.base import Resolution, Section
 from tessera.config.score import ClipModelConfig
 
 
@@ -15,7 +15,7 @@ class TokenizerEvalConfig(Section):
     # Held-out images: a glob of image files (local or fsspec); None: the prompt set's `image` column.
     images: str | None = None
     max_images: int = 64
-    resolutions: list[Literal[256, 512]] = [256, 512]
+    resolutions: list[Resolution] = [256, 512]
     batch_size: int = 8
 
 
@@ -33,7 +33,7 @@ class EvalConfig(Section):
     # "stage2" (each stage's newest checkpoint), or checkpoint paths.
     checkpoints: list[str] = ["untrained", "stage1", "stage2"]
     # Sampling (as in the `sample` section).
-    resolution: Literal[256, 512] | None = None  # None: each checkpoint's training resolution
+    resolution: Resolution | None = None  # None: each checkpoint's training resolution
     vq: str = "vq_ds16_t2i.pt"
     text_encoder: str = "google/flan-t5-xl"
     model: str = "GPT-XL"  # for checkpoints without their config (LlamaGen's)

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from tessera.config.base import Section
+from tessera.config.base import Resolution, Section
 
 
 class TokenizeConfig(Section):
@@ -16,7 +16,7 @@ class TokenizeConfig(Section):
     vq_config: str = "VQ-16"
     # Load the checkpoint's "ema" weights instead of "model".
     vq_ema: bool = False
-    resolutions: list[int] = [256, 512]
+    resolutions: list[Resolution] = [256, 512]
     # Also store the codes of the horizontally flipped image ({key}.codes_flip.npy).
     flip: bool = False
     # Caption features ({key}.t5.npy, float16, no padding): a T5 checkpoint path or hub id
@@ -35,8 +35,7 @@ class TokenizeConfig(Section):
 
     @field_validator("resolutions")
     @classmethod
-    def _multiples_of_16(cls, v: list[int]) -> list[int]:
-        bad = [r for r in v if r <= 0 or r % 16]
-        if bad or not v:
-            raise ValueError(f"resolutions must be positive multiples of 16, got {v}")
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("resolutions must name at least one resolution")
         return sorted(set(v))

@@ -5,13 +5,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tessera.config.base import Section
+from tessera.config.base import Resolution, Section
 
 
 class CodesDataConfig(Section):
     """The training stream over tokens/{resolution} shards."""
 
-    resolution: Literal[256, 512] = 256
+    resolution: Resolution = 256
     # Caption features: "stored" uses {key}.t5.npy (error when absent), "encode" runs the text
     # encoder on the caption, "auto" uses stored features when the sample has them and the chosen
     # caption is the one they were computed from, and encodes otherwise.
@@ -47,6 +47,9 @@ class TrainConfig(Section):
     vocab_size: int | None = None
     caption_dim: int | None = None  # None: the text encoder's dim, or the stored features' dim
     text_rope: Literal["identity", "llamagen"] = "identity"
+    # The grid the rotary positions span (GPTConfig.rope_grid); in a fine-tune at a higher
+    # resolution, the earlier stage's grid (resolution / 16) keeps what it learnt of places.
+    rope_grid: int | None = Field(None, gt=0)
     dropout: float | None = None  # token, residual and FFN dropout together
     class_dropout: float | None = None  # CFG training: probability a caption becomes the uncond one
     # Start from these weights only (fresh optimizer and step): "stage1" (the newest checkpoint of
@@ -115,7 +118,7 @@ class SampleConfig(Section):
     # For checkpoints that do not carry their config (LlamaGen's): the model and its text RoPE.
     model: str = "GPT-XL"
     text_rope: Literal["identity", "llamagen"] = "llamagen"
-    resolution: Literal[256, 512] | None = None  # None: the checkpoint's training resolution, else 256
+    resolution: Resolution | None = None  # None: the checkpoint's training resolution, else 256
     vq: str = "vq_ds16_t2i.pt"
     text_encoder: str = "google/flan-t5-xl"
     prompts: list[str] = ["a red circle on a blue background"]

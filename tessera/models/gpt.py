@@ -38,6 +38,11 @@ class GPTConfig:
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to this
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    # The grid the 2D rotary positions span (None: the image's own grid). A model fine-tuned on a
+    # larger grid than it was trained on can keep its first grid: the new rows and columns then
+    # fall between the old ones (position interpolation), and what it learnt of where things go
+    # carries over instead of being relearnt.
+    rope_grid: int | None = None
     # How the text positions are rotated. "llamagen": an all-zero table, which zeroes text queries
     # and keys (LlamaGen issue #54); it is what the released checkpoints were trained with.
     # "identity": no rotation, so text keys keep their content. Identity is the default for new
@@ -142,15 +147,17 @@ class FeedForward(nn.Module):
 
 
 def rope_2d(grid: int, head_dim: int, base: float, text_positions: int,
-            text_mode: str) -> torch.Tensor:
+            text_mode: str, rope_grid: int | None = None) -> torch.Tensor:
     """The rotary table (text_positions + grid*grid, head_dim/2, 2) of (cos, sin).
 
     Image position (i, j): row frequencies on the first half of the rotary pairs, column
-    frequencies on the second. Text positions: zeros ("llamagen") or no rotation ("identity").
+    frequencies on the second; with rope_grid, positions are scaled by rope_grid / grid.
+    Text positions: zeros ("llamagen") or no rotation ("identity").
     """
     n_freq = head_dim // 4
     freqs = 1.0 / (base ** (torch.arange(0, head_dim // 2, 2)[:n_freq].float() / (head_dim // 2)))
-    angles = torch.outer(torch.arange(grid).float(), freqs)  # (grid, n_freq)
+    positions = torch.arange(grid).float() * ((rope_grid or grid) / grid)
+    angles = torch.outer(positions, freqs)  # (grid, n_freq)
     grid_angles = torch.cat([angles[:, None, :].expand(-1, grid, -1),
                              angles[None, :, :].expand(grid, -1, -1)], dim=-1)
     image = torch.stack([grid_angles.cos(), grid_angles.sin()], dim=-1).flatten(0, 1)
@@ -246,7 +253,7 @@ class GPT(nn.Module):
         self.grid = grid
         device = self.tok_embeddings.weight.device
         table = rope_2d(grid, self.cfg.head_dim, self.cfg.rope_base, self.cfg.cls_token_num,
-                        self.cfg.text_rope)
+                        self.cfg.text_rope, self.cfg.rope_grid)
         self.register_buffer("rope", table.to(device),
                              persistent=False)
 
