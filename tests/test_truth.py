@@ -118,3 +118,8 @@ def test_reconstruction_metrics_are_zero_for_a_perfect_tokenizer():
     off = truth.reconstruction_metrics(Darker(), [img], 32)
     assert off["mae"] == pytest.approx(10, abs=1e-2)
     assert off["psnr"] == pytest.approx(10 * np.log10(255 ** 2 / 100), abs=1e-2)
+
+
+def test_a_printed_rate_is_rounded_once():
+    hit, of = np.arange(105) < 104, np.ones(105, bool)  # 99.0476%: rounding twice prints 99.1
+    assert truth._pct(truth._rate(hit, of)) == "99.0"

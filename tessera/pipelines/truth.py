@@ -119,7 +119,8 @@ def filter_metrics(scores: pd.DataFrame, truth: pd.DataFrame, thresholds: dict) 
 
 def _rate(hit: np.ndarray, of: np.ndarray) -> float | None:
     n = int(of.sum())
-    return round(float(hit.sum()) / n, 4) if n else None
+    # Six places: the reports print one decimal of a percentage, which must not round twice.
+    return round(float(hit.sum()) / n, 6) if n else None
 
 
 # Captions --------------------------------------------------------------------------------------
