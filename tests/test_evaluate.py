@@ -79,9 +79,9 @@ def test_merged_moments_equal_one_pass_over_the_same_images(evaluated):
 
 
 @pytest.mark.slow
-def test_the_tokenizer_is_evaluated_at_256_and_512(evaluated):
-    _, result, _ = evaluated
-    assert [r["resolution"] for r in result.tokenizer] == [256, 512]
+def test_the_tokenizer_is_evaluated_at_every_configured_resolution(evaluated):
+    cfg, result, _ = evaluated
+    assert [r["resolution"] for r in result.tokenizer] == cfg.eval.tokenizer.resolutions == [128, 256]
     for r in result.tokenizer:
         assert r["images"] == 2 and r["psnr"] > 10 and 0 < r["ssim"] <= 1 and 0 < r["codebook_usage"] < 0.2
         assert np.isfinite(r["rfid_clip_features"]) and r["rfid_clip_features"] >= 0
