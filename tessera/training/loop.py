@@ -36,7 +36,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 def model_config_for(cfg: TrainConfig, caption_dim: int) -> GPTConfig:
     drop = cfg.dropout
     return gpt_config(cfg.model, vocab_size=cfg.vocab_size, caption_dim=caption_dim, text_rope=cfg.text_rope,
-                      rope_grid=cfg.rope_grid, token_dropout=drop, resid_dropout=drop, ffn_dropout=drop, class_dropout=cfg.class_dropout)
+                      rope_grid=cfg.rope_grid, token_dropout=drop, resid_dropout=drop, ffn_dropout=drop,
+                      class_dropout=cfg.class_dropout)
 
 
 def stored_feature_dim(store: ShardStore, resolution: int) -> int | None:
