@@ -118,9 +118,9 @@ def filter_metrics(scores: pd.DataFrame, truth: pd.DataFrame, thresholds: dict) 
 
 
 def _rate(hit: np.ndarray, of: np.ndarray) -> float | None:
+    """hit's count over of's, unrounded: the reports round once, when they print it."""
     n = int(of.sum())
-    # Six places: the reports print one decimal of a percentage, which must not round twice.
-    return round(float(hit.sum()) / n, 6) if n else None
+    return float(hit.sum()) / n if n else None
 
 
 # Captions --------------------------------------------------------------------------------------
@@ -148,12 +148,13 @@ def caption_metrics(captions: pd.DataFrame, truth: pd.DataFrame) -> dict:
     parsed = pd.DataFrame([parse_caption(t) for t in frame["caption_long"]], index=frame.index)
     right = {f: ((parsed[f] == frame[f]) & generated).to_numpy() for f in ("color", "shape", "background", "place")}
     both = right["color"] & right["shape"]
+    generated, everyone = generated.to_numpy(), np.ones(n, bool)
     g = int(generated.sum())
-    out = {"samples": n, "generated": g, "fallback": n - g, "fallback_rate": round((n - g) / n, 4) if n else None,
-           "color_and_shape": int(both.sum()), "color_and_shape_rate": round(both.sum() / n, 4) if n else None,
-           "generated_color_and_shape_rate": round(both.sum() / g, 4) if g else None}
+    out = {"samples": n, "generated": g, "fallback": n - g, "fallback_rate": _rate(~generated, everyone),
+           "color_and_shape": int(both.sum()), "color_and_shape_rate": _rate(both, everyone),
+           "generated_color_and_shape_rate": _rate(both, generated)}
     for f, hit in right.items():
-        out[f"{f}_rate"] = round(hit.sum() / n, 4) if n else None
+        out[f"{f}_rate"] = _rate(hit, everyone)
     return out
 
 
