@@ -109,7 +109,7 @@ bench-gpu: setup
 VISUAL_SET ?= data_root=$(DEMO_DIR)/data models_root=$(DEMO_DIR)/models
 .PHONY: visual-check bench-tokenize
 visual-check: setup
-	$(PY) -m tessera.pipelines.visual_check --config $(CONFIG) $(foreach s,$(VISUAL_SET),--set $(s))
+	$(PY) -m tessera.demo.visual_check --config $(CONFIG) $(foreach s,$(VISUAL_SET),--set $(s))
 
 bench-tokenize: setup
 	$(PY) -m bench.tokenize
@@ -124,10 +124,10 @@ bench-caption: setup
 # The demo's scoring models and captioner, trained on its synthetic world (bit for bit reproducible).
 .PHONY: world-models world-models-check
 world-models: setup
-	$(PY) -m tessera.pipelines.world_models
+	$(PY) -m tessera.demo.world_models
 
 world-models-check: setup
-	$(PY) -m tessera.pipelines.world_models --check
+	$(PY) -m tessera.demo.world_models --check
 
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new

@@ -17,7 +17,7 @@ import time
 
 
 def jpeg_batch(n: int) -> list[bytes]:
-    from tessera.pipelines.synthetic import draw, picture
+    from tessera.demo.synthetic import draw, picture
 
     out = []
     for i in range(n):

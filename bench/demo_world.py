@@ -17,9 +17,10 @@ import time
 
 def main() -> None:
     from tessera.config import load_config
-    from tessera.pipelines import caption, download, score, select, tokenize, truth
-    from tessera.pipelines.store import ShardStore
-    from tessera.pipelines.synthetic import SyntheticSource, truth_path
+    from tessera.pipelines import caption, download, score, select, tokenize
+    from tessera.demo import truth
+    from tessera.core.store import ShardStore
+    from tessera.demo.synthetic import SyntheticSource, truth_path
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.yaml")

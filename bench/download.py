@@ -39,7 +39,7 @@ def plain_img2dataset(source: str, out: str, args, cfg) -> float:
 
 def start_ray(args) -> float:
     from tessera.config.ray import RayConfig
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core.raytools import init_ray
 
     start = time.perf_counter()
     init_ray(RayConfig(num_cpus=args.cpus))
@@ -50,7 +50,7 @@ def tessera_download(source: str, out: str, args, cfg) -> float:
     from tessera.config.download import SourceConfig
     from tessera.config.ray import RayConfig
     from tessera.pipelines import download
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     start = time.perf_counter()
     download.run(SourceConfig(path=source, columns={"url": "URL", "caption": "TEXT"}), cfg,
@@ -69,7 +69,7 @@ def main() -> None:
     import ray
 
     from tessera.config.download import DownloadConfig, SyntheticConfig, UrlPolicy
-    from tessera.pipelines.synthetic import SyntheticServer, make_rows, write_parquet
+    from tessera.demo.synthetic import SyntheticServer, make_rows, write_parquet
 
     cfg = DownloadConfig(shard_size=args.shard_size, thread_count=args.threads, timeout=10,
                          max_tasks_in_flight=args.cpus, urls=UrlPolicy(allow_loopback=True))

@@ -19,7 +19,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def make_folder(root: str, n: int) -> None:
-    from tessera.pipelines.synthetic import draw, encode, picture
+    from tessera.demo.synthetic import draw, encode, picture
 
     os.makedirs(root)
     for i in range(n):
@@ -33,7 +33,7 @@ def make_folder(root: str, n: int) -> None:
 def tessera_ingest(folder: str, out: str, cfg) -> tuple[float, int]:
     from tessera.config.download import SourceConfig
     from tessera.pipelines import ingest
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     source = SourceConfig(kind="image_folder", path=folder)
     store = ShardStore(out)

@@ -49,7 +49,7 @@ def filters_config(rows: int):
 
 def write_shard(args) -> None:
     root, index, start, n, dim = args
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     store = ShardStore(root)
     rng = np.random.default_rng(index)
@@ -94,7 +94,8 @@ def mark_finished(store, caption_cfg, tokenize_cfg, models_root: str) -> None:
     """Caption and tokenize markers as a finished run leaves them for this selection, so that the
     stages' own skip paths (marker reads, lineage, restamping, manifests) are what is timed."""
     from tessera.models.tiny import resolve
-    from tessera.pipelines import caption, lineage, tokenize
+    from tessera.pipelines import caption, tokenize
+    from tessera.core import lineage
 
     shards = lineage.input_shards(store)
     selection = lineage.selection_id(store)
@@ -127,8 +128,8 @@ def measure(root: str, path: str, rows: int, cpus: int) -> dict:
 
     from tessera.config.ray import RayConfig
     from tessera.pipelines import report, select
-    from tessera.pipelines.raytools import init_ray
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.raytools import init_ray
+    from tessera.core.store import ShardStore
 
     logging.basicConfig(level=logging.WARNING)
     store = ShardStore(root)

@@ -23,7 +23,7 @@ import torch
 
 
 def make_images(n: int) -> tuple[list[bytes], list[str]]:
-    from tessera.pipelines.synthetic import draw, picture
+    from tessera.demo.synthetic import draw, picture
 
     images, captions = [], []
     for i in range(n):

@@ -46,7 +46,7 @@ def bench_encode(name: str, res: int, batch: int, repeats: int, device: str) -> 
 
 
 def write_shards(root: str, samples: int, res: int, per_shard: int = 500) -> "ShardStore":
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
     from tessera.pipelines.tokenize import _npy, write_shard
 
     store = ShardStore(root)
@@ -88,7 +88,7 @@ def bench_webdataset(store, res: int) -> float:
 def bench_loader(store, res: int, batch: int, batches: int) -> float | None:
     try:
         from tessera.config.train import CodesDataConfig
-        from tessera.pipelines.codes_loader import CodesLoader
+        from tessera.training.data import CodesLoader
     except ImportError:
         return None
     loader = CodesLoader(store, CodesDataConfig(resolution=res, text="stored"), global_batch=batch,

@@ -23,9 +23,9 @@ import torch
 
 def make_data(root: str, n: int, res: int, vq, text_encoder, device) -> list[tuple[bytes, np.ndarray]]:
     """JPEGs of the synthetic set and their code shard (encoded once here, as the tokenize stage does)."""
-    from tessera.pipelines.codes_loader import write_codes_shard
-    from tessera.pipelines.store import ShardStore
-    from tessera.pipelines.synthetic import draw, picture
+    from tessera.training.data import write_codes_shard
+    from tessera.core.store import ShardStore
+    from tessera.demo.synthetic import draw, picture
 
     jpegs, samples = [], []
     for i in range(n):
@@ -74,8 +74,8 @@ def main() -> None:
     from tessera.models.gpt import build_gpt
     from tessera.models.text_encoder import TextEncoder
     from tessera.models.tiny import resolve
-    from tessera.pipelines.codes_loader import CodesLoader, left_pad
-    from tessera.pipelines.store import ShardStore
+    from tessera.training.data import CodesLoader, left_pad
+    from tessera.core.store import ShardStore
     from tessera.training.step import build_optimizer, train_step
 
     device = torch.device(args.device)

@@ -105,7 +105,7 @@ def fetch_models_cmd(args) -> int:
     # The one command that goes online: before huggingface_hub reads these.
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "0"
     from tessera.models.fetch import FetchError
-    from tessera.pipelines.fetch_models import fetch_models
+    from tessera.fetch_models import fetch_models
 
     cfg = load_config(_config_of(args), args.overrides)
     try:
@@ -120,7 +120,7 @@ def fetch_models_cmd(args) -> int:
 
 
 def status_cmd(args) -> int:
-    from tessera.pipelines.status import format_status, run_status
+    from tessera.status import format_status, run_status
 
     print(format_status(run_status(load_config(_config_of(args), args.overrides))))
     return 0

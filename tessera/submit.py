@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tessera.pipelines.raytools import WORKER_ENV
+from tessera.core.raytools import WORKER_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Not uploaded with the working directory (beyond what .gitignore already leaves out). The demo's

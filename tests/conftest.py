@@ -35,7 +35,7 @@ def ray_local():
     import ray
 
     from tessera.config.ray import RayConfig
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core.raytools import init_ray
 
     init_ray(RayConfig(num_cpus=2))
     yield ray

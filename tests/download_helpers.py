@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 from tessera.config.download import DownloadConfig, SourceConfig, SyntheticConfig, UrlPolicy
 from tessera.config.ray import RayConfig
 from tessera.pipelines import download
-from tessera.pipelines.store import ShardStore
-from tessera.pipelines.synthetic import SyntheticServer, laion_row, make_rows, write_parquet
+from tessera.core.store import ShardStore
+from tessera.demo.synthetic import SyntheticServer, laion_row, make_rows, write_parquet
 
 TIMEOUT = 2.0
 

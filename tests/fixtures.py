@@ -11,9 +11,9 @@ import json
 import pyarrow as pa
 import webdataset as wds
 
-from tessera.pipelines.lineage import selection_summary
-from tessera.pipelines.store import ShardStore
-from tessera.pipelines.synthetic import Picture, draw, picture
+from tessera.core.lineage import selection_summary
+from tessera.core.store import ShardStore
+from tessera.demo.synthetic import Picture, draw, picture
 
 
 def sample_key(shard: str, i: int) -> str:

@@ -13,7 +13,7 @@ from tessera.config import load_config
 from tessera.config.caption import CaptionConfig
 from tessera.config.ray import RayConfig
 from tessera.pipelines import caption, tokenize
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 from tests.fixtures import write_download_shard, write_selection
 
 KEEP = {"00000": [True, True, False, True, True, True], "00001": [True, False, True, True, True, False]}

@@ -118,7 +118,7 @@ def test_vllm_responses_map_to_texts_in_request_order():
 
 def test_vllm_selected_but_missing_is_a_clear_error(monkeypatch, tmp_path):
     from tessera.config.ray import RayConfig
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
     from tests.fixtures import write_download_shard, write_selection
 
     store = ShardStore(str(tmp_path / "data"))

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 
 from tessera.config import RunConfig
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 from .fixtures import write_download_shard, write_selection
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from tessera.config.train import CodesDataConfig
-from tessera.pipelines.codes_loader import CodesLoader, left_pad, write_codes_shard, write_synthetic_codes
-from tessera.pipelines.store import ShardStore
+from tessera.training.data import CodesLoader, left_pad, write_codes_shard, write_synthetic_codes
+from tessera.core.store import ShardStore
 
 
 class CharEncoder:

@@ -130,7 +130,7 @@ def egress_allows(policy: dict, address: str) -> bool:
 def test_kuberay_workers_cannot_reach_metadata_or_private_addresses():
     import ipaddress
 
-    from tessera.pipelines.urlcheck import METADATA_ADDRESSES
+    from tessera.core.urlcheck import METADATA_ADDRESSES
 
     cluster = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
     workers = network_policies()["tessera-ray-workers"]

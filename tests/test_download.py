@@ -12,7 +12,7 @@ from PIL import Image
 
 from tessera.config.ray import RayConfig
 from tessera.pipelines import download, prepare
-from tessera.pipelines.synthetic import SERVED_ODD, SyntheticServer, expected_outcomes
+from tessera.demo.synthetic import SERVED_ODD, SyntheticServer, expected_outcomes
 
 from .download_helpers import outcomes, run_download, sample_meta, tar_samples, url_path, write_source
 
@@ -96,7 +96,7 @@ def test_rerun_skips_done_shards(downloaded, ray_local):
 def test_missing_url_column_is_a_clear_error(tmp_path, server):
     source = write_source(str(tmp_path / "in.parquet"), server, 2)
     source = source.model_copy(update={"columns": source.columns.model_copy(update={"url": "url_link"})})
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     with pytest.raises(download.InputError, match="no column 'url_link'.*source.columns.url"):
         download.prepare(source, download.DownloadConfig(), ShardStore(str(tmp_path / "data")), RayConfig())
@@ -131,7 +131,7 @@ import sys
 from tessera.config.ray import RayConfig
 from tessera.config.ray import RayConfig
 from tessera.pipelines import download, prepare
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 from tests.download_helpers import download_config
 from tessera.config.download import SourceConfig
 source = SourceConfig(path=sys.argv[1], columns={"url": "URL", "caption": "TEXT"})
@@ -168,7 +168,7 @@ def test_inputs_with_differing_types_and_duplicates_across_files(tmp_path, ray_l
     import pyarrow as pa
 
     from tessera.config.download import DownloadConfig, SourceConfig
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -2,8 +2,8 @@
 import pytest
 
 from tessera.config.download import UrlPolicy
-from tessera.pipelines.synthetic import SyntheticServer
-from tessera.pipelines.urlcheck import BlockedAddress, make_opener
+from tessera.demo.synthetic import SyntheticServer
+from tessera.core.urlcheck import BlockedAddress, make_opener
 
 from .download_helpers import LoopbackServer, outcomes, run_download, write_source
 

@@ -114,7 +114,7 @@ def test_inception_weights_that_are_not_a_state_dict_are_refused(tmp_path):
 # Prompt-following -----------------------------------------------------------------------------------
 def _heldout(tmp_path, n=40, size=256):
     from tessera.eval.prompts import read_prompt_set, write_synthetic_prompts
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     store = ShardStore(str(tmp_path / "heldout"))
     write_synthetic_prompts(store, n, seed=0, image_size=size)
@@ -130,14 +130,14 @@ def _load(store, url):
 
 def _accuracy(images, rows):
     from tessera.eval.prompt_following import judge, read_picture
-    from tessera.pipelines.synthetic import COLORS
+    from tessera.demo.synthetic import COLORS
 
     hits = [judge(read_picture(img, COLORS), row) for img, row in zip(images, rows)]
     return {k: np.mean([h[k] for h in hits]) for k in hits[0]}
 
 
 def test_heldout_prompts_are_unseen_in_training_and_carry_their_truth(tmp_path):
-    from tessera.pipelines.synthetic import picture
+    from tessera.demo.synthetic import picture
 
     store, rows = _heldout(tmp_path)
     seen = {picture(i, 0).caption for i in range(300)}
@@ -191,7 +191,7 @@ def test_a_prompt_set_without_prompts_or_a_config_without_one_is_refused(tmp_pat
     from tessera.config import load_config
     from tessera.eval.prompts import read_prompt_set
     from tessera.pipelines.evaluate import prompt_store
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     store = ShardStore(str(tmp_path))
     store.write_table(pa.table({"caption": ["a red circle"]}), "p.parquet")
@@ -222,7 +222,7 @@ def test_inception_score_and_precision_recall_through_torch_fidelity():
 def test_fetch_models_knows_the_eval_sections_models():
     from tessera.config import load_config
     from tessera.models import fetch
-    from tessera.pipelines.fetch_models import named_models
+    from tessera.fetch_models import named_models
 
     cfg = load_config("configs/demo.yaml", ["eval.inception=weights-inception-2015-12-05-6726825d.pth",
                                             "eval.clip.checkpoint=clip-vit-l-14/open_clip_pytorch_model.bin"])

@@ -11,7 +11,7 @@ import torch
 from tessera.config import load_config
 from tessera.eval.fid import Moments
 from tessera.pipelines import evaluate
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

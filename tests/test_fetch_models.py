@@ -15,7 +15,7 @@ from tessera.config import RunConfig, load_config
 from tessera.config.models import ModelSource
 from tessera.models import fetch, tiny
 from tessera.pipelines import score
-from tessera.pipelines.fetch_models import fetch_models, named_models
+from tessera.fetch_models import fetch_models, named_models
 from tests.conftest import REPO
 
 WEIGHTS = os.urandom(300_000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tessera.flows import all as all_module  # first: it sets Prefect's defaults before Prefect loads
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 from prefect import flow  # noqa: E402,I001
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.pipelines import download, ingest
-from tessera.pipelines.store import ShardStore
-from tessera.pipelines.synthetic import draw, encode, picture, png_bomb
+from tessera.core.store import ShardStore
+from tessera.demo.synthetic import draw, encode, picture, png_bomb
 
 CFG = dict(shard_size=5, image_size=256, thread_count=2)
 

@@ -21,7 +21,7 @@ from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.pipelines import caption, score, tokenize
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 from tests.fixtures import write_download_shard, write_selection
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ DRIVER = """
 import json, sys
 from tests.test_kill import STAGES
 from tessera.config.ray import RayConfig
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 module, config, values = STAGES[sys.argv[1]]
 module.run(config.model_validate(values), RayConfig(num_cpus=1), ShardStore(sys.argv[2]), sys.argv[3])
 """

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
 from tessera.pipelines import download, prepare
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 
 def test_shards_and_duplicates_equal_a_whole_table_reference(tmp_path, ray_local, monkeypatch):

@@ -42,7 +42,7 @@ import ray
 
 if sys.argv[1] == "tessera":
     from tessera.config.ray import RayConfig
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core.raytools import init_ray
 
     init_ray(RayConfig(num_cpus=2))
     pid = ray.remote(lambda: os.getpid())
@@ -148,7 +148,7 @@ def test_starting_a_local_ray_sends_nothing_to_the_metadata_address(our_ray, tmp
 
 
 def test_an_existing_bootstrap_config_is_left_alone(tmp_path):
-    from tessera.pipelines.localray import ensure_bootstrap_config
+    from tessera.core.localray import ensure_bootstrap_config
 
     (tmp_path / "ray_bootstrap_config.yaml").write_text("cluster_name: mine\n")
     ensure_bootstrap_config(tmp_path)

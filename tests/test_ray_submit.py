@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tessera import submit
-from tessera.pipelines.localray import local_ray_env
+from tessera.core.localray import local_ray_env
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

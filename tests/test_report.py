@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tessera.pipelines import report, score, select
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 from .fixtures import write_download_shard
 from .test_select import cfg, row, write_scores

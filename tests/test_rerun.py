@@ -13,8 +13,8 @@ from tessera.config import load_config
 from tessera.flows import curate as curate_module
 from tessera.flows.common import source_context
 from tessera.pipelines import download
-from tessera.pipelines.runtime import ShardFailures
-from tessera.pipelines.store import ShardStore
+from tessera.core.runtime import ShardFailures
+from tessera.core.store import ShardStore
 
 SMALL = ["source.synthetic.num_images=30", "source.synthetic.bad_records=false",
          "download.shard_size=10", "download.timeout=10"]

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from tessera.pipelines import runtime
-from tessera.pipelines.store import ShardStore
+from tessera.core import runtime
+from tessera.core.store import ShardStore
 
 SHARDS = ["00000", "00001", "00002", "00003"]
 

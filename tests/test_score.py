@@ -13,7 +13,7 @@ from PIL import Image
 from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
 from tessera.pipelines import report, score, select
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 from .fixtures import write_download_shard
 

@@ -2,7 +2,7 @@
 import pytest
 
 from tessera.config import RunConfig
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 from .fixtures import write_download_shard
 from .test_score import TINY

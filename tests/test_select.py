@@ -5,7 +5,7 @@ import pytest
 
 from tessera.config.score import FiltersConfig
 from tessera.pipelines import score, select
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 # The select stage runs its per-shard work as Ray tasks.
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from datasketches import kll_doubles_sketch
 
-from tessera.pipelines import quantiles, select
-from tessera.pipelines.store import ShardStore
+from tessera.core import quantiles
+from tessera.pipelines import select
+from tessera.core.store import ShardStore
 
 from .test_select import cfg, row, write_scores
 

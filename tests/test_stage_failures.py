@@ -12,9 +12,10 @@ from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.config.train import CodesDataConfig
-from tessera.pipelines import caption, runtime, score, tokenize
-from tessera.pipelines.codes_loader import CodesLoader
-from tessera.pipelines.store import ShardStore
+from tessera.pipelines import caption, score, tokenize
+from tessera.core import runtime
+from tessera.training.data import CodesLoader
+from tessera.core.store import ShardStore
 from tests.fixtures import write_download_shard, write_selection
 
 SHARDS = ("00000", "00001", "00002")

@@ -5,9 +5,9 @@ import yaml
 
 from tessera import cli
 from tessera.config import RunConfig
-from tessera.pipelines.funnel import write_funnel
-from tessera.pipelines.status import run_status
-from tessera.pipelines.store import ShardStore
+from tessera.core.funnel import write_funnel
+from tessera.status import run_status
+from tessera.core.store import ShardStore
 
 
 def half_finished(tmp_path) -> RunConfig:

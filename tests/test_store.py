@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 
 @pytest.fixture(params=["local", "memory"])

@@ -13,8 +13,9 @@ from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.models.tiny import resolve
 from tessera.models.vq import load_vq
-from tessera.pipelines import runtime, tokenize
-from tessera.pipelines.store import ShardStore
+from tessera.core import runtime
+from tessera.pipelines import tokenize
+from tessera.core.store import ShardStore
 from tests.fixtures import write_download_shard, write_selection
 
 CFG = dict(batch_size=4, flip=True, text_encoder="tiny:t5", text_max_length=16)
@@ -173,7 +174,7 @@ def test_config_rejects_bad_resolutions():
 
 
 def test_visual_check_puts_decoded_codes_under_their_originals(tokenized):
-    from tessera.pipelines.visual_check import TILE, render
+    from tessera.demo.visual_check import TILE, render
 
     store, _, models, _, _ = tokenized
     vq = load_vq(resolve("tiny:vq", models))

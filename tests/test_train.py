@@ -8,8 +8,8 @@ from tessera.config import RunConfig
 from tessera.config.train import TrainConfig
 from tessera.models.gpt import build_gpt
 from tessera.pipelines import train
-from tessera.pipelines.codes_loader import write_synthetic_codes
-from tessera.pipelines.store import ShardStore
+from tessera.training.data import write_synthetic_codes
+from tessera.core.store import ShardStore
 from tessera.training import step as steps
 from tessera.training.checkpoint import checkpoint_steps, read_checkpoint_any
 from tests.conftest import REPO
@@ -95,7 +95,7 @@ def _full_checkpoint(url: str, tmp_path) -> dict:
 
 
 def test_gradient_accumulation_matches_one_big_batch(data):
-    from tessera.pipelines.codes_loader import CodesLoader
+    from tessera.training.data import CodesLoader
     from tessera.config.train import CodesDataConfig
 
     batch = CodesLoader(data, CodesDataConfig(), 4, prefetch=0).next_batch()
@@ -116,7 +116,7 @@ def test_gradient_accumulation_matches_one_big_batch(data):
 
 
 def test_a_step_reads_the_noisy_inputs_and_scores_the_true_codes(data):
-    from tessera.pipelines.codes_loader import CodesLoader
+    from tessera.training.data import CodesLoader
     from tessera.config.train import CodesDataConfig
 
     batch = CodesLoader(data, CodesDataConfig(code_noise=0.3), 4, prefetch=0, vocab_size=64).next_batch()

@@ -7,8 +7,8 @@ import torch
 from tessera.config.train import TrainConfig
 from tessera.models.gpt import build_gpt
 from tessera.pipelines import train
-from tessera.pipelines.codes_loader import write_synthetic_codes
-from tessera.pipelines.store import ShardStore
+from tessera.training.data import write_synthetic_codes
+from tessera.core.store import ShardStore
 from tessera.training.checkpoint import checkpoint_steps, export, read_checkpoint_any, read_model_state
 from tessera.training.metrics import read_tensorboard_scalars
 from tessera.training.step import seed_step, step_seed

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tessera.pipelines import truth
+from tessera.demo import truth
 
 
 def _truth(rows):

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 
 from tessera.config.download import UrlPolicy
-from tessera.pipelines.urlcheck import check_url
+from tessera.core.urlcheck import check_url
 
 STRICT = UrlPolicy()
 LOOPBACK_OK = UrlPolicy(allow_loopback=True)
@@ -85,7 +85,7 @@ def test_private_link_local_and_metadata(url, reason):
 
 @pytest.mark.netns
 def test_every_metadata_address_is_refused_whatever_the_policy_allows():
-    from tessera.pipelines.urlcheck import METADATA_ADDRESSES, METADATA_HOSTS
+    from tessera.core.urlcheck import METADATA_ADDRESSES, METADATA_HOSTS
 
     anything = UrlPolicy(allow_loopback=True, allow_private=True, allow_link_local=True)
     for ip, cloud in METADATA_ADDRESSES.items():
@@ -111,8 +111,8 @@ import time  # noqa: E402
 import urllib.request  # noqa: E402
 
 from tessera.pipelines.download import reason_for  # noqa: E402
-from tessera.pipelines.synthetic import SyntheticServer  # noqa: E402
-from tessera.pipelines.urlcheck import BlockedAddress, install_guard, make_opener  # noqa: E402
+from tessera.demo.synthetic import SyntheticServer  # noqa: E402
+from tessera.core.urlcheck import BlockedAddress, install_guard, make_opener  # noqa: E402
 
 from .download_helpers import LoopbackServer, self_signed_cert  # noqa: E402
 

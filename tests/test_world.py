@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tessera.config.download import SyntheticConfig
-from tessera.pipelines import synthetic, world
+from tessera.demo import synthetic, world
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tessera"
 

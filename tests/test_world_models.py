@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tessera.models import tiny
-from tessera.pipelines import world, world_models
+from tessera.demo import world, world_models
 
 SHIPPED = world_models.DEFAULT_OUT
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED, world_models.SUMS)),

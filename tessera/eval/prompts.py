@@ -12,7 +12,7 @@ import random
 
 import pyarrow as pa
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 TRUTH = ("color", "shape", "place", "background")
 FILE = "prompts.parquet"
@@ -43,7 +43,7 @@ def write_synthetic_prompts(store: ShardStore, count: int, seed: int, image_size
     Held out: the world's (shape, colour, background) combinations that no training picture or
     caption shows, at every place. Returns the parquet's URL; a set already written is kept.
     """
-    from tessera.pipelines.world import HELD_OUT, PLACES, Picture, draw
+    from tessera.demo.world import HELD_OUT, PLACES, Picture, draw
 
     if store.exists(FILE):
         return store.url(FILE)

@@ -8,7 +8,7 @@ import time
 
 import pyarrow as pa
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 
 def append_metrics(ev: ShardStore, row: dict) -> None:

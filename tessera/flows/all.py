@@ -56,7 +56,7 @@ def _link(path: str) -> str:
 
 def publish_summary(data_root: str, results: dict) -> list[tuple[str, str]]:
     """One markdown artifact linking every report and output the steps wrote; returns the links."""
-    from tessera.pipelines.store import ShardStore
+    from tessera.core.store import ShardStore
 
     store = ShardStore(data_root)
     links = [(f"reports/{name}", store.url("reports", name))

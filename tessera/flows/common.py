@@ -9,7 +9,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from tessera.config import RunConfig
-from tessera.pipelines.synthetic import SyntheticSource
+from tessera.demo.synthetic import SyntheticSource
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

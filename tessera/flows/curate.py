@@ -9,11 +9,11 @@ from tessera.flows.caption_tasks import caption_task
 from tessera.flows.common import ShardProgress, logger, publish_table, source_context
 from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.flows.tokenize_tasks import tokenize_task
-from tessera.flows.truth_tasks import truth_filters_task, truth_later_task
+from tessera.demo.truth_tasks import truth_filters_task, truth_later_task
 from tessera.pipelines import download
-from tessera.pipelines.funnel import write_funnel
-from tessera.pipelines.runtime import ShardFailures
-from tessera.pipelines.store import ShardStore
+from tessera.core.funnel import write_funnel
+from tessera.core.runtime import ShardFailures
+from tessera.core.store import ShardStore
 
 RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 

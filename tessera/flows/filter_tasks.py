@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from tessera.config import RunConfig
 from tessera.flows.common import ShardProgress, logger, publish_table
 from tessera.pipelines import report, score, select
-from tessera.pipelines.raytools import init_ray
-from tessera.pipelines.store import ShardStore
+from tessera.core.raytools import init_ray
+from tessera.core.store import ShardStore
 
 RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 

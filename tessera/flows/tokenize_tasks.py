@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 from tessera.config import RunConfig
 from tessera.flows.common import ShardProgress, logger, publish_table
 from tessera.pipelines import tokenize
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 

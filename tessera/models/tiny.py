@@ -23,7 +23,7 @@ BUILDERS: dict[str, str] = {
     "vq": "tessera.models.vq:build_tiny",
     "t5": "tessera.models.text_encoder:build_tiny",
     "llava": "tessera.models.llava:build_tiny",
-    # Trained on the demo's world (tessera.pipelines.world_models), shipped under world_weights/.
+    # Trained on the demo's world (tessera.demo.world_models), shipped under world_weights/.
     "world-clip": "tessera.models.tiny:install_world_clip",
     "world-aesthetic": "tessera.models.tiny:install_world_aesthetic",
     "world-watermark": "tessera.models.tiny:install_world_watermark",
@@ -99,7 +99,7 @@ def install_world(name: str, path: str) -> None:
     source = os.path.join(WORLD_WEIGHTS, name)
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{source}: the world-trained {name} is missing; train it with "
-                                f"`python -m tessera.pipelines.world_models`")
+                                f"`python -m tessera.demo.world_models`")
     shutil.copytree(source, path)
 
 
@@ -137,7 +137,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 512, special_tokens: li
 
 def caption_corpus() -> list[str]:
     """Text like the synthetic set's captions, to train tiny tokenizers on."""
-    from tessera.pipelines.synthetic import COLORS, PLACES, SHAPES
+    from tessera.demo.synthetic import COLORS, PLACES, SHAPES
 
     return [f"a {c} {s} {p} on a {b} background. The image shows a {s}."
             for c in COLORS for s in SHAPES for p in PLACES for b in COLORS if b != c]

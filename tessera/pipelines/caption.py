@@ -26,10 +26,10 @@ from tessera.config.caption import CaptionConfig
 from tessera.config.ray import RayConfig
 from tessera.pipelines.caption_checks import check, first_sentence
 from tessera.pipelines.score import decode_image
-from tessera.pipelines.funnel import failed_shard_rows
+from tessera.core.funnel import failed_shard_rows
 from tessera.pipelines.download import read_samples
-from tessera.pipelines.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
-from tessera.pipelines.store import ShardStore
+from tessera.core.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 STAGE = "caption"
@@ -219,8 +219,8 @@ def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
         on_shard=None) -> CaptionResult:
     """Caption every selected shard not yet captioned for its current selection; return counts over all shards."""
     from tessera.models.tiny import resolve
-    from tessera.pipelines import runtime
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core import runtime
+    from tessera.core.raytools import init_ray
 
     shards = input_shards(store)
     if not shards:

@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
-from tessera.pipelines.funnel import failed_shard_rows
+from tessera.core.funnel import failed_shard_rows
 from tessera.pipelines.prepare import INPUT, duplicate_rows
-from tessera.pipelines.store import ShardStore
-from tessera.pipelines.urlcheck import check_url
+from tessera.core.store import ShardStore
+from tessera.core.urlcheck import check_url
 
 log = logging.getLogger(__name__)
 STAGE = "download"
@@ -122,8 +122,8 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cf
     """Cut the input into shards on Ray and find its duplicate URLs (once; a rerun reuses them, and
     finishes what an interrupted one left). Returns the shard names."""
     from tessera.pipelines import prepare as cut
-    from tessera.pipelines import runtime
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core import runtime
+    from tessera.core.raytools import init_ray
 
     if source.kind != "laion_parquet":  # read, not downloaded
         from tessera.pipelines import ingest
@@ -176,7 +176,7 @@ def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: l
     from img2dataset.writer import WebDatasetSampleWriter
 
     from tessera.pipelines.imagecheck import SafeResizer
-    from tessera.pipelines.urlcheck import install_guard
+    from tessera.core.urlcheck import install_guard
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     install_guard(cfg.urls, proxy=cfg.proxy)
@@ -271,8 +271,8 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
         from tessera.pipelines import ingest
 
         return ingest.run(source, cfg, ray_cfg, store, on_shard)
-    from tessera.pipelines import runtime
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core import runtime
+    from tessera.core.raytools import init_ray
 
     shards = prepare(source, cfg, store, ray_cfg)
     prepared = store.read_json(INPUT, "_prepared.json")

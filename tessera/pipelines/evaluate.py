@@ -34,8 +34,8 @@ from tessera.eval.prompts import FILE as PROMPTS_FILE
 from tessera.eval.prompts import TRUTH, has_truth, read_prompt_set, write_synthetic_prompts
 from tessera.eval.report import append_metrics, read_metrics, write_page, write_tensorboard
 from tessera.training.checkpoint import latest_checkpoint, stage_dir
-from tessera.pipelines.runtime import StageRun, run_stage
-from tessera.pipelines.store import ShardStore
+from tessera.core.runtime import StageRun, run_stage
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 MARKERS = "markers"
@@ -217,7 +217,7 @@ class SampleWorker:
 
         from tessera.eval.prompt_following import judge, read_picture
         from tessera.pipelines.sample import render
-        from tessera.pipelines.synthetic import COLORS
+        from tessera.demo.synthetic import COLORS
 
         ecfg = self.ecfg
         start, stop = self.ranges[shard]
@@ -504,7 +504,7 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
 def run(cfg: RunConfig, run_name: str | None = None, checkpoints: list[str] | None = None,
         tokenizer: bool = True) -> EvalResult:
     """Evaluate the checkpoints (default: the config's `eval.checkpoints`) and the tokenizer."""
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core.raytools import init_ray
 
     if cfg.eval is None:
         raise ValueError("the config has no `eval` section")

@@ -40,7 +40,7 @@ from tessera.config.download import CaptionFiles, DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
 from tessera.pipelines.download import (INPUT, STAGE, DownloadResult, InputError, prepared_shards, reason_for,
                                         summarize)
-from tessera.pipelines.store import ShardStore, shard_name
+from tessera.core.store import ShardStore, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -433,8 +433,8 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
     """Read every input shard not yet done; return the download stage's counts over all shards."""
-    from tessera.pipelines import runtime
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core import runtime
+    from tessera.core.raytools import init_ray
 
     shards = prepare(source, cfg, store)
     if len(store.done_shards(STAGE)) < len(shards):

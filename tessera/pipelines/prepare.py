@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from tessera.config.download import ColumnMap
-from tessera.pipelines.store import ShardStore, shard_name
+from tessera.core.store import ShardStore, shard_name
 
 INPUT = "download/_input"
 DUPLICATES = f"{INPUT}/_duplicates"

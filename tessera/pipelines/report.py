@@ -22,8 +22,8 @@ import pandas as pd
 
 from tessera.filters import SCORE_FILTERS
 from tessera.pipelines import score, select_work
-from tessera.pipelines.runtime import map_shards
-from tessera.pipelines.store import ShardStore
+from tessera.core.runtime import map_shards
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 REPORT = ("reports", "report.html")
@@ -236,7 +236,7 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
                  "a sample failing several filters is dropped for the first in this order: "
                  f"{_e(', '.join(summary['order']))}.</p>" + funnel_table(funnel))
     if store.exists("reports", "truth.json"):  # the synthetic world's truth (the demo)
-        from tessera.pipelines.truth import truth_section
+        from tessera.demo.truth import truth_section
 
         parts.append(truth_section(store.read_json("reports", "truth.json")))
 

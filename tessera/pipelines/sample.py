@@ -18,7 +18,7 @@ from tessera.config import RunConfig
 from tessera.config.train import SampleConfig
 from tessera.models.gpt import GPT, TEXT_POSITIONS, GPTConfig, extract_state_dict, gpt_config
 from tessera.training.checkpoint import latest_checkpoint, read_checkpoint_any, stage_dir
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
 
 def encode_prompts(text_encoder, prompts: list[str], dim: int, device,
                    length: int = TEXT_POSITIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    from tessera.pipelines.codes_loader import left_pad
+    from tessera.training.data import left_pad
 
     cond, mask = left_pad([f.float().cpu() for f in text_encoder.encode(prompts)], dim, length)
     return cond.to(device), mask.to(device)

@@ -28,8 +28,8 @@ from tessera.config.ray import RayConfig
 from tessera.config.score import FiltersConfig
 from tessera.filters import Batch, Needs, ThresholdFilter, build_filters, resolve_sources
 from tessera.pipelines.download import read_samples
-from tessera.pipelines.funnel import failed_shard_rows
-from tessera.pipelines.store import ShardStore
+from tessera.core.funnel import failed_shard_rows
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 STAGE = "score"
@@ -307,8 +307,8 @@ def fingerprints(store: ShardStore, shards: list[str], stage_lineage: str) -> di
 def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
         on_shard=None) -> ScoreResult:
     """Score every downloaded shard not yet scored with these models; return the counts over all shards."""
-    from tessera.pipelines import runtime
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core import runtime
+    from tessera.core.raytools import init_ray
 
     shards = store.done_shards("download")
     if not shards:

@@ -29,11 +29,12 @@ import numpy as np
 
 from tessera.config.score import FiltersConfig
 from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
-from tessera.pipelines import quantiles, score, select_work, semdedup
-from tessera.pipelines.select_exact import exact_reference, load_scores  # noqa: F401 - the reference path
-from tessera.pipelines.runtime import ShardFailures, map_shards, run_stage
+from tessera.core import quantiles
+from tessera.pipelines import score, select_work, semdedup
+from tessera.pipelines.select_reference import exact_reference, load_scores  # noqa: F401 - the reference path
+from tessera.core.runtime import ShardFailures, map_shards, run_stage
 from tessera.pipelines.select_work import STAGE, Plan
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 KEPT = "kept"

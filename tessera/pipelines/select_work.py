@@ -14,9 +14,10 @@ import pyarrow as pa
 from tessera.config.score import FiltersConfig
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters
 from tessera.filters.dedup import NearDuplicateFilter
-from tessera.pipelines import quantiles, score
-from tessera.pipelines.lineage import selection_summary
-from tessera.pipelines.store import ShardStore
+from tessera.core import quantiles
+from tessera.pipelines import score
+from tessera.core.lineage import selection_summary
+from tessera.core.store import ShardStore
 
 STAGE = "select"
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")

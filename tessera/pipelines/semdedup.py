@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from tessera.filters.dedup import Groups, normalized, similar_pairs
 from tessera.pipelines import score
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 DEDUP = "semdedup"
 

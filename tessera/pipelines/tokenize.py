@@ -35,10 +35,10 @@ import numpy as np
 from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.pipelines.download import read_samples
-from tessera.pipelines.funnel import failed_shard_rows
-from tessera.pipelines.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
-from tessera.pipelines.runtime import matches
-from tessera.pipelines.store import ShardStore
+from tessera.core.funnel import failed_shard_rows
+from tessera.core.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
+from tessera.core.runtime import matches
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize"
@@ -321,8 +321,8 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
     """Tokenize every selected shard not yet done for its current selection and captions at every
     resolution; return counts over all shards."""
     from tessera.models.tiny import resolve
-    from tessera.pipelines import runtime
-    from tessera.pipelines.raytools import init_ray
+    from tessera.core import runtime
+    from tessera.core.raytools import init_ray
 
     shards = input_shards(store)
     if not shards:

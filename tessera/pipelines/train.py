@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tessera.config import RunConfig
 from tessera.config.train import TrainConfig
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 from tessera.training.checkpoint import latest_checkpoint, stage_dir, step_of
 from tessera.training.loop import train_worker
 from tessera.training.metrics import read_metrics
@@ -76,7 +76,7 @@ def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | 
         from ray.train import ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from tessera.pipelines.raytools import init_ray
+        from tessera.core.raytools import init_ray
 
         init_ray(cfg.ray)
         trainer = TorchTrainer(

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from tessera.models.gpt import read_checkpoint
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")

@@ -20,8 +20,8 @@ import torch
 
 from tessera.config.train import TrainConfig
 from tessera.models.gpt import GPT, GPTConfig, gpt_config, load_weights, mfu
-from tessera.pipelines.codes_loader import CodesLoader, ShardIndex, _npy, tokens_folder
-from tessera.pipelines.store import ShardStore
+from tessera.training.data import CodesLoader, ShardIndex, _npy, tokens_folder
+from tessera.core.store import ShardStore
 from tessera.training.checkpoint import Checkpointer, barrier, latest_checkpoint, read_checkpoint_any
 from tessera.training.metrics import MetricsLog
 from tessera.training.parallel import dist_context, mean_over_workers, parallelize

@@ -9,7 +9,7 @@ import io
 import json
 import math
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 FILE = "metrics.jsonl"
 

@@ -5,7 +5,7 @@ import logging
 import os
 
 from tessera.config.ray import RayConfig
-from tessera.pipelines.localray import prepare_local_ray
+from tessera.core.localray import prepare_local_ray
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from tessera.config.score import FiltersConfig
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters, score_configs
 from tessera.filters.dedup import NearDuplicateFilter
 from tessera.pipelines import score
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")

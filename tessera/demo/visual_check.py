@@ -1,6 +1,6 @@
 """Visual check of the code shards: decode a few samples and show them beside their originals.
 
-    python -m tessera.pipelines.visual_check --config configs/demo.yaml [--count 8]
+    python -m tessera.demo.visual_check --config configs/demo.yaml [--count 8]
 
 writes reports/visual_check_{res}.png per resolution: the top row holds the original images
 (resized and centre-cropped as the tokenizer saw them), the row below what their stored codes
@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 from tessera.pipelines.tokenize import centre_crop, tokens_folder
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tessera.config.download import SyntheticConfig
-from tessera.pipelines.world import (COLORS, PLACES, SHAPES, Picture, WorldSample, draw, encode,  # noqa: F401
+from tessera.demo.world import (COLORS, PLACES, SHAPES, Picture, WorldSample, draw, encode,  # noqa: F401
                                      held_out_combos, image_bytes, picture, world_sample,
                                      write_prompts)
 

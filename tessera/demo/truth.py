@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tessera.pipelines.store import ShardStore
-from tessera.pipelines.world import (COLORS, LOW_AESTHETIC, MISMATCHED_CAPTION, NEAR_DUPLICATE, NSFW, PLACES,
+from tessera.core.store import ShardStore
+from tessera.demo.world import (COLORS, LOW_AESTHETIC, MISMATCHED_CAPTION, NEAR_DUPLICATE, NSFW, PLACES,
                                      SHAPES, WATERMARK)
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 SELECT = "select"
 

@@ -26,8 +26,8 @@ import torch
 
 from tessera.config.train import CodesDataConfig
 from tessera.models.gpt import TEXT_POSITIONS
-from tessera.pipelines.lineage import check_one_selection
-from tessera.pipelines.store import ShardStore
+from tessera.core.lineage import check_one_selection
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 FAILED = ".failed"
@@ -169,7 +169,7 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
     import ray
 
     if not ray.is_initialized():
-        raise RuntimeError(f"{desc}: start Ray first (tessera.pipelines.raytools.init_ray)")
+        raise RuntimeError(f"{desc}: start Ray first (tessera.core.raytools.init_ray)")
     if max_in_flight is None:
         max_in_flight = max(1, int(2 * ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1)))
     pool = _Pool(work, kwargs, num_cpus, num_gpus, actors)

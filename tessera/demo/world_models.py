@@ -1,7 +1,7 @@
 """The demo's models, trained on the demo's world and saved in the real checkpoint formats.
 
-    python -m tessera.pipelines.world_models --out tessera/models/world_weights   # train, write SHA256SUMS
-    python -m tessera.pipelines.world_models --check                               # retrain, compare sha256
+    python -m tessera.demo.world_models --out tessera/models/world_weights   # train, write SHA256SUMS
+    python -m tessera.demo.world_models --check                               # retrain, compare sha256
 
 Four models learn from pictures of `world` (a training seed of their own, never the demo's):
 an open_clip CLIP trained contrastively with open_clip's ClipLoss; the LAION-layout aesthetic
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tessera.pipelines import world
+from tessera.demo import world
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def evaluate_captions(folder: str, truth: list[world.Picture], images: np.ndarra
     """Captions of `images` (generated greedily as the caption stage does) and the share of them that
     name each of the truth's colour, shape, background and place right."""
     from tessera.models.llava import load_llava, prompt_text
-    from tessera.pipelines.truth import parse_caption
+    from tessera.demo.truth import parse_caption
 
     model, processor = load_llava(folder)
     text = prompt_text(processor, CAPTION_PROMPT)

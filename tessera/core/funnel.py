@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from tessera.pipelines.store import ShardStore
+from tessera.core.store import ShardStore
 
 FUNNEL_SCHEMA = pa.schema([
     ("stage", pa.string()), ("outcome", pa.string()), ("reason", pa.string()), ("count", pa.int64()),

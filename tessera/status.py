@@ -11,8 +11,8 @@ from collections import Counter
 
 from tessera.config import RunConfig
 from tessera.training.checkpoint import checkpoint_steps, latest_checkpoint, stage_dir
-from tessera.pipelines.runtime import failures
-from tessera.pipelines.store import ShardStore
+from tessera.core.runtime import failures
+from tessera.core.store import ShardStore
 
 
 def stages(cfg: RunConfig) -> list[tuple[str, str, str]]:

@@ -11,9 +11,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig
 from tessera.flows.common import logger, publish_table
-from tessera.pipelines import truth
-from tessera.pipelines.store import ShardStore
-from tessera.pipelines.synthetic import truth_path
+from tessera.demo import truth
+from tessera.core.store import ShardStore
+from tessera.demo.synthetic import truth_path
 
 
 def truth_file(cfg: RunConfig) -> str | None:

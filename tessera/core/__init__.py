@@ -1,0 +1,1 @@
+"""The ground floor: the shard store, the stage runtime, Ray start, lineage and the funnel."""
