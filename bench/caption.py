@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     from tessera.config.caption import CaptionConfig
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.pipelines.caption import CaptionShard
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -3,7 +3,7 @@ driver's peak memory and the wall time.
 
 Synthetic score shards (scores parquet, CLIP-like embeddings .npy and the score markers, in the
 store layout) are written at each size, then the distributed select (select.run) and the report
-(report.build) run on a local Ray in a fresh driver process, whose peak RSS (getrusage, the driver
+(filter_report.build) run on a local Ray in a fresh driver process, whose peak RSS (getrusage, the driver
 process only: Ray's workers and daemons are other processes) and wall time are printed per size,
 with the growth ratios between sizes. The previous in-memory path (select.exact_reference) runs on
 the same shards as the baseline where it fits (--baseline-max rows), and its decisions are checked
@@ -37,7 +37,7 @@ POOL = 2000  # duplicated images: about 1% of the rows repeat one of these, in a
 
 
 def filters_config(rows: int):
-    from tessera.config.score import FiltersConfig
+    from tessera.config.filters import FiltersConfig
 
     return FiltersConfig.model_validate({
         "clip_score": {"min": 0.28}, "aesthetic": {"keep_fraction": 0.5},
@@ -93,7 +93,7 @@ def generate(root: str, rows: int, shards: int, dim: int, cpus: int) -> None:
 def mark_finished(store, caption_cfg, tokenize_cfg, models_root: str) -> None:
     """Caption and tokenize markers as a finished run leaves them for this selection, so that the
     stages' own skip paths (marker reads, lineage, restamping, manifests) are what is timed."""
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.pipelines import caption, tokenize
     from tessera.core import lineage
 
@@ -127,7 +127,7 @@ def measure(root: str, path: str, rows: int, cpus: int) -> dict:
     import logging
 
     from tessera.config.ray import RayConfig
-    from tessera.pipelines import report, select
+    from tessera.pipelines import filter_report, select
     from tessera.core.raytools import init_ray
     from tessera.core.store import ShardStore
 
@@ -149,7 +149,7 @@ def measure(root: str, path: str, rows: int, cpus: int) -> dict:
     result = select.run(cfg, store)
     out["select_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    report.build(store, result.funnel(), examples=cfg.report_examples)
+    filter_report.build(store, result.funnel(), examples=cfg.report_examples)
     out.update(report_s=time.perf_counter() - t, kept=result.kept, dedup=result.thresholds.get("dedup", {}))
 
     from tessera.config.caption import CaptionConfig

@@ -111,7 +111,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
-    from tessera.config.score import FiltersConfig
+    from tessera.config.filters import FiltersConfig
     from tessera.pipelines.score import BatchScorer
 
     images, captions = make_images(args.images)

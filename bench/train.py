@@ -51,7 +51,7 @@ def to_pixels(jpegs: list[bytes], device) -> torch.Tensor:
 
 
 def build_vq(name: str, models_root: str, device):
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.models.vq import VQ_CONFIGS, VQModel, load_vq
 
     if name == "tiny":
@@ -73,7 +73,7 @@ def main() -> None:
     from tessera.config.train import CodesDataConfig, TrainConfig
     from tessera.models.gpt import build_gpt
     from tessera.models.text_encoder import TextEncoder
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.training.data import CodesLoader, left_pad
     from tessera.core.store import ShardStore
     from tessera.training.step import build_optimizer, train_step

@@ -11,7 +11,7 @@ import re
 
 from tessera.config import RunConfig
 from tessera.models.fetch import FetchError, fetch, source_for, target_path
-from tessera.models.tiny import PREFIX
+from tessera.models.refs import PREFIX
 
 log = logging.getLogger(__name__)
 _RUN_STAGE = re.compile(r"^([\w.-]+/)?stage[12]$")  # init_from naming a run's stage, not a file

@@ -13,7 +13,7 @@ import pytest
 
 from tessera.config import RunConfig, load_config
 from tessera.config.models import ModelSource
-from tessera.models import fetch, tiny
+from tessera.models import fetch, refs
 from tessera.pipelines import score
 from tessera.fetch_models import fetch_models, named_models
 from tests.conftest import REPO
@@ -170,7 +170,7 @@ def test_models_without_a_source_are_listed_after_fetching_the_others(tmp_path):
 def test_a_missing_model_stops_the_run_with_the_fetch_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model 'google/flan-t5-xl' is not in models_root .*"
                                                 r"tessera fetch-models CONFIG"):
-        tiny.resolve("google/flan-t5-xl", str(tmp_path / "models"))
+        refs.resolve("google/flan-t5-xl", str(tmp_path / "models"))
     cfg = _config(tmp_path, {}, aesthetic={"weights": "sac+logos+ava1-l14-linearMSE.pth"})
     with pytest.raises(FileNotFoundError, match=r"filters.aesthetic.weights: model 'sac\+logos.*tessera fetch-models"):
         score.model_paths(cfg.filters, {"aesthetic": {"source": "compute"}}, cfg.models_root)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tessera.config.score import FiltersConfig
+from tessera.config.filters import FiltersConfig
 from tessera.filters import ORDER, Batch, Needs, build_filters, resolve_sources
 from tessera.filters.aesthetic import AestheticFilter
 from tessera.filters.caption import CaptionFilter

@@ -18,7 +18,7 @@ import pytest
 
 from tessera.config.caption import CaptionConfig
 from tessera.config.ray import RayConfig
-from tessera.config.score import FiltersConfig
+from tessera.config.filters import FiltersConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.pipelines import caption, score, tokenize
 from tessera.core.store import ShardStore

@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tessera.models import tiny
+from tessera.models import refs
 from tessera.models.llava import IMAGE_TOKEN, load_llava, prompt_text
 
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    return tiny.resolve("tiny:llava", str(tmp_path_factory.mktemp("models")))
+    return refs.resolve("tiny:llava", str(tmp_path_factory.mktemp("models")))
 
 
 def test_tiny_llava_is_saved_in_the_hf_format(tiny_llava):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.models import aesthetic, clip, nsfw, tiny, watermark
+from tessera.models import aesthetic, clip, nsfw, refs, watermark
 from tessera.models.weights import weights_file
 
 from .conftest import reference_file
@@ -41,7 +41,7 @@ def test_aesthetic_refuses_a_wrong_layout(tmp_path):
 
 
 def test_tiny_clip_is_an_open_clip_checkpoint_loaded_by_name(models_root):
-    path = tiny.resolve("tiny:clip", models_root)
+    path = refs.resolve("tiny:clip", models_root)
     with open(os.path.join(path, clip.CONFIG_FILE)) as f:
         assert json.load(f)["model_cfg"]["embed_dim"] == clip.TINY_CONFIG["embed_dim"]
     from PIL import Image
@@ -61,11 +61,11 @@ def test_clip_errors_name_the_problem(tmp_path, models_root):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         clip.Clip("ViT-B-32", str(tmp_path / "nope.bin"))
     with pytest.raises(ValueError, match="does not know the architecture"):
-        clip.Clip("no-such-arch", os.path.join(tiny.resolve("tiny:clip", models_root), "open_clip_pytorch_model.bin"))
+        clip.Clip("no-such-arch", os.path.join(refs.resolve("tiny:clip", models_root), "open_clip_pytorch_model.bin"))
 
 
 def test_nsfw_head_loads_its_layout(models_root):
-    head = nsfw.load_nsfw(weights_file(tiny.resolve("tiny:nsfw", models_root)))
+    head = nsfw.load_nsfw(weights_file(refs.resolve("tiny:nsfw", models_root)))
     assert set(head.state_dict()) >= {"norm.mean", "norm.variance", "linear_1.weight", "linear_4.bias"}
     p = head(torch.nn.functional.normalize(torch.randn(3, head.embed_dim), dim=-1)).detach()
     assert ((p > 0) & (p < 1)).all()
@@ -73,7 +73,7 @@ def test_nsfw_head_loads_its_layout(models_root):
 
 @pytest.mark.parametrize("layout", ["nested", "raw"])
 def test_watermark_loads_both_layouts(tmp_path, models_root, layout):
-    path = weights_file(tiny.resolve("tiny:watermark", models_root))
+    path = weights_file(refs.resolve("tiny:watermark", models_root))
     if layout == "raw":  # the other script's layout: the state dict itself
         state = torch.load(path, map_location="cpu", weights_only=True)["weights"]
         path = str(tmp_path / "raw.pt")

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from tessera.pipelines import report, score, select
+from tessera.pipelines import filter_report, score, select
 from tessera.core.store import ShardStore
 
 from .fixtures import write_download_shard
@@ -25,7 +25,7 @@ def build(tmp_path):
     result = select.run(cfg(clip_score={"min": 0.3}, dedup={"enabled": True, "min_similarity": 0.99},
                             target={"count": 2, "rank_by": "aesthetic"}), store)
     funnel = [{"stage": "download", "outcome": "downloaded", "reason": "", "count": 8}] + result.funnel()
-    return store, report.build(store, funnel, examples=3), result
+    return store, filter_report.build(store, funnel, examples=3), result
 
 
 def test_report_is_one_self_contained_page(tmp_path):

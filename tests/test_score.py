@@ -11,8 +11,8 @@ import webdataset as wds
 from PIL import Image
 
 from tessera.config.ray import RayConfig
-from tessera.config.score import FiltersConfig
-from tessera.pipelines import report, score, select
+from tessera.config.filters import FiltersConfig
+from tessera.pipelines import filter_report, score, select
 from tessera.core.store import ShardStore
 
 from .fixtures import write_download_shard
@@ -122,7 +122,7 @@ def test_select_and_report_account_for_every_sample(scored):
     assert frame.loc["http://127.0.0.1:1/noimage.jpg", "reason"] == "missing_image"
     assert frame.loc["http://127.0.0.1:1/nopunsafe.jpg", "reason"] in ("punsafe_missing", "low_clip_score",
                                                                       "low_aesthetic", "watermark")
-    url = report.build(store, result.funnel() + chosen.funnel())
+    url = filter_report.build(store, result.funnel() + chosen.funnel())
     page = open(url).read()
     assert "aesthetic" in page and "computed by the model" in page and "input column &#x27;punsafe&#x27;" in page
 

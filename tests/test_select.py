@@ -3,7 +3,7 @@ target count with ties broken by key, one reason per sample, thresholds.json, re
 import numpy as np
 import pytest
 
-from tessera.config.score import FiltersConfig
+from tessera.config.filters import FiltersConfig
 from tessera.pipelines import score, select
 from tessera.core.store import ShardStore
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
-from tessera.models.tiny import resolve
+from tessera.models.refs import resolve
 from tessera.models.vq import load_vq
 from tessera.core import runtime
 from tessera.pipelines import tokenize

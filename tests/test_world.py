@@ -81,4 +81,12 @@ def test_the_source_writes_truth_and_prompts_beside_it_and_no_stage_reads_them(t
                  if isinstance(n, (ast.Name, ast.Attribute))}
         if "truth_path" in names:
             readers.add(file.relative_to(PACKAGE).as_posix())
-    assert readers <= {"pipelines/synthetic.py", "pipelines/truth.py", "flows/truth_tasks.py"}
+    assert readers <= {"demo/synthetic.py", "demo/truth.py", "demo/truth_tasks.py"}
+
+
+def test_tiny_tokenizers_are_trained_on_the_worlds_vocabulary():
+    from tessera.models import tiny
+
+    assert list(tiny.CAPTION_COLORS) == list(world.COLORS)
+    assert list(tiny.CAPTION_SHAPES) == world.SHAPES
+    assert list(tiny.CAPTION_PLACES) == world.PLACES

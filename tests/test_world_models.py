@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tessera.models import tiny
+from tessera.models import refs
 from tessera.demo import world, world_models
 
 SHIPPED = world_models.DEFAULT_OUT
@@ -35,7 +35,7 @@ def test_shipped_files_match_their_sums_and_fit_the_budget():
 
 def test_tiny_world_models_install_under_models_root(tmp_path):
     for name in ("world-clip", "world-aesthetic", "world-watermark", "world-llava"):
-        path = tiny.resolve(f"tiny:{name}", str(tmp_path))
+        path = refs.resolve(f"tiny:{name}", str(tmp_path))
         assert os.path.exists(os.path.join(path, ".complete"))
 
 
@@ -139,10 +139,10 @@ DEMO_THRESHOLDS = _demo_thresholds() if os.path.exists(os.path.join(SHIPPED, wor
 
 
 def test_a_tiny_model_built_from_something_else_is_rebuilt_and_changes_the_lineage(tmp_path):
-    from tessera.config.score import FiltersConfig
+    from tessera.config.filters import FiltersConfig
     from tessera.pipelines import score
 
-    path = tiny.resolve("tiny:world-aesthetic", str(tmp_path))
+    path = refs.resolve("tiny:world-aesthetic", str(tmp_path))
     weights = os.path.join(path, "aesthetic.safetensors")
     cfg = FiltersConfig()
     current = score.lineage(cfg, {}, {"aesthetic": weights})
@@ -150,6 +150,6 @@ def test_a_tiny_model_built_from_something_else_is_rebuilt_and_changes_the_linea
         f.write("an older build")
     stale = score.lineage(cfg, {}, {"aesthetic": weights})
     assert stale != current
-    assert tiny.resolve("tiny:world-aesthetic", str(tmp_path)) == path
-    assert tiny.build_of(weights) == tiny.build_id("world-aesthetic")
+    assert refs.resolve("tiny:world-aesthetic", str(tmp_path)) == path
+    assert refs.build_of(weights) == refs.build_id("world-aesthetic")
     assert score.lineage(cfg, {}, {"aesthetic": weights}) == current

@@ -19,7 +19,7 @@ from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.eval import EvalConfig
 from tessera.config.models import ModelSource
 from tessera.config.ray import RayConfig
-from tessera.config.score import FiltersConfig
+from tessera.config.filters import FiltersConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.config.train import SampleConfig, TrainConfig
 

@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from tessera.config.base import Resolution, Section
-from tessera.config.score import ClipModelConfig
+from tessera.config.filters import ClipModelConfig
 
 
 class TokenizerEvalConfig(Section):

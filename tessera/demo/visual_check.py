@@ -75,7 +75,7 @@ def render(store: ShardStore, vq, res: int, count: int = 8) -> bytes | None:
 
 def main(argv: list[str] | None = None) -> int:
     from tessera.config import load_config
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.models.vq import load_vq
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

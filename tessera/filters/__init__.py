@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from tessera.config.score import FiltersConfig, ScoreFilterConfig
+from tessera.config.filters import FiltersConfig, ScoreFilterConfig
 from tessera.filters.aesthetic import AestheticFilter
 from tessera.filters.base import Batch, Filter, Needs, ThresholdFilter
 from tessera.filters.caption import CaptionFilter

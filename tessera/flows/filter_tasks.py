@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig
 from tessera.flows.common import ShardProgress, logger, publish_table
-from tessera.pipelines import report, score, select
+from tessera.pipelines import filter_report, score, select
 from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
 
@@ -41,7 +41,7 @@ def select_task(cfg: RunConfig, store: ShardStore) -> select.SelectResult:
 
 @task(name="filter-report", cache_policy=NO_CACHE)
 def report_task(store: ShardStore, funnel: list[dict], examples: int) -> str:
-    url = report.build(store, funnel, examples)
+    url = filter_report.build(store, funnel, examples)
     link = f"file://{os.path.abspath(url)}" if store.protocol in ("file", "local") else url
     create_link_artifact(key="filter-report", link=link, link_text="report.html",
                          description="Filter report: funnel, score histograms with thresholds, examples near each threshold.")

@@ -207,7 +207,7 @@ def write_shard(store: ShardStore, shard: str, rows: list[dict], captioner: str,
 # The stage --------------------------------------------------------------------------------------
 def lineage(cfg: CaptionConfig, model_path: str, settings: dict) -> str:
     """What decides a shard's captions besides its selection."""
-    from tessera.models.tiny import build_of
+    from tessera.models.refs import build_of
 
     blob = json.dumps({"model": cfg.model, "path": model_path, "build": build_of(model_path), "prompt": cfg.prompt,
                        "template": cfg.prompt_template, "settings": settings,
@@ -218,7 +218,7 @@ def lineage(cfg: CaptionConfig, model_path: str, settings: dict) -> str:
 def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
         on_shard=None) -> CaptionResult:
     """Caption every selected shard not yet captioned for its current selection; return counts over all shards."""
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.core import runtime
     from tessera.core.raytools import init_ray
 

@@ -32,7 +32,7 @@ from tessera.config.eval import EvalConfig
 from tessera.eval.fid import Moments, frechet_distance, merge
 from tessera.eval.prompts import FILE as PROMPTS_FILE
 from tessera.eval.prompts import TRUTH, has_truth, read_prompt_set, write_synthetic_prompts
-from tessera.eval.report import append_metrics, read_metrics, write_page, write_tensorboard
+from tessera.eval.results import append_metrics, read_metrics, write_page, write_tensorboard
 from tessera.training.checkpoint import latest_checkpoint, stage_dir
 from tessera.core.runtime import StageRun, run_stage
 from tessera.core.store import ShardStore
@@ -143,7 +143,7 @@ class Features:
         self.keep_features = ecfg.inception_score or ecfg.precision_recall
 
     def measure(self, pixels: np.ndarray, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
-        from tessera.eval.clip_score import clip_inputs, clip_score
+        from tessera.eval.clip_similarity import clip_inputs, clip_score
 
         out = {}
         if prompts is not None:
@@ -188,7 +188,7 @@ class SampleWorker:
 
         from tessera.models.gpt import GPT, gpt_config
         from tessera.models.text_encoder import TextEncoder
-        from tessera.models.tiny import resolve
+        from tessera.models.refs import resolve
         from tessera.models.vq import load_vq
         from tessera.pipelines.sample import load_generator
 
@@ -265,7 +265,7 @@ class ImageWorker:
         self.urls = listing["image"].to_pylist()
         self.resolutions = conf["resolutions"]
         if tokenizer:
-            from tessera.models.tiny import resolve
+            from tessera.models.refs import resolve
             from tessera.models.vq import load_vq
 
             self.vq = load_vq(resolve(ecfg.tokenizer.vq or ecfg.vq, conf["models_root"]), device=ecfg.device)

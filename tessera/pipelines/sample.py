@@ -187,7 +187,7 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = No
         prompts: list[str] | None = None) -> SampleResult:
     """Sample the prompts from a checkpoint and write a PNG grid under {run}/samples/."""
     from tessera.models.text_encoder import TextEncoder
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.models.vq import load_vq
 
     scfg: SampleConfig = cfg.sample or SampleConfig()

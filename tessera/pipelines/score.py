@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.config.ray import RayConfig
-from tessera.config.score import FiltersConfig
+from tessera.config.filters import FiltersConfig
 from tessera.filters import Batch, Needs, ThresholdFilter, build_filters, resolve_sources
 from tessera.pipelines.download import read_samples
 from tessera.core.funnel import failed_shard_rows
@@ -57,9 +57,9 @@ class ScoreResult:
 # Models ----------------------------------------------------------------------------------------
 def model_path(ref: str, models_root: str) -> str:
     """A config's model reference as a local path: `tiny:NAME` is built, relative paths are under models_root."""
-    from tessera.models import tiny
+    from tessera.models import refs
 
-    return tiny.resolve(ref, models_root)
+    return refs.resolve(ref, models_root)
 
 
 def needs_clip(cfg: FiltersConfig, sources: dict[str, dict]) -> bool:
@@ -287,7 +287,7 @@ def lineage(cfg: FiltersConfig, sources: dict, paths: dict) -> str:
     scoring = cfg.model_dump(mode="json", include={"clip", "watermark", "precision"})
     scoring["watermark"] = {k: scoring["watermark"][k] for k in ("arch", "image_size", "weights", "source", "column")}
     scoring["dedup"] = cfg.dedup.enabled  # whether embeddings are stored
-    from tessera.models.tiny import build_of
+    from tessera.models.refs import build_of
 
     builds = {name: build_of(path) for name, path in paths.items()}
     blob = json.dumps({"scoring": scoring, "sources": sources, "paths": paths, "builds": builds}, sort_keys=True)

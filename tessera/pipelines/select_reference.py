@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from tessera.config.score import FiltersConfig
+from tessera.config.filters import FiltersConfig
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters, score_configs
 from tessera.filters.dedup import NearDuplicateFilter
 from tessera.pipelines import score

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tessera.config.score import FiltersConfig
+from tessera.config.filters import FiltersConfig
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters
 from tessera.filters.dedup import NearDuplicateFilter
 from tessera.core import quantiles

@@ -309,7 +309,7 @@ def lineage(cfg: TokenizeConfig, vq_path: str, text_path: str | None) -> str:
     """What decides a shard's codes besides its selection and captions (resolutions are per marker)."""
     settings = cfg.model_dump(mode="json", include={"vq", "vq_config", "vq_ema", "flip", "text_encoder",
                                                     "text_max_length", "text_caption"})
-    from tessera.models.tiny import build_of
+    from tessera.models.refs import build_of
 
     blob = json.dumps({"settings": settings, "vq": vq_path, "text": text_path,
                        "builds": [build_of(vq_path), build_of(text_path)]}, sort_keys=True)
@@ -320,7 +320,7 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
         on_shard=None) -> TokenizeResult:
     """Tokenize every selected shard not yet done for its current selection and captions at every
     resolution; return counts over all shards."""
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
     from tessera.core import runtime
     from tessera.core.raytools import init_ray
 

@@ -39,7 +39,7 @@ class TrainResult:
 
 def worker_conf(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None) -> dict:
     """What every worker needs, as plain data; tiny model references are built here, once."""
-    from tessera.models.tiny import resolve
+    from tessera.models.refs import resolve
 
     tcfg: TrainConfig | None = getattr(cfg, stage)
     if tcfg is None:
