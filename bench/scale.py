@@ -96,6 +96,7 @@ def mark_finished(store, caption_cfg, tokenize_cfg, models_root: str) -> None:
     from tessera.models.refs import resolve
     from tessera.pipelines import caption, tokenize
     from tessera.core import lineage
+    from tessera.core.token_shards import tokens_folder
 
     shards = lineage.input_shards(store)
     selection = lineage.selection_id(store)
@@ -113,7 +114,7 @@ def mark_finished(store, caption_cfg, tokenize_cfg, models_root: str) -> None:
         for res in tokenize_cfg.resolutions:
             info = {"rows_in": kept[shard], "tokenized": kept[shard], "no_caption": 0, "dropped": {},
                     "bytes": 1000 * kept[shard], "code_counts": counts}
-            store.mark_done(tokenize.tokens_folder(res), shard, {**info, **done})
+            store.mark_done(tokens_folder(res), shard, {**info, **done})
             done[str(res)] = info
         store.mark_done("tokenize", shard, done)
 

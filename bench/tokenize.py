@@ -47,7 +47,8 @@ def bench_encode(name: str, res: int, batch: int, repeats: int, device: str) -> 
 
 def write_shards(root: str, samples: int, res: int, per_shard: int = 500) -> "ShardStore":
     from tessera.core.store import ShardStore
-    from tessera.pipelines.tokenize import _npy, write_shard
+    from tessera.core.token_shards import encode_npy
+    from tessera.pipelines.tokenize import write_shard
 
     store = ShardStore(root)
     rng = np.random.default_rng(0)
@@ -61,9 +62,9 @@ def write_shards(root: str, samples: int, res: int, per_shard: int = 500) -> "Sh
                     "caption_long": "A red circle sits in the center of a plain blue background. " * 3,
                     "caption_short": "A red circle on blue.", "url": f"http://example.com/{key}.jpg",
                     "hash": i, "sha256": f"{i:064x}", "scores": {"clip_score": 0.31, "aesthetic": 5.6}}
-            rows.append({"key": key, f"reason_{res}": "", f"codes_{res}": _npy(codes),
-                         f"codes_flip_{res}": _npy(codes[:, ::-1].copy()), "meta": json.dumps(meta),
-                         "t5": _npy(rng.standard_normal((24, 2048)).astype(np.float16)), "captioned": True})
+            rows.append({"key": key, f"reason_{res}": "", f"codes_{res}": encode_npy(codes),
+                         f"codes_flip_{res}": encode_npy(codes[:, ::-1].copy()), "meta": json.dumps(meta),
+                         "t5": encode_npy(rng.standard_normal((24, 2048)).astype(np.float16)), "captioned": True})
         write_shard(store, f"{s // per_shard:05d}", res, rows, 16384)
     return store
 

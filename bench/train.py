@@ -23,7 +23,7 @@ import torch
 
 def make_data(root: str, n: int, res: int, vq, text_encoder, device) -> list[tuple[bytes, np.ndarray]]:
     """JPEGs of the synthetic set and their code shard (encoded once here, as the tokenize stage does)."""
-    from tessera.training.data import write_codes_shard
+    from tessera.core.token_shards import write_codes_shard
     from tessera.core.store import ShardStore
     from tessera.demo.synthetic import draw, picture
 

@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 from tessera.config import ConfigError, load_config
 
@@ -18,24 +17,9 @@ def _common(p: argparse.ArgumentParser, default_config: str | None = None) -> No
 
 
 def demo(args) -> int:
-    from tessera.flows.all import all_stages
+    from tessera.demo.flow import run_demo
 
-    out = os.path.abspath(args.dir)
-    overrides = [f"data_root={out}/data", f"runs_root={out}/runs", f"models_root={out}/models",
-                 f"source.path={out}/source/laion-synthetic.parquet", *args.overrides]
-    cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
-    start = time.time()
-    all_stages(config=args.config, overrides=overrides)
-    print(f"\nThe demo finished in {time.time() - start:.0f} s. Everything it wrote is under {out}:")
-    print(f"  {out}/data/download          image shards (img2dataset WebDataset tars + parquet)")
-    print(f"  {out}/data/reports/funnel.parquet   rows kept and dropped, per stage and reason")
-    print(f"  {out}/data/scores               per-sample scores, keep and reason (parquet)")
-    print(f"  {out}/data/reports/report.html   the filter report: open it in a browser")
-    print(f"  {out}/data/reports/truth.json    every stage measured against the synthetic world's truth")
-    tokens = ",".join(str(r) for r in cfg.tokenize.resolutions)
-    print(f"  {out}/data/tokens/{{{tokens}}}     WebDataset shards of VQ codes")
-    print(f"  {out}/runs/{cfg.name}           stage-1 and stage-2 checkpoints, metrics, sample grids")
-    return 0
+    return run_demo(args.config, args.dir, args.overrides)
 
 
 def curate_cmd(args) -> int:

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from tessera.config.train import CodesDataConfig
-from tessera.training.data import CodesLoader, left_pad, write_codes_shard, write_synthetic_codes
+from tessera.core.token_shards import write_codes_shard
+from tessera.demo.codes import write_synthetic_codes
+from tessera.training.data import CodesLoader, left_pad
 from tessera.core.store import ShardStore
 
 

@@ -113,11 +113,12 @@ def test_inception_weights_that_are_not_a_state_dict_are_refused(tmp_path):
 
 # Prompt-following -----------------------------------------------------------------------------------
 def _heldout(tmp_path, n=40, size=256):
-    from tessera.eval.prompts import read_prompt_set, write_synthetic_prompts
     from tessera.core.store import ShardStore
+    from tessera.demo.prompts import write_heldout_prompts
+    from tessera.eval.prompts import read_prompt_set
 
     store = ShardStore(str(tmp_path / "heldout"))
-    write_synthetic_prompts(store, n, seed=0, image_size=size)
+    write_heldout_prompts(store, n, seed=0, image_size=size)
     return store, read_prompt_set(store).to_pylist()
 
 

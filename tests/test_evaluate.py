@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tessera.config import load_config
+from tessera.demo.flow import heldout_prompts
 from tessera.eval.fid import Moments
 from tessera.pipelines import evaluate
 from tessera.core.store import ShardStore
@@ -21,10 +22,11 @@ def evaluated(tmp_path_factory, ray_local):
     from tessera.models.gpt import build_gpt
 
     tmp = tmp_path_factory.mktemp("eval")
-    cfg = load_config("configs/demo.yaml", [
+    overrides = [
         f"data_root={tmp}/data", f"runs_root={tmp}/runs", f"models_root={tmp}/models",
         "eval.synthetic_prompts=4", "eval.images_per_prompt=1", "eval.shard_size=2", "eval.batch_size=2",
-        "eval.tokenizer.max_images=2"])
+        "eval.tokenizer.max_images=2"]
+    cfg = load_config("configs/demo.yaml", overrides + heldout_prompts(load_config("configs/demo.yaml", overrides)))
     from tessera.training.checkpoint import Checkpointer
 
     torch.manual_seed(0)

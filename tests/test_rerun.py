@@ -11,7 +11,7 @@ import pytest
 
 from tessera.config import load_config
 from tessera.flows import curate as curate_module
-from tessera.flows.common import source_context
+from tessera.demo.synthetic import SyntheticSource
 from tessera.pipelines import download
 from tessera.core.runtime import ShardFailures
 from tessera.core.store import ShardStore
@@ -43,6 +43,13 @@ def contents(data: Path) -> dict[str, object]:
     return out
 
 
+def serve_and_curate(overrides: list[str]) -> None:
+    """The curate flow on the synthetic source, served while it runs (as the demo does)."""
+    cfg = load_config("configs/demo.yaml", overrides)
+    with SyntheticSource(cfg.source.synthetic, cfg.source.path, cfg.download.timeout):
+        curate_module.curate(config="configs/demo.yaml", overrides=overrides)
+
+
 @pytest.fixture
 def no_task_retries(monkeypatch):
     """Fail fast: Prefect's own task retries (with their backoff) would only repeat the failure."""
@@ -53,12 +60,12 @@ def no_task_retries(monkeypatch):
 def test_rerun_after_a_failed_shard_redoes_only_that_shard(ray_local, tmp_path, no_task_retries):
     source = tmp_path / "source.parquet"  # shared, so that both runs fetch the same URLs
     reference = tmp_path / "reference"
-    curate_module.curate(config="configs/demo.yaml", overrides=overrides(reference, source))
+    serve_and_curate(overrides(reference, source))
 
     run = tmp_path / "interrupted"
     cfg = load_config("configs/demo.yaml", overrides(run, source))
     store = ShardStore(cfg.data_root)
-    with source_context(cfg):
+    with SyntheticSource(cfg.source.synthetic, cfg.source.path, cfg.download.timeout):
         shards = download.prepare(cfg.source, cfg.download, store, cfg.ray)
     assert shards == ["00000", "00001", "00002"]
     # One input shard becomes unreadable: its task fails on every try, the others finish.
@@ -67,7 +74,7 @@ def test_rerun_after_a_failed_shard_redoes_only_that_shard(ray_local, tmp_path, 
     broken.write_bytes(b"not a parquet file")
     # The flow finishes every other shard and stage, counts the lost rows, then ends Failed.
     with pytest.raises(ShardFailures, match="download shard 00001"):
-        curate_module.curate(config="configs/demo.yaml", overrides=overrides(run, source))
+        serve_and_curate(overrides(run, source))
     assert sorted(store.done_shards("download")) == ["00000", "00002"]
     assert store.exists("download", "00001.failed") and store.done_shards("tokens/256")
     funnel = pq.read_table(run / "data" / "reports" / "funnel.parquet").to_pylist()
@@ -75,7 +82,7 @@ def test_rerun_after_a_failed_shard_redoes_only_that_shard(ray_local, tmp_path, 
     finished = {s: Path(store.path("download", f"{s}.tar")).stat().st_mtime_ns for s in ("00000", "00002")}
 
     broken.write_bytes(good)
-    curate_module.curate(config="configs/demo.yaml", overrides=overrides(run, source))
+    serve_and_curate(overrides(run, source))
     # The finished shards were not redone, and the result is the uninterrupted run's.
     assert {s: Path(store.path("download", f"{s}.tar")).stat().st_mtime_ns for s in finished} == finished
     assert contents(run / "data") == contents(reference / "data")

@@ -8,7 +8,7 @@ from tessera.config import RunConfig
 from tessera.config.train import TrainConfig
 from tessera.models.gpt import build_gpt
 from tessera.pipelines import train
-from tessera.training.data import write_synthetic_codes
+from tessera.demo.codes import write_synthetic_codes
 from tessera.core.store import ShardStore
 from tessera.training import step as steps
 from tessera.training.checkpoint import checkpoint_steps, read_checkpoint_any

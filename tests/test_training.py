@@ -7,7 +7,7 @@ import torch
 from tessera.config.train import TrainConfig
 from tessera.models.gpt import build_gpt
 from tessera.pipelines import train
-from tessera.training.data import write_synthetic_codes
+from tessera.demo.codes import write_synthetic_codes
 from tessera.core.store import ShardStore
 from tessera.training.checkpoint import checkpoint_steps, export, read_checkpoint_any, read_model_state
 from tessera.training.metrics import read_tensorboard_scalars

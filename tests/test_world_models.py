@@ -1,7 +1,6 @@
 """The demo's world-trained models load through the real loaders and do their jobs on a held-out slice."""
 import os
 
-import numpy as np
 import pytest
 
 from tessera.models import refs

@@ -21,10 +21,10 @@ class TokenizerEvalConfig(Section):
 
 class EvalConfig(Section):
     # The prompt set: a parquet with a `prompt` column and optionally `image` (a reference image
-    # path or URL). None: the synthetic source's held-out prompts (written on first use, with
-    # their known truth for prompt-following).
+    # path or URL) and truth columns. Required, except in the demo, which writes the synthetic
+    # world's held-out prompts (with their known truth for prompt-following) and points here.
     prompts: str | None = None
-    synthetic_prompts: int = 24  # how many held-out prompts to write when `prompts` is None
+    synthetic_prompts: int = 24  # how many held-out prompts the demo writes when `prompts` is None
     max_prompts: int | None = None  # evaluate only the first N prompts (None: all)
     images_per_prompt: int = 2
     # Reference images for FID: a glob of image files; None: the prompt set's `image` column.

@@ -20,7 +20,6 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit

@@ -10,10 +10,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig
-from tessera.flows.common import logger, publish_table
-from tessera.demo import truth
 from tessera.core.store import ShardStore
+from tessera.demo import truth
 from tessera.demo.synthetic import truth_path
+from tessera.flows.common import logger, publish_table
+from tessera.flows.filter_tasks import report_task
+from tessera.pipelines.score import model_path
 
 
 def truth_file(cfg: RunConfig) -> str | None:
@@ -44,8 +46,6 @@ def truth_later_task(cfg: RunConfig, store: ShardStore) -> dict | None:
     path = truth_file(cfg)
     if path is None:
         return None
-    from tessera.pipelines.score import model_path
-
     out = {}
     if cfg.caption.enabled and store.done_shards("caption"):
         out["captions"] = truth.measure_captions(store, path)
@@ -59,3 +59,10 @@ def truth_later_task(cfg: RunConfig, store: ShardStore) -> dict | None:
     publish_table("truth-tokenizer", rows, "VQ reconstruction error on kept samples (reports/truth.json).")
     logger().info("Truth, tokenizer: %s", rows)
     return out
+
+
+def truth_report_task(cfg: RunConfig, store: ShardStore) -> str:
+    """The filter report again, with the truth section after the funnel."""
+    funnel = store.read_table("reports", "funnel.parquet").to_pylist()
+    section = truth.truth_section(store.read_json(*truth.REPORT))
+    return report_task(store, funnel, cfg.filters.report_examples, sections=[section])

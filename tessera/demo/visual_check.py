@@ -19,7 +19,8 @@ import sys
 import numpy as np
 
 from tessera.core.store import ShardStore
-from tessera.pipelines.tokenize import centre_crop, tokens_folder
+from tessera.core.token_shards import tokens_folder
+from tessera.pipelines.tokenize import centre_crop
 
 log = logging.getLogger(__name__)
 TILE = 256

@@ -1,14 +1,13 @@
 """Prompt sets: parquet files with a `prompt` column and, optionally, `image` (a reference image
-path or URL) and the synthetic world's truth columns (color, shape, place, background).
+path or URL) and truth columns (color, shape, place, background) with the palette that names the
+colours in the schema's metadata, for prompt-following.
 
-A COCO-30k-style or PartiPrompts-style set is one such parquet that the user supplies. The demo's
-held-out set is written here from the synthetic world's vocabulary: descriptions that none of the
-source's training pictures has, each with its truth and a rendering of it as the reference image.
+A COCO-30k-style or PartiPrompts-style set is one such parquet that the user supplies; the demo
+writes its held-out set in the same format (tessera/demo/prompts.py).
 """
 from __future__ import annotations
 
-import io
-import random
+import json
 
 import pyarrow as pa
 
@@ -16,6 +15,7 @@ from tessera.core.store import ShardStore
 
 TRUTH = ("color", "shape", "place", "background")
 FILE = "prompts.parquet"
+PALETTE_KEY = b"tessera.palette"  # schema metadata: {colour name: [r, g, b]}
 
 
 def read_prompt_set(store: ShardStore, name: str = FILE) -> pa.Table:
@@ -37,28 +37,17 @@ def has_truth(table: pa.Table) -> bool:
     return all(c in table.column_names for c in TRUTH)
 
 
-def write_synthetic_prompts(store: ShardStore, count: int, seed: int, image_size: int = 512) -> str:
-    """Write `count` held-out prompts of the synthetic world, with their truth and reference images.
+def with_palette(table: pa.Table, palette: dict[str, tuple[int, int, int]]) -> pa.Table:
+    """The table with the palette its truth columns name stored in its schema metadata."""
+    meta = dict(table.schema.metadata or {})
+    meta[PALETTE_KEY] = json.dumps({name: list(rgb) for name, rgb in palette.items()}).encode()
+    return table.replace_schema_metadata(meta)
 
-    Held out: the world's (shape, colour, background) combinations that no training picture or
-    caption shows, at every place. Returns the parquet's URL; a set already written is kept.
-    """
-    from tessera.demo.world import HELD_OUT, PLACES, Picture, draw
 
-    if store.exists(FILE):
-        return store.url(FILE)
-    unseen = [Picture(shape, color, background, place, image_size, image_size)
-              for shape, color, background in HELD_OUT for place in PLACES]
-    if len(unseen) < count:
-        raise ValueError(f"the synthetic world has only {len(unseen)} held-out descriptions; "
-                         f"asked for {count} held-out prompts")
-    chosen = random.Random(seed).sample(unseen, count)
-    rows = []
-    for i, p in enumerate(chosen):
-        buf = io.BytesIO()
-        draw(p).save(buf, "PNG")
-        store.write_bytes(buf.getvalue(), "images", f"{i:05d}.png")
-        rows.append({"prompt": p.caption, "image": store.url("images", f"{i:05d}.png"), "color": p.color,
-                     "shape": p.shape, "place": p.place, "background": p.background})
-    store.write_table(pa.Table.from_pylist(rows), FILE)
-    return store.url(FILE)
+def palette_of(table: pa.Table) -> dict[str, tuple[int, int, int]]:
+    """The palette of a prompt set with truth columns; a clear error when it has none."""
+    meta = table.schema.metadata or {}
+    if PALETTE_KEY not in meta:
+        raise ValueError(f"the prompt set has truth columns {TRUTH} but no palette in its schema metadata "
+                         f"({PALETTE_KEY.decode()}: {{colour: [r, g, b]}})")
+    return {name: tuple(rgb) for name, rgb in json.loads(meta[PALETTE_KEY]).items()}

@@ -1,15 +1,12 @@
-"""What every flow shares: config loading, the synthetic source, and progress artifacts."""
+"""What every flow shares: logging and progress artifacts."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from tessera.config import RunConfig
-from tessera.demo.synthetic import SyntheticSource
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -20,13 +17,6 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except Exception:  # noqa: BLE001 - outside a flow run, log plainly
         return logging.getLogger("tessera")
-
-
-def source_context(cfg: RunConfig):
-    """Serve the synthetic set while the flow runs, when the config asks for it."""
-    if cfg.source.synthetic is None:
-        return contextlib.nullcontext()
-    return SyntheticSource(cfg.source.synthetic, cfg.source.path, cfg.download.timeout)
 
 
 class ShardProgress:

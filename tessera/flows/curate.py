@@ -6,10 +6,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig, load_config
 from tessera.flows.caption_tasks import caption_task
-from tessera.flows.common import ShardProgress, logger, publish_table, source_context
+from tessera.flows.common import ShardProgress, logger, publish_table
 from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.flows.tokenize_tasks import tokenize_task
-from tessera.demo.truth_tasks import truth_filters_task, truth_later_task
 from tessera.pipelines import download
 from tessera.core.funnel import write_funnel
 from tessera.core.runtime import ShardFailures
@@ -43,15 +42,12 @@ def curate(config: str, overrides: list[str] | None = None) -> dict:
                 failed[stage] = result.failed
         return result
 
-    with source_context(cfg):
-        step("download", download_task(cfg, store))
-        step("score", score_task(cfg, store))
-        step("select", select_task(cfg, store))
-        truth_filters_task(cfg, store)
-        report_task(store, funnel, cfg.filters.report_examples)
-        step("caption", caption_task(cfg, store))
-        step("tokenize", tokenize_task(cfg, store))
-        truth_later_task(cfg, store)
+    step("download", download_task(cfg, store))
+    step("score", score_task(cfg, store))
+    step("select", select_task(cfg, store))
+    report_task(store, funnel, cfg.filters.report_examples)
+    step("caption", caption_task(cfg, store))
+    step("tokenize", tokenize_task(cfg, store))
     url = write_funnel(store, funnel)
     publish_table("funnel", funnel, f"Rows kept and dropped per stage and reason ({url}).")
     logger().info("Funnel written to %s.", url)

@@ -40,8 +40,8 @@ def select_task(cfg: RunConfig, store: ShardStore) -> select.SelectResult:
 
 
 @task(name="filter-report", cache_policy=NO_CACHE)
-def report_task(store: ShardStore, funnel: list[dict], examples: int) -> str:
-    url = filter_report.build(store, funnel, examples)
+def report_task(store: ShardStore, funnel: list[dict], examples: int, sections: list[str] | None = None) -> str:
+    url = filter_report.build(store, funnel, examples, sections or [])
     link = f"file://{os.path.abspath(url)}" if store.protocol in ("file", "local") else url
     create_link_artifact(key="filter-report", link=link, link_text="report.html",
                          description="Filter report: funnel, score histograms with thresholds, examples near each threshold.")

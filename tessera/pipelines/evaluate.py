@@ -30,8 +30,7 @@ import pyarrow as pa
 from tessera.config import RunConfig
 from tessera.config.eval import EvalConfig
 from tessera.eval.fid import Moments, frechet_distance, merge
-from tessera.eval.prompts import FILE as PROMPTS_FILE
-from tessera.eval.prompts import TRUTH, has_truth, read_prompt_set, write_synthetic_prompts
+from tessera.eval.prompts import TRUTH, has_truth, palette_of, read_prompt_set
 from tessera.eval.results import append_metrics, read_metrics, write_page, write_tensorboard
 from tessera.training.checkpoint import latest_checkpoint, stage_dir
 from tessera.core.runtime import StageRun, run_stage
@@ -44,18 +43,11 @@ UNTRAINED = "untrained"
 
 # Inputs: the prompt set, the image lists, the checkpoints -----------------------------------------
 def prompt_store(cfg: RunConfig) -> tuple[ShardStore, str]:
-    """Where the prompt set is (writing the synthetic held-out set on first use)."""
-    ecfg = cfg.eval
-    if ecfg.prompts:
-        folder, name = posixpath.split(ecfg.prompts)
-        return ShardStore(folder or "."), name
-    syn = cfg.source.synthetic
-    if syn is None:
-        raise ValueError("eval.prompts is not set and the source is not synthetic: give a prompt-set parquet "
-                         "(a `prompt` column, optionally `image`)")
-    store = ShardStore(posixpath.join(cfg.data_root, "eval", "heldout"))
-    write_synthetic_prompts(store, ecfg.synthetic_prompts, seed=ecfg.seed)
-    return store, PROMPTS_FILE
+    """Where the prompt set is: the folder of `eval.prompts` and the file's name."""
+    if not cfg.eval.prompts:
+        raise ValueError("eval.prompts is not set: give a prompt-set parquet (a `prompt` column, optionally `image`)")
+    folder, name = posixpath.split(cfg.eval.prompts)
+    return ShardStore(folder or "."), name
 
 
 def read_image(url: str) -> np.ndarray:
@@ -211,13 +203,13 @@ class SampleWorker:
         self.features = Features(ecfg, root, self.device)
         table = ShardStore(posixpath.dirname(prompts_url)).read_table(posixpath.basename(prompts_url))
         self.rows = table.to_pylist()
+        self.palette = palette_of(table) if has_truth(table) else None
 
     def __call__(self, store: ShardStore, shard: str) -> dict:
         import torch
 
         from tessera.eval.prompt_following import judge, read_picture
         from tessera.pipelines.sample import render
-        from tessera.demo.synthetic import COLORS
 
         ecfg = self.ecfg
         start, stop = self.ranges[shard]
@@ -239,7 +231,7 @@ class SampleWorker:
             rec = {"row": start + k // ecfg.images_per_prompt, "prompt": prompt, "image": f"samples/{shard}/{name}",
                    "clip_score": float(measured["clip_score"][k])}
             if truth:
-                seen = read_picture(p, COLORS)
+                seen = read_picture(p, self.palette)
                 judged = judge(seen, row)
                 rec.update({f"seen_{a}": v for a, v in seen.items()})
                 rec.update({f"hit_{a}": v for a, v in judged.items()})

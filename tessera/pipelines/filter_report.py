@@ -218,9 +218,10 @@ def with_keys(store: ShardStore, shard: str, keys: set[str]) -> pd.DataFrame:
     return frame[frame["key"].isin(keys)]
 
 
-def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
+def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: list[str] = ()) -> str:
     """Write reports/report.html from the selection's summaries (thresholds.json, histograms.json)
-    and the examples each shard offers near each threshold; returns its URL."""
+    and the examples each shard offers near each threshold, with any extra HTML `sections` after the
+    funnel (the demo adds its truth); returns its URL."""
     shards = store.done_shards(select_work.STAGE)
     summary = store.read_json("reports", "thresholds.json")
     histograms = store.read_json("reports", "histograms.json") if store.exists("reports", "histograms.json") else {}
@@ -235,10 +236,7 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6) -> str:
     parts.append("<h2>Funnel</h2><p class=muted>Every input row ends kept or dropped with one reason; "
                  "a sample failing several filters is dropped for the first in this order: "
                  f"{_e(', '.join(summary['order']))}.</p>" + funnel_table(funnel))
-    if store.exists("reports", "truth.json"):  # the synthetic world's truth (the demo)
-        from tessera.demo.truth import truth_section
-
-        parts.append(truth_section(store.read_json("reports", "truth.json")))
+    parts.extend(sections)
 
     # Where each score came from.
     rows = []

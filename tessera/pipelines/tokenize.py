@@ -39,6 +39,7 @@ from tessera.core.funnel import failed_shard_rows
 from tessera.core.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
 from tessera.core.runtime import matches
 from tessera.core.store import ShardStore
+from tessera.core.token_shards import decode_npy, encode_npy, sample_item, tokens_folder, write_token_shard
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize"
@@ -47,10 +48,6 @@ NO_CAPTION = "no_caption"
 # Columns of scores/{shard}.parquet that are lineage or selection, not scores.
 NOT_SCORES = {"key", "url", "hash", "sha256", "original_width", "original_height", "keep", "reason",
               "caption", "error", "status"}
-
-
-def tokens_folder(res: int) -> str:
-    return f"tokens/{res}"
 
 
 @dataclass
@@ -74,12 +71,6 @@ class TokenizeResult:
 
 
 # Reading a shard ------------------------------------------------------------------------------
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
 def _json_value(v):
     """A parquet cell as plain JSON: numpy scalars unwrapped, NaN and NA as None."""
     import pandas as pd
@@ -241,11 +232,11 @@ class TokenizeShard:
             if ok:
                 crops = [batch[f"pixels_{r}"][i] for i in ok]
                 for i, c in zip(ok, self._encode(crops, r)):
-                    codes[i] = _npy(c)
+                    codes[i] = encode_npy(c)
                 if self.cfg.flip:
                     flipped = [np.frombuffer(c, np.uint8).reshape(r, r, 3)[:, ::-1].tobytes() for c in crops]
                     for i, c in zip(ok, self._encode(flipped, r)):
-                        flips[i] = _npy(c)
+                        flips[i] = encode_npy(c)
             out[f"reason_{r}"] = batch[f"reason_{r}"]
             out[f"codes_{r}"] = np.array(codes, dtype=object)
             out[f"codes_flip_{r}"] = np.array(flips, dtype=object)
@@ -254,7 +245,7 @@ class TokenizeShard:
             usable = [i for i in range(n) if any(batch[f"reason_{r}"][i] == "" for r in resolutions)]
             if usable:
                 for i, f in zip(usable, self.text.encode([str(batch["text"][i]) for i in usable])):
-                    feats[i] = _npy(f.numpy().astype(np.float16))
+                    feats[i] = encode_npy(f.numpy().astype(np.float16))
         out["t5"] = np.array(feats, dtype=object)
         return out
 
@@ -276,35 +267,22 @@ def write_shard(store: ShardStore, shard: str, res: int, rows: list[dict], codeb
                 lineage: dict) -> dict:
     """Write tokens/{res}/{shard}.tar from the shard's encoded rows (sorted by key), then its marker
     (the shard's counts and its lineage: fingerprint and selection); returns the counts."""
-    import webdataset as wds
-
-    folder = tokens_folder(res)
     dropped: Counter = Counter()
     counts = np.zeros(codebook_size, dtype=np.int64)
-    tokenized = no_caption = 0
-    with store.open_atomic(folder, f"{shard}.tar") as f:
-        with wds.TarWriter(f) as tar:
-            for row in sorted(rows, key=lambda r: r["key"]):
-                if row[f"reason_{res}"]:
-                    dropped[row[f"reason_{res}"]] += 1
-                    continue
-                item = {"__key__": row["key"], "codes.npy": row[f"codes_{res}"], "json": row["meta"].encode()}
-                if row[f"codes_flip_{res}"]:
-                    item["codes_flip.npy"] = row[f"codes_flip_{res}"]
-                if row["t5"]:
-                    item["t5.npy"] = row["t5"]
-                tar.write(item)
-                counts += np.bincount(np.load(io.BytesIO(row[f"codes_{res}"])).ravel(), minlength=codebook_size)
-                tokenized += 1
-                no_caption += not row["captioned"]
-    size = store.fs.size(store.path(folder, f"{shard}.tar"))
-    info = {"rows_in": len(rows), "tokenized": tokenized, "no_caption": no_caption, "dropped": dict(dropped),
-            "bytes": int(size), "code_counts": _pack_counts(counts)}
-    store.mark_done(folder, shard, {**info, **lineage})
-    return {k: v for k, v in info.items() if k != "code_counts"}
+    items, no_caption = [], 0
+    for row in sorted(rows, key=lambda r: r["key"]):
+        if row[f"reason_{res}"]:
+            dropped[row[f"reason_{res}"]] += 1
+            continue
+        items.append(sample_item(row["key"], row[f"codes_{res}"], row["meta"].encode(),
+                                 codes_flip=row[f"codes_flip_{res}"], features=row["t5"]))
+        counts += np.bincount(decode_npy(row[f"codes_{res}"]).ravel(), minlength=codebook_size)
+        no_caption += not row["captioned"]
+    info = {"rows_in": len(rows), "tokenized": len(items), "no_caption": no_caption, "dropped": dict(dropped)}
+    size = write_token_shard(store, res, shard, items, {**info, "code_counts": _pack_counts(counts), **lineage})
+    return {**info, "bytes": size}
 
 
-# The stage --------------------------------------------------------------------------------------
 def lineage(cfg: TokenizeConfig, vq_path: str, text_path: str | None) -> str:
     """What decides a shard's codes besides its selection and captions (resolutions are per marker)."""
     settings = cfg.model_dump(mode="json", include={"vq", "vq_config", "vq_ema", "flip", "text_encoder",

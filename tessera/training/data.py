@@ -12,11 +12,9 @@ features of its own slice only.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import queue
-import tarfile
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,92 +26,9 @@ from tessera.config.train import CodesDataConfig
 from tessera.models.gpt import TEXT_POSITIONS
 from tessera.core.lineage import check_one_selection
 from tessera.core.store import ShardStore
+from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
 
 log = logging.getLogger(__name__)
-
-
-def tokens_folder(resolution: int) -> str:
-    return f"tokens/{resolution}"
-
-
-def write_codes_shard(store: ShardStore, resolution: int, shard: str, samples: list[dict]) -> None:
-    """Write a tokens shard in the on-disk contract and mark it done (used by tests and benchmarks).
-
-    Each sample: {"key", "codes" (uint16 array), "meta" (dict), optional "t5", "codes_flip"}.
-    """
-    import webdataset as wds
-
-    def npy(a: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        np.save(buf, a)
-        return buf.getvalue()
-
-    buf = io.BytesIO()
-    with wds.TarWriter(buf) as tar:
-        for s in samples:
-            item = {"__key__": s["key"], "codes.npy": npy(np.asarray(s["codes"], dtype=np.uint16)),
-                    "json": json.dumps(s["meta"]).encode()}
-            if s.get("t5") is not None:
-                item["t5.npy"] = npy(np.asarray(s["t5"], dtype=np.float16))
-            if s.get("codes_flip") is not None:
-                item["codes_flip.npy"] = npy(np.asarray(s["codes_flip"], dtype=np.uint16))
-            tar.write(item)
-    folder = tokens_folder(resolution)
-    store.write_bytes(buf.getvalue(), folder, f"{shard}.tar")
-    store.mark_done(folder, shard, {"samples": len(samples)})
-
-
-def write_synthetic_codes(store: ShardStore, resolution: int, shards: int = 2, per_shard: int = 16,
-                          vocab: int = 256, caption_dim: int = 32, classes: int = 4, seed: int = 0,
-                          stored_features: bool = True) -> None:
-    """Learnable code shards: each sample draws a class; its codes are the class's fixed random
-    grid, its caption names the class, and its stored features are the class's fixed vectors."""
-    rng = np.random.default_rng(seed)
-    grid = resolution // 16
-    patterns = rng.integers(0, vocab, size=(classes, grid, grid))
-    features = rng.standard_normal((classes, 6, caption_dim)).astype(np.float16)
-    for s in range(shards):
-        samples = []
-        for i in range(per_shard):
-            c = int(rng.integers(classes))
-            key = f"{s:05d}{i:04d}"
-            samples.append({"key": key, "codes": patterns[c], "codes_flip": patterns[c][:, ::-1],
-                            "t5": features[c][: 3 + c] if stored_features else None,
-                            "meta": {"key": key, "caption": f"pattern number {c}", "caption_long": None,
-                                     "caption_short": None, "url": f"http://127.0.0.1:1/{key}.jpg",
-                                     "hash": i, "sha256": f"{i:064x}", "scores": {}}})
-        write_codes_shard(store, resolution, f"{s:05d}", samples)
-
-
-class ShardIndex:
-    """Random access to the members of one tar: key -> {extension: (offset, size)}, in tar order."""
-
-    def __init__(self, store: ShardStore, folder: str, shard: str):
-        self.path = store.path(folder, f"{shard}.tar")
-        self.file = store.fs.open(self.path, "rb")
-        self.members: dict[str, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(fileobj=self.file) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                self.members.setdefault(key, {})[ext] = (info.offset_data, info.size)
-        self.keys = list(self.members)
-
-    def read(self, key: str, ext: str) -> bytes | None:
-        where = self.members[key].get(ext)
-        if where is None:
-            return None
-        self.file.seek(where[0])
-        return self.file.read(where[1])
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def left_pad(features: list[torch.Tensor], dim: int, length: int = TEXT_POSITIONS):
@@ -231,7 +146,7 @@ class CodesLoader:
             if raw is None:
                 self.skipped["no_codes"] += 1
                 return None
-            codes = _npy(raw)
+            codes = decode_npy(raw)
         except Exception as e:  # noqa: BLE001 - one bad sample never stops training
             self.skipped["unreadable"] += 1
             log.warning("Skipping sample %s: it cannot be read (%s).", key, e)
@@ -257,7 +172,7 @@ class CodesLoader:
 
     def _features(self, index: ShardIndex, key: str, caption: str, stored: bool) -> torch.Tensor | str:
         if stored:
-            return torch.from_numpy(_npy(index.read(key, "t5.npy")).astype(np.float32))
+            return torch.from_numpy(decode_npy(index.read(key, "t5.npy")).astype(np.float32))
         return caption
 
     def _make_batch(self) -> dict:

@@ -20,7 +20,8 @@ import torch
 
 from tessera.config.train import TrainConfig
 from tessera.models.gpt import GPT, GPTConfig, gpt_config, load_weights, mfu
-from tessera.training.data import CodesLoader, ShardIndex, _npy, tokens_folder
+from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
+from tessera.training.data import CodesLoader
 from tessera.core.store import ShardStore
 from tessera.training.checkpoint import Checkpointer, barrier, latest_checkpoint, read_checkpoint_any
 from tessera.training.metrics import MetricsLog
@@ -48,7 +49,7 @@ def stored_feature_dim(store: ShardStore, resolution: int) -> int | None:
         try:
             for key in index.keys:
                 if "t5.npy" in index.members[key]:
-                    return int(_npy(index.read(key, "t5.npy")).shape[1])
+                    return int(decode_npy(index.read(key, "t5.npy")).shape[1])
         finally:
             index.close()
     return None
