@@ -101,7 +101,7 @@ def train_case(model_name: str, res: int, micro: int, ac: str, attention: str, c
 
 def sample_case(llamagen_src: str | None, model_name: str, res: int, batch: int, device: torch.device) -> dict:
     from tessera.models.gpt import build_gpt
-    from tessera.pipelines.sample import generate
+    from tessera.models.generation import generate
 
     grid = res // 16
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tessera.models.gpt import build_gpt
-    from tessera.pipelines.sample import generate
+    from tessera.models.generation import generate
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

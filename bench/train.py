@@ -74,7 +74,8 @@ def main() -> None:
     from tessera.models.gpt import build_gpt
     from tessera.models.text_encoder import TextEncoder
     from tessera.models.refs import resolve
-    from tessera.training.data import CodesLoader, left_pad
+    from tessera.models.generation import left_pad
+    from tessera.training.data import CodesLoader
     from tessera.core.store import ShardStore
     from tessera.training.step import build_optimizer, train_step
 

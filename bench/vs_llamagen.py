@@ -89,7 +89,7 @@ def main() -> None:
 
     from tessera.config.train import TrainConfig
     from tessera.models.gpt import build_gpt
-    from tessera.pipelines.sample import generate as our_generate
+    from tessera.models.generation import generate as our_generate
     from tessera.training.step import build_optimizer, train_step
 
     grid = args.res // 16

@@ -5,7 +5,8 @@ import torch
 from tessera.config.train import CodesDataConfig
 from tessera.core.token_shards import write_codes_shard
 from tessera.demo.codes import write_synthetic_codes
-from tessera.training.data import CodesLoader, left_pad
+from tessera.models.generation import left_pad
+from tessera.training.data import CodesLoader
 from tessera.core.store import ShardStore
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tessera.models.gpt import GPT, build_gpt, gpt_config
-from tessera.pipelines.sample import filter_logits, generate, load_generator, pick
+from tessera.models.generation import filter_logits, generate, pick
+from tessera.pipelines.sample import load_generator
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

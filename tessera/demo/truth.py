@@ -27,8 +27,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from tessera.core.store import ShardStore
-from tessera.demo.world import (COLORS, LOW_AESTHETIC, MISMATCHED_CAPTION, NEAR_DUPLICATE, NSFW, PLACES,
-                                     SHAPES, WATERMARK)
+from tessera.demo.world import (
+    COLORS,
+    LOW_AESTHETIC,
+    MISMATCHED_CAPTION,
+    NEAR_DUPLICATE,
+    NSFW,
+    PLACES,
+    SHAPES,
+    WATERMARK,
+)
+from tessera.models.vq import load_vq
+from tessera.pipelines.download import read_samples
+from tessera.pipelines.tokenize import centre_crop
 
 log = logging.getLogger(__name__)
 REPORT = ("reports", "truth.json")
@@ -163,7 +174,6 @@ def reconstruction_metrics(vq, images: list, res: int) -> dict:
     """Mean absolute error (0-255) and PSNR of the VQ's reconstructions of `images` (PIL) at `res`."""
     import torch
 
-    from tessera.pipelines.tokenize import centre_crop
 
     if not images:
         return {"resolution": res, "samples": 0}
@@ -183,7 +193,6 @@ def kept_images(store: ShardStore, limit: int) -> list:
     """Up to `limit` kept images (PIL), from the first selected shards."""
     from PIL import Image
 
-    from tessera.pipelines.download import read_samples
 
     images = []
     for shard in store.done_shards("select"):
@@ -238,7 +247,6 @@ def measure_tokenizer(store: ShardStore, vq_path: str, resolutions: list[int], s
                       vq_config: str | None = None, ema: bool = False) -> dict:
     import os
 
-    from tessera.models.vq import load_vq
 
     vq = load_vq(vq_path, None if os.path.isdir(vq_path) else vq_config, ema=ema).eval()
     images = kept_images(store, samples)

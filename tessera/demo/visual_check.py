@@ -13,13 +13,16 @@ import argparse
 import io
 import logging
 import os
-import tarfile
 import sys
+import tarfile
 
 import numpy as np
 
+from tessera.config import load_config
 from tessera.core.store import ShardStore
 from tessera.core.token_shards import tokens_folder
+from tessera.models.refs import resolve
+from tessera.models.vq import load_vq
 from tessera.pipelines.tokenize import centre_crop
 
 log = logging.getLogger(__name__)
@@ -75,10 +78,6 @@ def render(store: ShardStore, vq, res: int, count: int = 8) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tessera.config import load_config
-    from tessera.models.refs import resolve
-    from tessera.models.vq import load_vq
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)

@@ -31,6 +31,25 @@ import numpy as np
 import torch
 
 from tessera.demo import world
+from tessera.demo.truth import parse_caption
+from tessera.models.aesthetic import AestheticHead, load_aesthetic
+from tessera.models.clip import (
+    CONFIG_FILE,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    Clip,
+    ClipPreprocess,
+)
+from tessera.models.llava import build_llava, load_llava, prompt_text
+from tessera.models.watermark import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TINY_ARCH,
+    build_detector,
+    load_watermark,
+    pwatermark,
+)
+from tessera.models.watermark import preprocess as watermark_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +114,6 @@ def served(img, quality: int = 92):
 
 def world_images(n: int, seed: int) -> WorldImages:
     """`n` pictures: 55% clean, 20% watermarked, 25% degraded, each with a near-duplicate copy."""
-    from tessera.models.clip import ClipPreprocess
-    from tessera.models.watermark import preprocess as watermark_preprocess
 
     rng = random.Random(seed)
     clip_pre = ClipPreprocess(CLIP_SIZE)
@@ -176,7 +193,6 @@ def train_clip(data: WorldImages, steps: int = 400, batch_size: int = 64, lr: fl
     head, which is linear in the embedding as LAION's is, finds quality there."""
     from open_clip.loss import ClipLoss
 
-    from tessera.models.clip import ClipPreprocess
 
     deterministic(seed)
     model, tokenizer = new_clip()
@@ -205,7 +221,6 @@ def train_clip(data: WorldImages, steps: int = 400, batch_size: int = 64, lr: fl
 def save_clip(model, path: str) -> None:
     from safetensors.torch import save_file
 
-    from tessera.models.clip import CONFIG_FILE, OPENAI_MEAN, OPENAI_STD
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
@@ -218,8 +233,6 @@ def save_clip(model, path: str) -> None:
 
 @torch.inference_mode()
 def clip_image_embeddings(model, clip_pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    from tessera.models.clip import ClipPreprocess
-
     pre = ClipPreprocess(CLIP_SIZE)
     out = [torch.nn.functional.normalize(model.encode_image(pre.normalize(torch.from_numpy(clip_pixels[i:i + batch_size]))), dim=-1)
            for i in range(0, len(clip_pixels), batch_size)]
@@ -228,8 +241,6 @@ def clip_image_embeddings(model, clip_pixels: np.ndarray, batch_size: int = 256)
 
 # Aesthetic head -----------------------------------------------------------------------------------
 def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 600, lr: float = 5e-3, seed: int = 0):
-    from tessera.models.aesthetic import AestheticHead
-
     deterministic(seed)
     head = AestheticHead(embeddings.shape[1])
     x = torch.from_numpy(embeddings).float()
@@ -244,8 +255,6 @@ def train_aesthetic(embeddings: np.ndarray, kinds: list[str], steps: int = 600, 
 
 # Watermark detector -------------------------------------------------------------------------------
 def train_watermark(data: WorldImages, steps: int = 800, batch_size: int = 32, lr: float = 5e-3, seed: int = 0):
-    from tessera.models.watermark import IMAGENET_MEAN, IMAGENET_STD, TINY_ARCH, build_detector
-
     deterministic(seed)
     model = build_detector(TINY_ARCH)
     mean = torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -265,14 +274,12 @@ def train_watermark(data: WorldImages, steps: int = 800, batch_size: int = 32, l
 # Captioner ----------------------------------------------------------------------------------------
 def new_llava(seed: int = 0, **sizes):
     """An untrained LLaVA of the captioner's sizes (CAPTIONER, or `sizes` instead) and its processor."""
-    from tessera.models.llava import build_llava
 
     return build_llava(**{**CAPTIONER, **sizes}, prompt=CAPTION_PROMPT, seed=seed)
 
 
 def caption_batch(processor, images: np.ndarray, captions: list[str]):
     """Inputs and labels: the prompt (with its image tokens) is context, the caption is learned."""
-    from tessera.models.llava import prompt_text
 
     prompt = prompt_text(processor, CAPTION_PROMPT)
     tok = processor.tokenizer
@@ -327,8 +334,6 @@ def train_llava(data: WorldImages, steps: int = 700, batch_size: int = 16, lr: f
 def eval_images(n: int, seed: int = EVAL_SEED) -> tuple[list[world.WorldSample], np.ndarray, np.ndarray]:
     """The first `n` samples of world `seed` as the demo plants them (defects, captions), rendered
     at half size, as CLIP and watermark-detector inputs."""
-    from tessera.models.clip import ClipPreprocess
-    from tessera.models.watermark import preprocess as watermark_preprocess
 
     samples = [world.world_sample(i, seed) for i in range(n)]
     clip_pre = ClipPreprocess(CLIP_SIZE)
@@ -345,9 +350,6 @@ def eval_images(n: int, seed: int = EVAL_SEED) -> tuple[list[world.WorldSample],
 
 def evaluate(folder: str, n: int = 400, captions: int = 48) -> dict:
     """Scores of the models in `folder` (loaded as the stages load them) on a held-out slice."""
-    from tessera.models.aesthetic import load_aesthetic
-    from tessera.models.clip import Clip
-    from tessera.models.watermark import TINY_ARCH, load_watermark, pwatermark
 
     torch.set_num_threads(1)
     samples, clip_pixels, wm_pixels = eval_images(n)
@@ -379,8 +381,6 @@ def evaluate(folder: str, n: int = 400, captions: int = 48) -> dict:
 def evaluate_captions(folder: str, truth: list[world.Picture], images: np.ndarray, batch_size: int = 48):
     """Captions of `images` (generated greedily as the caption stage does) and the share of them that
     name each of the truth's colour, shape, background and place right."""
-    from tessera.models.llava import load_llava, prompt_text
-    from tessera.demo.truth import parse_caption
 
     model, processor = load_llava(folder)
     text = prompt_text(processor, CAPTION_PROMPT)

@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from tessera.config import load_config
+from tessera.core.store import ShardStore
 from tessera.flows.common import logger
 from tessera.flows.curate import curate
 from tessera.flows.eval import eval_flow
@@ -56,7 +57,6 @@ def _link(path: str) -> str:
 
 def publish_summary(data_root: str, results: dict) -> list[tuple[str, str]]:
     """One markdown artifact linking every report and output the steps wrote; returns the links."""
-    from tessera.core.store import ShardStore
 
     store = ShardStore(data_root)
     links = [(f"reports/{name}", store.url("reports", name))

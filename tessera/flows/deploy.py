@@ -21,6 +21,8 @@ from pathlib import Path
 
 from prefect.types.entrypoint import EntrypointType
 
+from tessera.config import load_config
+
 REPO = Path(__file__).resolve().parents[2]
 POOL_TEMPLATE = REPO / "infra" / "prefect" / "process-work-pool.json"
 
@@ -43,7 +45,6 @@ def load_flow(ref: str):
 def build_deployments(config: str, overrides: list[str], names: list[str] | None = None,
                       tags: list[str] | None = None) -> list:
     """One RunnerDeployment per flow, named after it, with the config and overrides as defaults."""
-    from tessera.config import load_config
 
     load_config(config, overrides)  # refuse to register a config that cannot run
     names = names or list(FLOWS)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from tessera.models.tiny import caption_corpus, train_tokenizer
+
 # The LLaVA-1.5 conversation format, used when a processor carries no chat template.
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 IMAGE_TOKEN = "<image>"
@@ -47,10 +49,15 @@ def build_llava(image_size: int = 32, patch: int = 8, vision_width: int = 32, vi
     """An untrained LLaVA and its processor: a byte-level BPE tokenizer (trained on the captions'
     grammar and `prompt`) with an `<image>` token, a CLIP vision tower of (`image_size` / `patch`)^2
     patches and a Llama; MLPs are twice as wide as their layer, heads are 4."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    from tessera.models.tiny import caption_corpus, train_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(caption_corpus() + [f"USER: {prompt} ASSISTANT:"], vocab_size=384,

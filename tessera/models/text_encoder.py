@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from tessera.models.tiny import caption_corpus, train_tokenizer
+
 MAX_LENGTH = 120
 NEIGHBOUR_BIAS = 10.0  # attention logit bias of the tiny encoder's heads towards their neighbour
 
@@ -58,7 +60,6 @@ def build_tiny(path: str) -> None:
     from tokenizers import processors
     from transformers import T5Config, T5EncoderModel
 
-    from tessera.models.tiny import caption_corpus, train_tokenizer
 
     torch.manual_seed(0)
     tokenizer = train_tokenizer(caption_corpus(), vocab_size=384, special_tokens=["<pad>", "</s>", "<unk>"],

@@ -24,12 +24,22 @@ import pyarrow as pa
 
 from tessera.config.caption import CaptionConfig
 from tessera.config.ray import RayConfig
-from tessera.pipelines.caption_checks import check, first_sentence
-from tessera.pipelines.score import decode_image
+from tessera.core import runtime
 from tessera.core.funnel import failed_shard_rows
-from tessera.pipelines.download import read_samples
-from tessera.core.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
+from tessera.core.lineage import (
+    input_shards,
+    kept_counts,
+    selection_id,
+    shard_fingerprints,
+)
+from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
+from tessera.models.llava import load_llava, prompt_text
+from tessera.models.refs import build_of, resolve
+from tessera.pipelines.caption_checks import check, first_sentence
+from tessera.pipelines.download import read_samples
+from tessera.pipelines.score import decode_image
+from tessera.pipelines.vllm_backend import VllmCaptioner, require_vllm
 
 log = logging.getLogger(__name__)
 STAGE = "caption"
@@ -96,7 +106,6 @@ class TransformersCaptioner:
     def __init__(self, cfg: CaptionConfig, model_path: str, device: str):
         import torch
 
-        from tessera.models.llava import load_llava, prompt_text
 
         self.cfg, self.device = cfg, device
         dtype = torch.bfloat16 if device == "cuda" and cfg.precision == "bf16" else torch.float32
@@ -125,7 +134,6 @@ class TransformersCaptioner:
 
 def make_captioner(cfg: CaptionConfig, model_path: str, device: str):
     if cfg.backend == "vllm":
-        from tessera.pipelines.vllm_backend import VllmCaptioner
 
         return VllmCaptioner(cfg, model_path)
     return TransformersCaptioner(cfg, model_path, device)
@@ -207,7 +215,6 @@ def write_shard(store: ShardStore, shard: str, rows: list[dict], captioner: str,
 # The stage --------------------------------------------------------------------------------------
 def lineage(cfg: CaptionConfig, model_path: str, settings: dict) -> str:
     """What decides a shard's captions besides its selection."""
-    from tessera.models.refs import build_of
 
     blob = json.dumps({"model": cfg.model, "path": model_path, "build": build_of(model_path), "prompt": cfg.prompt,
                        "template": cfg.prompt_template, "settings": settings,
@@ -218,15 +225,11 @@ def lineage(cfg: CaptionConfig, model_path: str, settings: dict) -> str:
 def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
         on_shard=None) -> CaptionResult:
     """Caption every selected shard not yet captioned for its current selection; return counts over all shards."""
-    from tessera.models.refs import resolve
-    from tessera.core import runtime
-    from tessera.core.raytools import init_ray
 
     shards = input_shards(store)
     if not shards:
         raise ValueError(f"{store.root}: no selected shards to caption (run score and select first)")
     if cfg.backend == "vllm":
-        from tessera.pipelines.vllm_backend import require_vllm
 
         require_vllm()
     model_path = resolve(cfg.model, models_root)

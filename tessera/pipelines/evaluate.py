@@ -29,12 +29,44 @@ import pyarrow as pa
 
 from tessera.config import RunConfig
 from tessera.config.eval import EvalConfig
-from tessera.eval.fid import Moments, frechet_distance, merge
-from tessera.eval.prompts import TRUTH, has_truth, palette_of, read_prompt_set
-from tessera.eval.results import append_metrics, read_metrics, write_page, write_tensorboard
-from tessera.training.checkpoint import latest_checkpoint, stage_dir
+from tessera.core.raytools import init_ray
 from tessera.core.runtime import StageRun, run_stage
 from tessera.core.store import ShardStore
+from tessera.eval.clip_similarity import clip_inputs, clip_score
+from tessera.eval.fid import (
+    InceptionFeatures,
+    Moments,
+    frechet_distance,
+    inception_score,
+    merge,
+    precision_recall,
+)
+from tessera.eval.prompt_following import judge, read_picture
+from tessera.eval.prompts import TRUTH, has_truth, palette_of, read_prompt_set
+from tessera.eval.results import (
+    append_metrics,
+    read_metrics,
+    write_page,
+    write_tensorboard,
+)
+from tessera.eval.tokenizer_eval import code_counts, psnr_ssim, reconstruct
+from tessera.models.clip import Clip
+from tessera.models.generation import render
+from tessera.models.gpt import GPT, gpt_config
+from tessera.models.refs import resolve
+from tessera.models.text_encoder import TextEncoder
+from tessera.models.vq import load_vq
+from tessera.pipelines.sample import load_generator
+from tessera.pipelines.score import model_path
+from tessera.pipelines.tokenize import centre_crop
+from tessera.training.checkpoint import (
+    is_sharded,
+    latest_checkpoint,
+    read_checkpoint_any,
+    read_train_state,
+    stage_dir,
+    step_of,
+)
 
 log = logging.getLogger(__name__)
 MARKERS = "markers"
@@ -63,7 +95,6 @@ def square(pixels: np.ndarray, size: int) -> np.ndarray:
     """Resize the short side and crop the centre, as the tokenize stage prepares training images."""
     from PIL import Image
 
-    from tessera.pipelines.tokenize import centre_crop
 
     return np.asarray(centre_crop(Image.fromarray(pixels), size))
 
@@ -77,12 +108,6 @@ class Target:
     stage: str
     step: int
     untrained: bool = False
-
-
-def _step_of(url: str) -> int:
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    digits = "".join(c for c in name if c.isdigit())
-    return int(digits) if name.startswith("step-") and digits else 0
 
 
 def targets(cfg: RunConfig, run: str, names: list[str]) -> list[Target]:
@@ -100,11 +125,11 @@ def targets(cfg: RunConfig, run: str, names: list[str]) -> list[Target]:
             if newest[name] is None:
                 log.warning("eval: %s has no checkpoint yet; skipping it.", name)
                 continue
-            step = _step_of(newest[name])
+            step = step_of(newest[name])
             out.append(Target(f"{name}-step-{step:08d}", newest[name], name, step))
         else:
             stem = name.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
-            out.append(Target(f"checkpoint-{stem}", name, stem, _step_of(name)))
+            out.append(Target(f"checkpoint-{stem}", name, stem, step_of(name)))
     return out
 
 
@@ -121,22 +146,16 @@ class Features:
     """CLIP (image embeddings, CLIP score) and, when its weights are given, Inception-v3."""
 
     def __init__(self, ecfg: EvalConfig, models_root: str, device: str):
-        from tessera.models.clip import Clip
-        from tessera.pipelines.score import model_path
-
         self.clip = Clip(ecfg.clip.model, model_path(ecfg.clip.checkpoint, models_root), device=device,
                          force_quick_gelu=ecfg.clip.force_quick_gelu)
         self.inception = None
         if ecfg.inception:
-            from tessera.eval.fid import InceptionFeatures
 
             self.inception = InceptionFeatures(model_path(ecfg.inception, models_root), device=device,
                                                logits=ecfg.inception_score)
         self.keep_features = ecfg.inception_score or ecfg.precision_recall
 
     def measure(self, pixels: np.ndarray, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
-        from tessera.eval.clip_similarity import clip_inputs, clip_score
-
         out = {}
         if prompts is not None:
             out["clip_score"], out["clip"] = clip_score(self.clip, pixels, prompts)
@@ -178,11 +197,6 @@ class SampleWorker:
     def __init__(self, target: dict, prompts_url: str, ranges: dict, conf: dict):
         import torch
 
-        from tessera.models.gpt import GPT, gpt_config
-        from tessera.models.text_encoder import TextEncoder
-        from tessera.models.refs import resolve
-        from tessera.models.vq import load_vq
-        from tessera.pipelines.sample import load_generator
 
         ecfg = EvalConfig.model_validate(conf["eval"])
         self.ecfg, self.ranges, self.device = ecfg, ranges, ecfg.device
@@ -208,8 +222,6 @@ class SampleWorker:
     def __call__(self, store: ShardStore, shard: str) -> dict:
         import torch
 
-        from tessera.eval.prompt_following import judge, read_picture
-        from tessera.pipelines.sample import render
 
         ecfg = self.ecfg
         start, stop = self.ranges[shard]
@@ -257,8 +269,6 @@ class ImageWorker:
         self.urls = listing["image"].to_pylist()
         self.resolutions = conf["resolutions"]
         if tokenizer:
-            from tessera.models.refs import resolve
-            from tessera.models.vq import load_vq
 
             self.vq = load_vq(resolve(ecfg.tokenizer.vq or ecfg.vq, conf["models_root"]), device=ecfg.device)
 
@@ -283,7 +293,6 @@ class ImageWorker:
             if not self.tokenizer:  # the reference set: one resolution per store
                 self.features.write(store, shard, self.features.measure(pixels))
                 continue
-            from tessera.eval.tokenizer_eval import code_counts, psnr_ssim, reconstruct
 
             recon, codes = reconstruct(self.vq, pixels)
             psnr, ssim = psnr_ssim(pixels, recon)
@@ -366,7 +375,6 @@ def _conf(cfg: RunConfig, resolutions: list[int]) -> dict:
 def _resolution(ecfg: EvalConfig, target: Target) -> int:
     if ecfg.resolution:
         return ecfg.resolution
-    from tessera.training.checkpoint import is_sharded, read_checkpoint_any, read_train_state
 
     path = target.checkpoint
     meta = (read_train_state(path) if is_sharded(path) else read_checkpoint_any(path)).get("config") or {}
@@ -410,7 +418,6 @@ def _prompt_metrics(summaries: list[dict]) -> dict:
 
 def _inception_extras(ecfg: EvalConfig, store: ShardStore, shards, reference: ShardStore | None) -> dict:
     """IS and precision/recall need every feature vector, not moments: read in one place, on request."""
-    from tessera.eval.fid import inception_score, precision_recall
 
     def load(s: ShardStore, names) -> dict[str, np.ndarray]:
         parts = [dict(np.load(io.BytesIO(b))) for b in shard_files(s, "features", names, ".npz")]
@@ -496,7 +503,6 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
 def run(cfg: RunConfig, run_name: str | None = None, checkpoints: list[str] | None = None,
         tokenizer: bool = True) -> EvalResult:
     """Evaluate the checkpoints (default: the config's `eval.checkpoints`) and the tokenizer."""
-    from tessera.core.raytools import init_ray
 
     if cfg.eval is None:
         raise ValueError("the config has no `eval` section")

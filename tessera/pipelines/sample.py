@@ -1,8 +1,5 @@
-"""Sampling: images from prompts with classifier-free guidance, from any checkpoint (LlamaGen's too).
-
-CFG runs the batch twice, [conditional; unconditional], and mixes the logits u + s (c - u); the
-chosen token feeds both halves. With the KV cache the text prefix is run once (prefill) and
-every step feeds one token; without it every step reruns the whole sequence (the reference).
+"""The sample stage: a PNG grid of prompts from any checkpoint (LlamaGen's too); the generation
+itself is tessera/models/generation.py.
 """
 from __future__ import annotations
 
@@ -10,81 +7,23 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tessera.config import RunConfig
 from tessera.config.train import SampleConfig
-from tessera.models.gpt import GPT, TEXT_POSITIONS, GPTConfig, extract_state_dict, gpt_config
-from tessera.training.checkpoint import latest_checkpoint, read_checkpoint_any, stage_dir
 from tessera.core.store import ShardStore
+from tessera.models.generation import render, save_grid
+from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config
+from tessera.models.refs import resolve
+from tessera.models.text_encoder import TextEncoder
+from tessera.models.vq import load_vq
+from tessera.training.checkpoint import (
+    latest_checkpoint,
+    read_checkpoint_any,
+    stage_dir,
+)
 
 log = logging.getLogger(__name__)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative > top_p
-        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-         generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, *,
-             cfg_scale: float = 7.5, temperature: float = 1.0, top_k: int = 1000, top_p: float = 1.0,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Image codes (B, grid*grid) for caption features cond (B, cls_token_num, caption_dim)."""
-    model.eval()
-    cond = cond.to(next(model.parameters()).dtype)
-    b, n = cond.shape[0], model.num_image_tokens
-    if cond_mask is None:
-        cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
-    guided = cfg_scale != 1.0
-    drop = None
-    if guided:
-        cond, cond_mask = torch.cat([cond, cond]), torch.cat([cond_mask, cond_mask])
-        drop = torch.arange(2 * b, device=cond.device) >= b
-
-    def next_token(logits: torch.Tensor) -> torch.Tensor:
-        if guided:
-            c, u = logits[:b], logits[b:]
-            logits = u + cfg_scale * (c - u)
-        return pick(logits.float(), temperature, top_k, top_p, generator)
-
-    tokens = torch.zeros(b, n, dtype=torch.long, device=cond.device)
-    both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
-    if use_cache:
-        model.setup_cache(cond.shape[0], dtype=next(model.parameters()).dtype)
-        try:
-            logits = model.prefill(cond, cond_mask, drop)
-            for i in range(n):
-                tokens[:, i] = next_token(logits)
-                if i + 1 < n:
-                    logits = model.decode_step(both(tokens[:, i]), i)
-        finally:
-            model.clear_cache()
-    else:
-        for i in range(n):
-            logits = model(both(tokens[:, :i]), cond, cond_mask, drop)[:, -1]
-            tokens[:, i] = next_token(logits)
-    return tokens
 
 
 # Loading a generator from any checkpoint ----------------------------------------------------------
@@ -103,64 +42,6 @@ def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
         model = GPT(cfg, grid=resolution // 16)
     model.load_state_dict(extract_state_dict(ckpt), strict=True)
     return model.eval(), resolution
-
-
-def encode_prompts(text_encoder, prompts: list[str], dim: int, device,
-                   length: int = TEXT_POSITIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    from tessera.training.data import left_pad
-
-    cond, mask = left_pad([f.float().cpu() for f in text_encoder.encode(prompts)], dim, length)
-    return cond.to(device), mask.to(device)
-
-
-def save_grid(images: torch.Tensor, path_or_file, nrow: int | None = None, labels: list[str] | None = None) -> None:
-    """Images in [-1, 1] (B, 3, H, W) as one PNG grid; with `labels`, each image's label under it."""
-    from torchvision.utils import make_grid
-    from PIL import Image
-
-    nrow = nrow or max(1, int(len(images) ** 0.5 + 0.999))
-    pixels = ((images.float().clamp(-1, 1) + 1) / 2).cpu()
-    if labels is not None:
-        cells = [labelled(img, text) for img, text in zip(pixels, labels)]
-        tallest = max(c.shape[1] for c in cells)
-        pixels = torch.stack([F.pad(c, (0, 0, 0, tallest - c.shape[1]), value=1.0) for c in cells])
-    grid = make_grid(pixels, nrow=nrow, padding=2)
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path_or_file, format="PNG")
-
-
-def labelled(image: torch.Tensor, text: str) -> torch.Tensor:
-    """An image in [0, 1] (3, H, W) with `text` written on a white strip below it."""
-    import textwrap
-
-    from PIL import Image, ImageDraw, ImageFont
-
-    _, h, w = image.shape
-    size = max(10, w // 20)
-    font = ImageFont.load_default(size=size)
-    lines = textwrap.wrap(text, width=max(8, int(w / (0.55 * size)))) or [""]
-    strip = Image.new("RGB", (w, (size + 4) * len(lines) + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for i, line in enumerate(lines):
-        draw.text((4, 2 + i * (size + 4)), line, fill=(0, 0, 0), font=font)
-    below = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return torch.cat([image, below], dim=1)
-
-
-def render(model: GPT, vq, text_encoder, prompts: list[str], *, batch_size: int = 8,
-           generator: torch.Generator | None = None, **sampling) -> tuple[torch.Tensor, float]:
-    """Decoded images (N, 3, H, W) in [-1, 1] for the prompts, and the generation tokens/s."""
-    device = next(model.parameters()).device
-    images, tokens_done, seconds = [], 0, 0.0
-    for i in range(0, len(prompts), batch_size):
-        cond, mask = encode_prompts(text_encoder, prompts[i:i + batch_size], model.cfg.caption_dim, device,
-                                    model.cfg.cls_token_num)
-        start = time.perf_counter()
-        codes = generate(model, cond, mask, generator=generator, **sampling)
-        seconds += time.perf_counter() - start
-        tokens_done += codes.numel()
-        with torch.no_grad():
-            images.append(vq.decode(codes.view(-1, model.grid, model.grid)).float().cpu())
-    return torch.cat(images), tokens_done / max(seconds, 1e-9)
 
 
 @dataclass
@@ -186,9 +67,6 @@ def find_checkpoint(cfg: RunConfig, run: str) -> str:
 def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = None,
         prompts: list[str] | None = None) -> SampleResult:
     """Sample the prompts from a checkpoint and write a PNG grid under {run}/samples/."""
-    from tessera.models.text_encoder import TextEncoder
-    from tessera.models.refs import resolve
-    from tessera.models.vq import load_vq
 
     scfg: SampleConfig = cfg.sample or SampleConfig()
     run_name = run_name or cfg.name

@@ -24,12 +24,28 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tessera.config.ray import RayConfig
 from tessera.config.filters import FiltersConfig
-from tessera.filters import Batch, Needs, ThresholdFilter, build_filters, resolve_sources
-from tessera.pipelines.download import read_samples
+from tessera.config.ray import RayConfig
+from tessera.core import runtime
 from tessera.core.funnel import failed_shard_rows
+from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
+from tessera.filters import (
+    Batch,
+    Needs,
+    ThresholdFilter,
+    build_filters,
+    resolve_sources,
+)
+from tessera.models import refs
+from tessera.models.aesthetic import load_aesthetic
+from tessera.models.clip import Clip, preprocess_for
+from tessera.models.nsfw import load_nsfw
+from tessera.models.refs import build_of
+from tessera.models.watermark import load_watermark
+from tessera.models.watermark import preprocess as watermark_preprocess
+from tessera.models.weights import weights_file
+from tessera.pipelines.download import read_samples
 
 log = logging.getLogger(__name__)
 STAGE = "score"
@@ -57,7 +73,6 @@ class ScoreResult:
 # Models ----------------------------------------------------------------------------------------
 def model_path(ref: str, models_root: str) -> str:
     """A config's model reference as a local path: `tiny:NAME` is built, relative paths are under models_root."""
-    from tessera.models import refs
 
     return refs.resolve(ref, models_root)
 
@@ -69,7 +84,6 @@ def needs_clip(cfg: FiltersConfig, sources: dict[str, dict]) -> bool:
 
 def model_paths(cfg: FiltersConfig, sources: dict[str, dict], models_root: str) -> dict[str, str]:
     """Local paths of the models this run computes with; a missing file is a clear error now."""
-    from tessera.models.weights import weights_file
 
     paths = {}
     if needs_clip(cfg, sources):
@@ -93,11 +107,6 @@ class BatchScorer:
     """Loads the models once and scores batches of decoded samples (no Ray in here)."""
 
     def __init__(self, cfg: FiltersConfig, sources: dict[str, dict], paths: dict[str, str], device: str = "cpu"):
-        from tessera.models.aesthetic import load_aesthetic
-        from tessera.models.clip import Clip
-        from tessera.models.nsfw import load_nsfw
-        from tessera.models.watermark import load_watermark
-
         self.device = device
         self.clip = None
         if "clip" in paths:
@@ -176,7 +185,6 @@ def decode_image(data: bytes | None):
 
 def decode_batch(samples: list[dict], clip_preprocess, watermark_size: int | None) -> dict:
     """Decode each image once; make the CLIP input and the watermark input from it."""
-    from tessera.models.watermark import preprocess as watermark_preprocess
 
     n = len(samples)
     errors = np.full(n, "", dtype=object)
@@ -216,8 +224,6 @@ class ScoreShard:
     Images of the next batch are decoded in threads while the models score the current one."""
 
     def __init__(self, cfg: FiltersConfig, sources: dict, paths: dict, device: str):
-        from tessera.models.clip import preprocess_for
-
         self.cfg, self.sources = cfg, sources
         self.scorer = BatchScorer(cfg, sources, paths, device)
         self.clip_preprocess = preprocess_for(cfg.clip.model, paths["clip"]) if "clip" in paths else None
@@ -287,7 +293,6 @@ def lineage(cfg: FiltersConfig, sources: dict, paths: dict) -> str:
     scoring = cfg.model_dump(mode="json", include={"clip", "watermark", "precision"})
     scoring["watermark"] = {k: scoring["watermark"][k] for k in ("arch", "image_size", "weights", "source", "column")}
     scoring["dedup"] = cfg.dedup.enabled  # whether embeddings are stored
-    from tessera.models.refs import build_of
 
     builds = {name: build_of(path) for name, path in paths.items()}
     blob = json.dumps({"scoring": scoring, "sources": sources, "paths": paths, "builds": builds}, sort_keys=True)
@@ -307,8 +312,6 @@ def fingerprints(store: ShardStore, shards: list[str], stage_lineage: str) -> di
 def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: str,
         on_shard=None) -> ScoreResult:
     """Score every downloaded shard not yet scored with these models; return the counts over all shards."""
-    from tessera.core import runtime
-    from tessera.core.raytools import init_ray
 
     shards = store.done_shards("download")
     if not shards:

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tessera.config.filters import FiltersConfig
-from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
 from tessera.core import quantiles
-from tessera.pipelines import score, select_work, semdedup
-from tessera.pipelines.select_reference import exact_reference, load_scores  # noqa: F401 - the reference path
 from tessera.core.runtime import ShardFailures, map_shards, run_stage
-from tessera.pipelines.select_work import STAGE, Plan
 from tessera.core.store import ShardStore
+from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
+from tessera.pipelines import score, select_work, semdedup
+from tessera.pipelines.filter_report import HISTOGRAMS, histogram_marks
+from tessera.pipelines.select_reference import exact_reference, load_scores  # noqa: F401 - the reference path
+from tessera.pipelines.select_work import STAGE, Plan
 
 log = logging.getLogger(__name__)
 KEPT = "kept"
@@ -184,7 +185,6 @@ def choose_target(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: lis
 
 def histogram_edges(summary: dict, ranges: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
     """Fixed bins per histogram column: its value range, widened to show every threshold mark."""
-    from tessera.pipelines.filter_report import HISTOGRAMS, histogram_marks
 
     marks = histogram_marks(summary)
     edges = {}
@@ -203,7 +203,6 @@ def histogram_edges(summary: dict, ranges: dict[str, tuple[float, float]]) -> di
 
 def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     """Select over every scored shard; skipped when nothing changed since the last selection."""
-    from tessera.pipelines.filter_report import HISTOGRAMS
 
     shards = store.done_shards(score.STAGE)
     if not shards:

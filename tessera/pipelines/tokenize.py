@@ -34,12 +34,28 @@ import numpy as np
 
 from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
-from tessera.pipelines.download import read_samples
+from tessera.core import runtime
 from tessera.core.funnel import failed_shard_rows
-from tessera.core.lineage import input_shards, kept_counts, selection_id, shard_fingerprints
+from tessera.core.lineage import (
+    input_shards,
+    kept_counts,
+    selection_id,
+    shard_fingerprints,
+)
+from tessera.core.raytools import init_ray
 from tessera.core.runtime import matches
 from tessera.core.store import ShardStore
-from tessera.core.token_shards import decode_npy, encode_npy, sample_item, tokens_folder, write_token_shard
+from tessera.core.token_shards import (
+    decode_npy,
+    encode_npy,
+    sample_item,
+    tokens_folder,
+    write_token_shard,
+)
+from tessera.models.refs import build_of, resolve
+from tessera.models.text_encoder import TextEncoder
+from tessera.models.vq import CONFIG_FILE, VQ_CONFIGS, load_vq
+from tessera.pipelines.download import read_samples
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize"
@@ -175,7 +191,6 @@ class TokenizeShard:
 
     def __init__(self, cfg: TokenizeConfig, vq_path: str, text_path: str | None, device: str,
                  codebook_size: int, fingerprints: dict[str, str], selection: str):
-        from tessera.models.vq import load_vq
 
         self.cfg, self.device, self.codebook_size = cfg, device, codebook_size
         self.fingerprints, self.selection = fingerprints, selection
@@ -186,7 +201,6 @@ class TokenizeShard:
         if text_path:
             import torch
 
-            from tessera.models.text_encoder import TextEncoder
 
             self.text = TextEncoder.from_pretrained(text_path, cfg.text_max_length, device=device,
                                                     dtype=torch.bfloat16 if device == "cuda" else None)
@@ -287,7 +301,6 @@ def lineage(cfg: TokenizeConfig, vq_path: str, text_path: str | None) -> str:
     """What decides a shard's codes besides its selection and captions (resolutions are per marker)."""
     settings = cfg.model_dump(mode="json", include={"vq", "vq_config", "vq_ema", "flip", "text_encoder",
                                                     "text_max_length", "text_caption"})
-    from tessera.models.refs import build_of
 
     blob = json.dumps({"settings": settings, "vq": vq_path, "text": text_path,
                        "builds": [build_of(vq_path), build_of(text_path)]}, sort_keys=True)
@@ -298,9 +311,6 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
         on_shard=None) -> TokenizeResult:
     """Tokenize every selected shard not yet done for its current selection and captions at every
     resolution; return counts over all shards."""
-    from tessera.models.refs import resolve
-    from tessera.core import runtime
-    from tessera.core.raytools import init_ray
 
     shards = input_shards(store)
     if not shards:
@@ -334,8 +344,6 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
 
 
 def _codebook_size(vq_path: str, cfg: TokenizeConfig) -> int:
-    from tessera.models.vq import CONFIG_FILE, VQ_CONFIGS
-
     if os.path.isdir(vq_path) and os.path.exists(os.path.join(vq_path, CONFIG_FILE)):
         with open(os.path.join(vq_path, CONFIG_FILE)) as f:
             return int(json.load(f)["codebook_size"])

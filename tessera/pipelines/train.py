@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from tessera.config import RunConfig
 from tessera.config.train import TrainConfig
+from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
+from tessera.models.refs import resolve
 from tessera.training.checkpoint import latest_checkpoint, stage_dir, step_of
 from tessera.training.loop import train_worker
 from tessera.training.metrics import read_metrics
@@ -39,7 +41,6 @@ class TrainResult:
 
 def worker_conf(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None) -> dict:
     """What every worker needs, as plain data; tiny model references are built here, once."""
-    from tessera.models.refs import resolve
 
     tcfg: TrainConfig | None = getattr(cfg, stage)
     if tcfg is None:
@@ -76,7 +77,6 @@ def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | 
         from ray.train import ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from tessera.core.raytools import init_ray
 
         init_ray(cfg.ray)
         trainer = TorchTrainer(

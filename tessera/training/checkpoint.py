@@ -45,7 +45,10 @@ def latest_checkpoint(run: ShardStore) -> str | None:
 
 
 def step_of(url: str) -> int:
-    return int(url.rstrip("/").rsplit("step-", 1)[1])
+    """The step of a checkpoint folder `.../step-N`; 0 for any other name (a LlamaGen file, say)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix("step-")
+    return int(digits) if name.startswith("step-") and digits.isdigit() else 0
 
 
 def stage_dir(runs_root: str, run: str, stage: str) -> str:

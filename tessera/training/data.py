@@ -23,24 +23,13 @@ import numpy as np
 import torch
 
 from tessera.config.train import CodesDataConfig
+from tessera.models.generation import left_pad
 from tessera.models.gpt import TEXT_POSITIONS
 from tessera.core.lineage import check_one_selection
 from tessera.core.store import ShardStore
 from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
 
 log = logging.getLogger(__name__)
-
-
-def left_pad(features: list[torch.Tensor], dim: int, length: int = TEXT_POSITIONS):
-    """Stack (L_i, dim) features into (B, length, dim), real tokens at the right; and the mask."""
-    out = torch.zeros(len(features), length, dim)
-    mask = torch.zeros(len(features), length, dtype=torch.bool)
-    for i, f in enumerate(features):
-        f = f[:length]
-        if len(f):
-            out[i, length - len(f):] = f.float()
-            mask[i, length - len(f):] = True
-    return out, mask
 
 
 @dataclass

@@ -19,11 +19,19 @@ import time
 import torch
 
 from tessera.config.train import TrainConfig
-from tessera.models.gpt import GPT, GPTConfig, gpt_config, load_weights, mfu
-from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
-from tessera.training.data import CodesLoader
 from tessera.core.store import ShardStore
-from tessera.training.checkpoint import Checkpointer, barrier, latest_checkpoint, read_checkpoint_any
+from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
+from tessera.models.generation import render, save_grid
+from tessera.models.gpt import GPT, GPTConfig, gpt_config, load_weights, mfu
+from tessera.models.text_encoder import TextEncoder
+from tessera.models.vq import load_vq
+from tessera.training.checkpoint import (
+    Checkpointer,
+    barrier,
+    latest_checkpoint,
+    read_checkpoint_any,
+)
+from tessera.training.data import CodesLoader
 from tessera.training.metrics import MetricsLog
 from tessera.training.parallel import dist_context, mean_over_workers, parallelize
 from tessera.training.step import build_optimizer, lr_at, seed_step, split, train_step
@@ -84,7 +92,6 @@ def train_worker(conf: dict) -> dict:
     text_encoder = None
     text_positions = gpt_config(cfg.model).cls_token_num
     if conf.get("text_encoder"):
-        from tessera.models.text_encoder import TextEncoder
 
         dtype = torch.bfloat16 if d.device.type == "cuda" and cfg.bf16 else None
         text_encoder = TextEncoder.from_pretrained(conf["text_encoder"], max_length=text_positions,
@@ -196,8 +203,6 @@ def _sample_grid(model: GPT, conf: dict, cfg: TrainConfig, text_encoder, run: Sh
     """A PNG grid of the fixed prompts (training reseeds every step, so this draws nothing from it)."""
     import io
 
-    from tessera.models.vq import load_vq
-    from tessera.pipelines.sample import render, save_grid
 
     if text_encoder is None:
         return

@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from tessera.config.train import TrainConfig
-from tessera.models.gpt import GPTConfig, flops_per_token, gpt_config
+from tessera.models.gpt import GPT, GPTConfig, flops_per_token, gpt_config
 
 GiB = 2**30
 # Encoder parameters of the text encoders the configs name (bf16 on GPU: 2 B each).
@@ -130,7 +130,6 @@ def estimate(cfg: GPTConfig, *, resolution: int, micro_batch: int, workers: int 
 def build_gpt_meta(cfg: GPTConfig, grid: int):
     import torch
 
-    from tessera.models.gpt import GPT
 
     with torch.device("meta"):
         return GPT(cfg, grid=grid)
