@@ -18,14 +18,14 @@ import json
 import logging
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from tessera.config.caption import CaptionConfig
 from tessera.config.ray import RayConfig
 from tessera.core import runtime
-from tessera.core.funnel import failed_shard_rows
+from tessera.core.funnel import StageResult, by_reason
 from tessera.core.lineage import (
     input_shards,
     kept_counts,
@@ -53,19 +53,14 @@ SCHEMA = pa.schema([("key", pa.string()), ("caption_long", pa.string()), ("capti
 
 
 @dataclass
-class CaptionResult:
+class CaptionResult(StageResult):
     rows_in: int
     captioned: int
     fallback: dict[str, int]
     shards: int
-    failed: dict[str, str] = field(default_factory=dict)
-    failed_rows: int = 0
 
-    def funnel(self) -> list[dict]:
-        rows = [{"stage": STAGE, "outcome": CAPTIONED, "reason": "", "count": self.captioned}]
-        rows += [{"stage": STAGE, "outcome": FALLBACK, "reason": r, "count": n}
-                 for r, n in sorted(self.fallback.items())]
-        return rows + failed_shard_rows(STAGE, self.failed, self.failed_rows)
+    def outcomes(self) -> list[tuple[str, str, str, int]]:
+        return [(STAGE, CAPTIONED, "", self.captioned), *by_reason(STAGE, FALLBACK, self.fallback)]
 
 
 def generation_settings(cfg: CaptionConfig, device: str) -> dict:

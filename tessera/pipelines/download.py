@@ -20,17 +20,17 @@ import shutil
 import tarfile
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
-from tessera.core.funnel import failed_shard_rows
-from tessera.pipelines.prepare import INPUT, duplicate_rows
+from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.store import ShardStore
 from tessera.core.urlcheck import check_url
+from tessera.pipelines.prepare import INPUT, duplicate_rows
 
 log = logging.getLogger(__name__)
 STAGE = "download"
@@ -42,19 +42,14 @@ class InputError(ValueError):
 
 
 @dataclass
-class DownloadResult:
+class DownloadResult(StageResult):
     rows_in: int
     downloaded: int
     dropped: dict[str, int]
     shards: int
-    failed: dict[str, str] = field(default_factory=dict)
-    failed_rows: int = 0
 
-    def funnel(self) -> list[dict]:
-        rows = [{"stage": STAGE, "outcome": KEPT, "reason": "", "count": self.downloaded}]
-        rows += [{"stage": STAGE, "outcome": "dropped", "reason": r, "count": n}
-                 for r, n in sorted(self.dropped.items())]
-        return rows + failed_shard_rows(STAGE, self.failed, self.failed_rows)
+    def outcomes(self) -> list[tuple[str, str, str, int]]:
+        return [(STAGE, KEPT, "", self.downloaded), *by_reason(STAGE, DROPPED, self.dropped)]
 
 
 # Reasons ----------------------------------------------------------------------------------
@@ -121,9 +116,9 @@ def prepared_shards(store: ShardStore, source: SourceConfig) -> list[str] | None
 def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cfg: RayConfig) -> list[str]:
     """Cut the input into shards on Ray and find its duplicate URLs (once; a rerun reuses them, and
     finishes what an interrupted one left). Returns the shard names."""
-    from tessera.pipelines import prepare as cut
     from tessera.core import runtime
     from tessera.core.raytools import init_ray
+    from tessera.pipelines import prepare as cut
 
     if source.kind != "laion_parquet":  # read, not downloaded
         from tessera.pipelines import ingest
@@ -175,8 +170,8 @@ def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: l
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from tessera.pipelines.imagecheck import SafeResizer
     from tessera.core.urlcheck import install_guard
+    from tessera.pipelines.imagecheck import SafeResizer
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     install_guard(cfg.urls, proxy=cfg.proxy)

@@ -20,10 +20,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from tessera.filters import SCORE_FILTERS
-from tessera.pipelines import score, select_work
 from tessera.core.runtime import map_shards
 from tessera.core.store import ShardStore
+from tessera.filters import SCORE_FILTERS
+from tessera.pipelines import score, select_work
 
 log = logging.getLogger(__name__)
 REPORT = ("reports", "report.html")

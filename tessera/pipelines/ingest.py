@@ -38,9 +38,16 @@ import pyarrow.parquet as pq
 
 from tessera.config.download import CaptionFiles, DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
-from tessera.pipelines.download import (INPUT, STAGE, DownloadResult, InputError, prepared_shards, reason_for,
-                                        summarize)
 from tessera.core.store import ShardStore, shard_name
+from tessera.pipelines.download import (
+    INPUT,
+    STAGE,
+    DownloadResult,
+    InputError,
+    prepared_shards,
+    reason_for,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import torch
 
 from tessera.config import RunConfig
 from tessera.config.train import SampleConfig
+from tessera.core.funnel import StageResult
 from tessera.core.store import ShardStore
 from tessera.models.generation import render, save_grid
 from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config
@@ -45,14 +46,14 @@ def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
 
 
 @dataclass
-class SampleResult:
+class SampleResult(StageResult):
     checkpoint: str
     grid: str
     images: int
     tokens_per_s: float
 
-    def funnel(self) -> list[dict]:
-        return [{"stage": "sample", "outcome": "generated", "reason": "", "count": self.images}]
+    def outcomes(self) -> list[tuple[str, str, str, int]]:
+        return [("sample", "generated", "", self.images)]
 
 
 def find_checkpoint(cfg: RunConfig, run: str) -> str:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tessera.config.filters import FiltersConfig
 from tessera.config.ray import RayConfig
 from tessera.core import runtime
-from tessera.core.funnel import failed_shard_rows
+from tessera.core.funnel import StageResult
 from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
 from tessera.filters import (
@@ -56,18 +56,15 @@ LINEAGE = ("url", "hash", "sha256", "original_width", "original_height")
 
 
 @dataclass
-class ScoreResult:
+class ScoreResult(StageResult):
     samples: int
     unreadable: dict[str, int]
     shards: int
     sources: dict[str, dict] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    failed_rows: int = 0
 
-    def funnel(self) -> list[dict]:
+    def outcomes(self) -> list[tuple[str, str, str, int]]:
         # Nothing is dropped while scoring; unreadable images are dropped by select, with a reason.
-        return [{"stage": STAGE, "outcome": "scored", "reason": "", "count": self.samples},
-                *failed_shard_rows(STAGE, self.failed, self.failed_rows)]
+        return [(STAGE, "scored", "", self.samples)]
 
 
 # Models ----------------------------------------------------------------------------------------

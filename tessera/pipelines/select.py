@@ -23,12 +23,13 @@ import json
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from tessera.config.filters import FiltersConfig
 from tessera.core import quantiles
+from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.runtime import ShardFailures, map_shards, run_stage
 from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
@@ -43,18 +44,14 @@ HIST_BINS = 40
 
 
 @dataclass
-class SelectResult:
+class SelectResult(StageResult):
     samples: int
     kept: int
     dropped: dict[str, int]
     thresholds: dict
-    failed: dict[str, str] = field(default_factory=dict)
 
-    def funnel(self) -> list[dict]:
-        rows = [{"stage": STAGE, "outcome": KEPT, "reason": "", "count": self.kept}]
-        rows += [{"stage": STAGE, "outcome": "dropped", "reason": r, "count": n}
-                 for r, n in sorted(self.dropped.items())]
-        return rows
+    def outcomes(self) -> list[tuple[str, str, str, int]]:
+        return [(STAGE, KEPT, "", self.kept), *by_reason(STAGE, DROPPED, self.dropped)]
 
 
 def fingerprint(cfg: FiltersConfig, store: ShardStore, shards: list[str]) -> str:

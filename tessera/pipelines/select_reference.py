@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from tessera.config.filters import FiltersConfig
+from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters, score_configs
 from tessera.filters.dedup import NearDuplicateFilter
 from tessera.pipelines import score
-from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")

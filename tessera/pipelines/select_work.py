@@ -12,12 +12,12 @@ import pandas as pd
 import pyarrow as pa
 
 from tessera.config.filters import FiltersConfig
-from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters
-from tessera.filters.dedup import NearDuplicateFilter
 from tessera.core import quantiles
-from tessera.pipelines import score
 from tessera.core.lineage import selection_summary
 from tessera.core.store import ShardStore
+from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters
+from tessera.filters.dedup import NearDuplicateFilter
+from tessera.pipelines import score
 
 STAGE = "select"
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")

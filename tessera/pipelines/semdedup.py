@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tessera.core.store import ShardStore
 from tessera.filters.dedup import Groups, normalized, similar_pairs
 from tessera.pipelines import score
-from tessera.core.store import ShardStore
 
 DEDUP = "semdedup"
 

@@ -28,14 +28,14 @@ import logging
 import os
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from tessera.config.ray import RayConfig
 from tessera.config.tokenize import TokenizeConfig
 from tessera.core import runtime
-from tessera.core.funnel import failed_shard_rows
+from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.lineage import (
     input_shards,
     kept_counts,
@@ -67,22 +67,18 @@ NOT_SCORES = {"key", "url", "hash", "sha256", "original_width", "original_height
 
 
 @dataclass
-class TokenizeResult:
+class TokenizeResult(StageResult):
     # res -> {"rows_in", "tokenized", "no_caption", "dropped": {reason: n}, "shards"}
     per_resolution: dict[int, dict]
-    failed: dict[str, str] = field(default_factory=dict)
-    failed_rows: int = 0
 
-    def funnel(self) -> list[dict]:
+    def outcomes(self) -> list[tuple[str, str, str, int]]:
         rows = []
         for res, c in sorted(self.per_resolution.items()):
             stage = f"{STAGE}_{res}"
-            rows.append({"stage": stage, "outcome": TOKENIZED, "reason": "", "count": c["tokenized"] - c["no_caption"]})
+            rows.append((stage, TOKENIZED, "", c["tokenized"] - c["no_caption"]))
             if c["no_caption"]:
-                rows.append({"stage": stage, "outcome": TOKENIZED, "reason": NO_CAPTION, "count": c["no_caption"]})
-            rows += [{"stage": stage, "outcome": "dropped", "reason": r, "count": n}
-                     for r, n in sorted(c["dropped"].items())]
-            rows += failed_shard_rows(stage, self.failed, self.failed_rows)
+                rows.append((stage, TOKENIZED, NO_CAPTION, c["no_caption"]))
+            rows += by_reason(stage, DROPPED, c["dropped"])
         return rows
 
 
@@ -363,7 +359,7 @@ def summarize(store: ShardStore, shards: list[str], resolutions: list[int], fail
                     "no_caption": sum(i["no_caption"] for i in infos), "dropped": dict(dropped),
                     "shards": len(infos)}
         per[res]["rows_in"] += lost
-    return TokenizeResult(per, failed, lost)
+    return TokenizeResult(per, failed=failed, failed_rows=lost)
 
 
 def write_manifest(store: ShardStore, res: int, shards: list[str], cfg: TokenizeConfig, selection: str) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from tessera.config import RunConfig
 from tessera.config.train import TrainConfig
+from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
 from tessera.models.refs import resolve
@@ -24,7 +25,7 @@ __all__ = ["TrainResult", "read_metrics", "run", "train_worker", "worker_conf"]
 
 # The stage ---------------------------------------------------------------------------------------
 @dataclass
-class TrainResult:
+class TrainResult(StageResult):
     stage: str
     run_dir: str
     step: int
@@ -33,10 +34,9 @@ class TrainResult:
     last_loss: float | None
     skipped: dict
 
-    def funnel(self) -> list[dict]:
+    def outcomes(self) -> list[tuple[str, str, str, int]]:
         """Samples the loader skipped since the stage (re)started (unreadable, wrong grid, ...)."""
-        return [{"stage": self.stage, "outcome": "dropped", "reason": r, "count": n}
-                for r, n in sorted(self.skipped.items())]
+        return by_reason(self.stage, DROPPED, self.skipped)
 
 
 def worker_conf(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None) -> dict:
