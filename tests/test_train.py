@@ -83,7 +83,7 @@ def test_stage2_starts_from_stage1_weights_only(tmp_path, data):
     for k, v in one["model"].items():  # lr 0: the weights are still stage 1's
         assert torch.equal(two["model"][k], v), k
     # A rerun of stage 2 resumes stage 2 itself, not stage 1 again.
-    assert train.worker_conf(cfg, "stage2")["init_from"] == "stage1"
+    assert train.train_job(cfg, "stage2").init_from == "stage1"
 
 
 def _full_checkpoint(url: str, tmp_path) -> dict:
@@ -205,15 +205,15 @@ def test_demo_config_loss_falls_well_below_log_vocab_and_grids_are_drawn(tmp_pat
 def test_init_from_names_another_runs_stage_or_a_file(tmp_path):
     cfg = _config(tmp_path, stage2={"init_from": "other/stage1", "data": {"resolution": 512}})
     with pytest.raises(FileNotFoundError, match="'other' has no stage1"):
-        train.worker_conf(cfg, "stage2")
+        train.train_job(cfg, "stage2")
     ShardStore(str(tmp_path / "runs" / "other" / "stage1")).write_bytes(b"x", "checkpoints", "step-00000007",
                                                                        ".metadata")
-    assert train.worker_conf(cfg, "stage2")["init_from"].endswith("other/stage1/checkpoints/step-00000007")
+    assert train.train_job(cfg, "stage2").init_from.endswith("other/stage1/checkpoints/step-00000007")
     cfg.stage2.init_from = str(tmp_path / "t2i_XL_stage1_256.pt")
     with pytest.raises(FileNotFoundError, match="t2i_XL_stage1_256.pt' does not exist: fetch it with `tessera fetch"):
-        train.worker_conf(cfg, "stage2")
+        train.train_job(cfg, "stage2")
     (tmp_path / "t2i_XL_stage1_256.pt").write_bytes(b"x")
-    assert train.worker_conf(cfg, "stage2")["init_from"] == str(tmp_path / "t2i_XL_stage1_256.pt")
+    assert train.train_job(cfg, "stage2").init_from == str(tmp_path / "t2i_XL_stage1_256.pt")
 
 
 def _distributed_worker(rank: int, parallel: str, root: str, port: int, queue) -> None:
@@ -227,8 +227,8 @@ def _distributed_worker(rank: int, parallel: str, root: str, port: int, queue) -
     try:
         cfg = TrainConfig(**{**TINY, "global_batch": 4, "num_workers": 2, "max_steps": 3, "parallel": parallel,
                              "dropout": 0.0})
-        out = train.train_worker({"train": cfg.model_dump(mode="json"), "stage": "stage1", "use_ray": False,
-                                  "run_dir": f"{root}/runs/{parallel}", "data_root": f"{root}/data"})
+        out = train.train_worker(train.TrainJob(train=cfg, stage="stage1", run_dir=f"{root}/runs/{parallel}",
+                                                data_root=f"{root}/data"))
         queue.put((parallel, rank, out["losses"]))
     finally:
         dist.destroy_process_group()

@@ -1,6 +1,8 @@
 """The training package: accumulation through the worker loop, seeds, sharded checkpoints that
 reshard across worker counts, FlexAttention against the dense mask, metrics on fsspec, export."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,10 +29,9 @@ def data(tmp_path):
     return store
 
 
-def _conf(tmp_path, name: str, stop_at=None, **train_cfg) -> dict:
-    cfg = TrainConfig(**{**STILL, **train_cfg})
-    return {"train": cfg.model_dump(mode="json"), "stage": "stage1", "use_ray": False, "stop_at": stop_at,
-            "run_dir": str(tmp_path / "runs" / name), "data_root": str(tmp_path / "data")}
+def _conf(tmp_path, name: str, stop_at=None, **train_cfg) -> train.TrainJob:
+    return train.TrainJob(train=TrainConfig(**{**STILL, **train_cfg}), stage="stage1", stop_at=stop_at,
+                          run_dir=str(tmp_path / "runs" / name), data_root=str(tmp_path / "data"))
 
 
 def test_accumulation_through_the_worker_loop(tmp_path, data):
@@ -78,7 +79,7 @@ def test_flex_attention_block_mask_equals_the_explicit_mask(text_rope):
     assert torch.allclose(flex_causal, causal, atol=1e-5, rtol=1e-5)
 
 
-def _two_workers(rank: int, conf: dict, port: int, queue) -> None:
+def _two_workers(rank: int, conf: train.TrainJob, port: int, queue) -> None:
     import os
 
     import torch.distributed as dist
@@ -92,7 +93,7 @@ def _two_workers(rank: int, conf: dict, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def _on_two(conf: dict, port: int) -> list[float]:
+def _on_two(conf: train.TrainJob, port: int) -> list[float]:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -116,8 +117,8 @@ def test_sharded_checkpoint_resumes_on_another_number_of_workers(tmp_path, data)
 
     two = _conf(tmp_path, "two-to-one", stop_at=2, max_steps=3, checkpoint_every=2, num_workers=2, parallel="fsdp")
     first = _on_two(two, 29541)
-    assert checkpoint_steps(ShardStore(two["run_dir"])) == [2]
-    assert len(ShardStore(two["run_dir"]).list("checkpoints/step-00000002", ".distcp")) == 2  # one part per rank
+    assert checkpoint_steps(ShardStore(two.run_dir)) == [2]
+    assert len(ShardStore(two.run_dir).list("checkpoints/step-00000002", ".distcp")) == 2  # one part per rank
     then = train.train_worker(_conf(tmp_path, "two-to-one", max_steps=3, checkpoint_every=2))["losses"]
 
     one = _conf(tmp_path, "one-to-two", stop_at=2, max_steps=3, checkpoint_every=2)
@@ -189,10 +190,10 @@ def test_plan_names_a_micro_batch_that_fits_stage2_on_an_80gb_gpu():
 def test_async_checkpoints_finish_and_resume(tmp_path, data):
     ref = train.train_worker(_conf(tmp_path, "sync", max_steps=3))["losses"]
     conf = _conf(tmp_path, "async", max_steps=3, checkpoint_every=1, keep_checkpoints=2, async_checkpoint=True)
-    first = train.train_worker({**conf, "stop_at": 2})["losses"]
-    assert checkpoint_steps(ShardStore(conf["run_dir"])) == [1, 2]
+    first = train.train_worker(dataclasses.replace(conf, stop_at=2))["losses"]
+    assert checkpoint_steps(ShardStore(conf.run_dir)) == [1, 2]
     assert first + train.train_worker(conf)["losses"] == pytest.approx(ref, rel=1e-5)
-    assert checkpoint_steps(ShardStore(conf["run_dir"])) == [2, 3]
+    assert checkpoint_steps(ShardStore(conf.run_dir)) == [2, 3]
 
 
 def test_flex_attention_is_refused_for_cpu_training_and_auto_picks_the_dense_mask():

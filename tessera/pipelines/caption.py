@@ -129,7 +129,6 @@ class TransformersCaptioner:
 
 def make_captioner(cfg: CaptionConfig, model_path: str, device: str):
     if cfg.backend == "vllm":
-
         return VllmCaptioner(cfg, model_path)
     return TransformersCaptioner(cfg, model_path, device)
 
@@ -225,7 +224,6 @@ def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
     if not shards:
         raise ValueError(f"{store.root}: no selected shards to caption (run score and select first)")
     if cfg.backend == "vllm":
-
         require_vllm()
     model_path = resolve(cfg.model, models_root)
     device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"

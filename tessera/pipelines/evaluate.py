@@ -150,7 +150,6 @@ class Features:
                          force_quick_gelu=ecfg.clip.force_quick_gelu)
         self.inception = None
         if ecfg.inception:
-
             self.inception = InceptionFeatures(model_path(ecfg.inception, models_root), device=device,
                                                logits=ecfg.inception_score)
         self.keep_features = ecfg.inception_score or ecfg.precision_recall
@@ -194,11 +193,10 @@ class SampleWorker:
     """Holds one checkpoint's generator with its VQ, text encoder and feature models; a shard of
     prompts in, images and per-image measurements out."""
 
-    def __init__(self, target: dict, prompts_url: str, ranges: dict, conf: dict):
+    def __init__(self, target: dict, prompts_url: str, ranges: dict, ecfg: EvalConfig, models_root: str):
         import torch
 
 
-        ecfg = EvalConfig.model_validate(conf["eval"])
         self.ecfg, self.ranges, self.device = ecfg, ranges, ecfg.device
         model, _ = load_generator(target["checkpoint"], gpt_config(ecfg.model, text_rope=ecfg.text_rope),
                                   ecfg.resolution, self.device)
@@ -210,7 +208,7 @@ class SampleWorker:
             model = model.to(torch.bfloat16)
             model.set_grid(model.grid)  # the RoPE table stays in fp32
         self.model = model
-        root = conf["models_root"]
+        root = models_root
         self.text_encoder = TextEncoder.from_pretrained(resolve(ecfg.text_encoder, root),
                                                         max_length=model.cfg.cls_token_num, device=self.device)
         self.vq = load_vq(resolve(ecfg.vq, root), device=self.device)
@@ -261,16 +259,15 @@ class ImageWorker:
     """Reference images (FID's real set) or held-out images (the tokenizer's): a shard of image
     files in, feature moments (and, for the tokenizer, reconstruction metrics) out."""
 
-    def __init__(self, list_url: str, ranges: dict, conf: dict, tokenizer: bool = False):
-        ecfg = EvalConfig.model_validate(conf["eval"])
+    def __init__(self, list_url: str, ranges: dict, ecfg: EvalConfig, models_root: str, resolutions: list[int],
+                 tokenizer: bool = False):
         self.ecfg, self.ranges, self.tokenizer = ecfg, ranges, tokenizer
-        self.features = Features(ecfg, conf["models_root"], ecfg.device)
+        self.features = Features(ecfg, models_root, ecfg.device)
         listing = ShardStore(posixpath.dirname(list_url)).read_table(posixpath.basename(list_url))
         self.urls = listing["image"].to_pylist()
-        self.resolutions = conf["resolutions"]
+        self.resolutions = resolutions
         if tokenizer:
-
-            self.vq = load_vq(resolve(ecfg.tokenizer.vq or ecfg.vq, conf["models_root"]), device=ecfg.device)
+            self.vq = load_vq(resolve(ecfg.tokenizer.vq or ecfg.vq, models_root), device=ecfg.device)
 
     def _load(self, urls: list[str]) -> tuple[list[np.ndarray], int]:
         images, failed = [], 0
@@ -368,10 +365,6 @@ class EvalResult:
     failed: dict  # label -> {shard: error}
 
 
-def _conf(cfg: RunConfig, resolutions: list[int]) -> dict:
-    return {"eval": cfg.eval.model_dump(), "models_root": cfg.models_root, "resolutions": resolutions}
-
-
 def _resolution(ecfg: EvalConfig, target: Target) -> int:
     if ecfg.resolution:
         return ecfg.resolution
@@ -392,7 +385,8 @@ def reference_moments(cfg: RunConfig, ev: ShardStore, prompts: pa.Table, res: in
     ranges = shard_ranges(len(urls), ecfg.shard_size)
     fp = fingerprint(urls[:3], len(urls), res, ecfg.clip.model_dump(), ecfg.inception)
     run = map_shards(store, list(ranges), ImageWorker,
-                     {"list_url": list_url, "ranges": ranges, "conf": _conf(cfg, [res])}, fp, ecfg)
+                     {"list_url": list_url, "ranges": ranges, "ecfg": ecfg, "models_root": cfg.models_root,
+                      "resolutions": [res]}, fp, ecfg)
     if run.failed:
         log.error("eval: %d reference shard(s) failed; the reference set is incomplete.", len(run.failed))
     out = {}
@@ -447,7 +441,7 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
     start = time.perf_counter()
     run = map_shards(store, list(ranges), SampleWorker,
                      {"target": target.__dict__, "prompts_url": prompts_url, "ranges": ranges,
-                      "conf": _conf(cfg, [res])}, fp, ecfg)
+                      "ecfg": ecfg, "models_root": cfg.models_root}, fp, ecfg)
     row = {"label": target.label, "stage": target.stage, "step": target.step, "checkpoint": target.checkpoint,
            "resolution": res, "fingerprint": fp, **_prompt_metrics(list(run.done.values()))}
     reference = reference_moments(cfg, ev, prompts, res)
@@ -475,7 +469,8 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
     resolutions = sorted(set(tcfg.resolutions))
     fp = fingerprint(urls[:3], len(urls), resolutions, tcfg.vq or ecfg.vq, ecfg.clip.model_dump(), ecfg.inception)
     run = map_shards(store, list(ranges), ImageWorker,
-                     {"list_url": list_url, "ranges": ranges, "conf": _conf(cfg, resolutions), "tokenizer": True},
+                     {"list_url": list_url, "ranges": ranges, "ecfg": ecfg, "models_root": cfg.models_root,
+                      "resolutions": resolutions, "tokenizer": True},
                      fp, ecfg)
     summaries = list(run.done.values())
     images = sum(s["images"] for s in summaries)

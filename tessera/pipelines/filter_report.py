@@ -226,19 +226,31 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
     summary = store.read_json("reports", "thresholds.json")
     histograms = store.read_json("reports", "histograms.json") if store.exists("reports", "histograms.json") else {}
     score_infos = {s: store.done_info(score.STAGE, s) for s in store.done_shards(score.STAGE)}
+    parts = [header_html(summary, len(shards)), funnel_html(summary, funnel), *sections,
+             sources_html(summary, score_infos), thresholds_html(summary), histograms_html(summary, histograms),
+             examples_html(store, shards, summary, examples), "</body></html>"]
+    store.write_bytes("".join(parts).encode(), *REPORT)
+    url = store.url(*REPORT)
+    log.info("Filter report written to %s.", url)
+    return url
 
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Tessera filter report</title>"
-             f"<style>{STYLE}</style></head><body><h1>Filter report</h1>"
-             f"<p class=muted>{summary['samples']:,} scored samples in {len(shards)} shards; "
-             f"<b>{summary['kept']:,} kept</b>, {summary['samples'] - summary['kept']:,} dropped. "
-             f"Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>"]
 
-    parts.append("<h2>Funnel</h2><p class=muted>Every input row ends kept or dropped with one reason; "
-                 "a sample failing several filters is dropped for the first in this order: "
-                 f"{_e(', '.join(summary['order']))}.</p>" + funnel_table(funnel))
-    parts.extend(sections)
+def header_html(summary: dict, shards: int) -> str:
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Tessera filter report</title>"
+            f"<style>{STYLE}</style></head><body><h1>Filter report</h1>"
+            f"<p class=muted>{summary['samples']:,} scored samples in {shards} shards; "
+            f"<b>{summary['kept']:,} kept</b>, {summary['samples'] - summary['kept']:,} dropped. "
+            f"Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>")
 
-    # Where each score came from.
+
+def funnel_html(summary: dict, funnel: list[dict]) -> str:
+    return ("<h2>Funnel</h2><p class=muted>Every input row ends kept or dropped with one reason; "
+            "a sample failing several filters is dropped for the first in this order: "
+            f"{_e(', '.join(summary['order']))}.</p>" + funnel_table(funnel))
+
+
+def sources_html(summary: dict, score_infos: dict[str, dict]) -> str:
+    """Where each score came from, with the number of shards for each source."""
     rows = []
     for name, info in sorted(summary["sources"].items()):
         column = SCORE_FILTERS[name].column
@@ -252,9 +264,10 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
                 label += f" (input had no {src['fallback_from']!r} column)"
             per_shard[label] = per_shard.get(label, 0) + 1
         rows.append(f"<tr><td>{_e(column)}</td><td>{'<br>'.join(f'{_e(k)} ({v} shards)' for k, v in per_shard.items())}</td></tr>")
-    parts.append("<h2>Score sources</h2><table><tr><th>score</th><th>source</th></tr>" + "".join(rows) + "</table>")
+    return "<h2>Score sources</h2><table><tr><th>score</th><th>source</th></tr>" + "".join(rows) + "</table>"
 
-    # Thresholds.
+
+def thresholds_html(summary: dict) -> str:
     rows = []
     for name, desc in summary["filters"].items():
         rule = ", ".join(f"{k} {_fmt(v)}" for k, v in desc.items() if k not in ("source",)) or "-"
@@ -264,17 +277,21 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
         rows.append(f"<tr><td>target</td><td>keep {t['requested']:,} ranked by {_e(t['rank_by'])}: kept {t['kept']:,}, "
                     f"lowest kept {_e(t['rank_by'])} {_fmt(t['threshold'])}"
                     f"{', short by ' + str(t['shortfall']) if t.get('shortfall') else ''}</td></tr>")
-    parts.append("<h2>Thresholds</h2><table><tr><th>filter</th><th>rule</th></tr>" + "".join(rows) + "</table>")
+    return "<h2>Thresholds</h2><table><tr><th>filter</th><th>rule</th></tr>" + "".join(rows) + "</table>"
 
-    # Histograms with their thresholds, from the selection's fixed bins.
+
+def histograms_html(summary: dict, histograms: dict) -> str:
+    """Histograms with their thresholds, from the selection's fixed bins."""
     marks = histogram_marks(summary)
     hists = [histogram_svg(h["edges"], h["kept"], h["dropped"], title, marks.get(col, []))
              for col, title in HISTOGRAMS.items() if (h := histograms.get(col))]
-    parts.append("<h2>Score distributions</h2><p class=legend><span style='background:#4c78a8'></span>kept"
-                 "<span style='background:#e45756'></span>dropped (any reason); dashed: thresholds</p>"
-                 "<div class=hists>" + "".join(f"<div class=hist>{h}</div>" for h in hists) + "</div>")
+    return ("<h2>Score distributions</h2><p class=legend><span style='background:#4c78a8'></span>kept"
+            "<span style='background:#e45756'></span>dropped (any reason); dashed: thresholds</p>"
+            "<div class=hists>" + "".join(f"<div class=hist>{h}</div>" for h in hists) + "</div>")
 
-    # Examples nearest each threshold: each shard offers its nearest few, the nearest of those win.
+
+def example_grids(summary: dict) -> list[dict]:
+    """One grid per threshold (and the target, and near-duplicates): what its examples are sorted by."""
     grids = []
     for name, desc in summary["filters"].items():
         if desc.get("threshold") is not None and desc.get("score"):
@@ -288,6 +305,13 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
                       "threshold": target["threshold"], "higher": target["keep_if"] == ">=", "reason": None})
     if summary["dropped"].get("near_duplicate"):
         grids.append({"title": "near-duplicates", "column": None})
+    return grids
+
+
+def nearest_examples(store: ShardStore, shards: list[str], grids: list[dict], examples: int) -> list[tuple]:
+    """Per grid, the examples nearest its threshold on each side (Ray passes over the shards): each
+    shard offers its nearest few, the nearest of those win. For near-duplicates: the copies dropped
+    and the originals they copy."""
     best = [[None, None] for _ in grids]
 
     def nearest(_shard: str, offered: list) -> None:  # keep only the best `examples` per side so far
@@ -307,9 +331,14 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
                        fold=lambda _shard, rows: found.append(rows) if len(rows) else None)
             above = pd.concat(found).sort_values("key")
         chosen.append((g, above, below))
+    return chosen
+
+
+def examples_html(store: ShardStore, shards: list[str], summary: dict, examples: int) -> str:
+    chosen = nearest_examples(store, shards, example_grids(summary), examples)
     wanted = pd.concat([f for _, a, b in chosen for f in (a, b)] or [pd.DataFrame(columns=["shard", "key"])])
     shown = previews(store, wanted[["shard", "key"]].drop_duplicates()) if len(wanted) else {}
-    parts.append("<h2>Examples near each threshold</h2>")
+    parts = ["<h2>Examples near each threshold</h2>"]
     if not chosen:
         parts.append("<p class=muted>No score thresholds are set.</p>")
     sides = ("pass it, nearest first (their final outcome below each)", "dropped by it, nearest first")
@@ -321,8 +350,4 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
                      + "".join(card(r, shown, column) for _, r in above.iterrows()) + "</div></div>"
                      f"<div><p class=muted>{right} ({len(below)})</p><div class=grid>"
                      + "".join(card(r, shown, column) for _, r in below.iterrows()) + "</div></div></div>")
-    parts.append("</body></html>")
-    store.write_bytes("".join(parts).encode(), *REPORT)
-    url = store.url(*REPORT)
-    log.info("Filter report written to %s.", url)
-    return url
+    return "".join(parts)

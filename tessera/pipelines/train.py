@@ -17,10 +17,10 @@ from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
 from tessera.models.refs import resolve
 from tessera.training.checkpoint import latest_checkpoint, stage_dir, step_of
-from tessera.training.loop import train_worker
+from tessera.training.loop import TrainJob, train_worker
 from tessera.training.metrics import read_metrics
 
-__all__ = ["TrainResult", "read_metrics", "run", "train_worker", "worker_conf"]
+__all__ = ["TrainJob", "TrainResult", "read_metrics", "run", "train_job", "train_worker"]
 
 
 # The stage ---------------------------------------------------------------------------------------
@@ -39,8 +39,8 @@ class TrainResult(StageResult):
         return by_reason(self.stage, DROPPED, self.skipped)
 
 
-def worker_conf(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None) -> dict:
-    """What every worker needs, as plain data; tiny model references are built here, once."""
+def train_job(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None) -> TrainJob:
+    """What every worker needs; model references are resolved (tiny ones built) here, once."""
 
     tcfg: TrainConfig | None = getattr(cfg, stage)
     if tcfg is None:
@@ -62,16 +62,16 @@ def worker_conf(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at
             init_from = source
         else:
             init_from = resolve(init_from, cfg.models_root)
-    return {"train": tcfg.model_dump(mode="json"), "stage": stage, "run_dir": run_dir,
-            "data_root": cfg.data_root, "use_ray": tcfg.use_ray, "init_from": init_from, "stop_at": stop_at,
-            "text_encoder": resolve(tcfg.text_encoder, cfg.models_root) if tcfg.text_encoder else None,
-            "vq": resolve(tcfg.vq, cfg.models_root) if tcfg.vq else None}
+    return TrainJob(train=tcfg, stage=stage, run_dir=run_dir, data_root=cfg.data_root, use_ray=tcfg.use_ray,
+                    init_from=init_from, stop_at=stop_at,
+                    text_encoder=resolve(tcfg.text_encoder, cfg.models_root) if tcfg.text_encoder else None,
+                    vq=resolve(tcfg.vq, cfg.models_root) if tcfg.vq else None)
 
 
 def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None) -> TrainResult:
     """Train (or resume) one stage of a run; returns where it ended."""
-    conf = worker_conf(cfg, stage, run_name, stop_at)
-    tcfg = TrainConfig.model_validate(conf["train"])
+    job = train_job(cfg, stage, run_name, stop_at)
+    tcfg = job.train
     if tcfg.use_ray:
         from ray.train import RunConfig as RayRunConfig
         from ray.train import ScalingConfig
@@ -80,23 +80,23 @@ def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | 
 
         init_ray(cfg.ray)
         trainer = TorchTrainer(
-            train_worker, train_loop_config=conf,
+            train_worker, train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
             torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
             run_config=RayRunConfig(name=f"{run_name or cfg.name}-{stage}",
-                                    storage_path=conf["run_dir"] + "/ray"),
+                                    storage_path=job.run_dir + "/ray"),
         )
         trainer.fit()
         step = None
     else:
-        step = train_worker(conf)["step"]
-    history = read_metrics(conf["run_dir"])
-    ckpt = latest_checkpoint(ShardStore(conf["run_dir"]))
+        step = train_worker(job)["step"]
+    history = read_metrics(job.run_dir)
+    ckpt = latest_checkpoint(ShardStore(job.run_dir))
     unusable = history[-1].get("skipped_samples", 0) if history else 0
     skipped = {"unusable_sample": unusable} if unusable else {}
     if ckpt:
         # The step counter of the newest checkpoint is where the stage stands.
         step = step_of(ckpt) if step is None else step
-    return TrainResult(stage=stage, run_dir=conf["run_dir"], step=step or 0, checkpoint=ckpt,
+    return TrainResult(stage=stage, run_dir=job.run_dir, step=step or 0, checkpoint=ckpt,
                        first_loss=history[0]["loss"] if history else None,
                        last_loss=history[-1]["loss"] if history else None, skipped=skipped)

@@ -12,9 +12,11 @@ Nothing in the step waits for the device: losses stay on it and are reduced ever
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import resource
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,137 +80,190 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0) * 1e12
 
 
-def train_worker(conf: dict) -> dict:
-    """The training loop of one worker. `conf` is plain data so that Ray can ship it."""
-    cfg = TrainConfig.model_validate(conf["train"])
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    d = dist_context(conf["use_ray"], cfg.use_gpu)
-    if d.device.type == "cuda":
-        torch.cuda.set_device(d.device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    data = ShardStore(conf["data_root"])
-    run = ShardStore(conf["run_dir"])
-    text_encoder = None
-    text_positions = gpt_config(cfg.model).cls_token_num
-    if conf.get("text_encoder"):
+@dataclass(frozen=True)
+class TrainJob:
+    """What every worker of a stage needs: the stage's config and where things are (local paths or
+    URLs, every model reference already resolved). Ray ships it to each worker as it is."""
+    train: TrainConfig
+    stage: str
+    run_dir: str
+    data_root: str
+    use_ray: bool = False
+    init_from: str | None = None  # a checkpoint to take the first weights from
+    stop_at: int | None = None  # stop (after checkpointing) at this step, before max_steps
+    text_encoder: str | None = None
+    vq: str | None = None
 
-        dtype = torch.bfloat16 if d.device.type == "cuda" and cfg.bf16 else None
-        text_encoder = TextEncoder.from_pretrained(conf["text_encoder"], max_length=text_positions,
-                                                   device=str(d.device), dtype=dtype)
-    caption_dim = cfg.caption_dim or (text_encoder.dim if text_encoder else stored_feature_dim(data, cfg.data.resolution))
-    if caption_dim is None:
-        raise ValueError("no text encoder is configured and no sample has stored caption features; "
-                         "set text_encoder (or caption_dim) for this stage")
-    model_cfg = model_config_for(cfg, caption_dim)
 
-    # The model, built for one device with the same initial weights on every worker, then parallelized.
-    ckpt_url = latest_checkpoint(run)
-    torch.manual_seed(cfg.data.seed)
-    with torch.device(d.device):
-        model = GPT(model_cfg, grid=cfg.data.resolution // 16)
-    if ckpt_url is None and conf.get("init_from"):
-        load_weights(model, read_checkpoint_any(conf["init_from"]))
-        if d.rank == 0:
-            log.info("Starting from the weights of %s (fresh optimizer and step).", conf["init_from"])
-    raw_model = model
-    model = parallelize(model, cfg, d)
-    optimizer = build_optimizer(model, cfg, d.device)
-    micro = cfg.micro_batch_for(d.world)
-    loader = CodesLoader(data, cfg.data, cfg.global_batch, d.rank, d.world, text_encoder, caption_dim,
-                         pin_memory=d.device.type == "cuda", text_positions=model_cfg.cls_token_num,
-                         vocab_size=model_cfg.vocab_size)
-    checkpointer = Checkpointer(run, cfg.keep_checkpoints, d.rank, cfg.async_checkpoint)
-    step = 0
-    if ckpt_url is not None:
-        state = Checkpointer.load(ckpt_url, model, optimizer)
-        saved = GPTConfig(**state["config"]["model_config"])
-        if saved != model_cfg:
-            raise ValueError(f"{ckpt_url} was trained with {saved}, but the config now asks for {model_cfg}")
-        loader.load_state_dict(state["data"])
-        step = int(state["step"])
-        if d.rank == 0:
-            log.info("Resuming %s from step %d (%s) on %d workers.", conf["stage"], step, ckpt_url, d.world)
-
-    metrics = MetricsLog(run, step, enabled=d.rank == 0)
-    autocast = torch.bfloat16 if d.device.type == "cuda" and cfg.bf16 else None
-    n_tokens = raw_model.num_image_tokens
-    peak = peak_flops(cfg, d.device)
-    saved_at = step
-    window = {"start": time.perf_counter(), "wait": 0.0, "losses": [], "grad_norm": None}
-    losses: list[float] = []
-    stop_at = conf.get("stop_at")
-    train_state = {"config": {"stage": conf["stage"], "resolution": cfg.data.resolution,
-                              "train": cfg.model_dump(mode="json"), "model_config": dataclasses.asdict(model_cfg)}}
-
+def train_worker(job: TrainJob | dict) -> dict:
+    """The training loop of one worker; Ray Train passes {"job": job}. Returns where it ended."""
+    job = job["job"] if isinstance(job, dict) else job
+    worker = Worker(job)
     try:
-        while step < cfg.max_steps and (stop_at is None or step < stop_at):
-            t0 = time.perf_counter()
-            batch = loader.next_batch()
-            window["wait"] += time.perf_counter() - t0
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step)
-            seed_step(cfg.data.seed, d.rank, step)
-            out = train_step(model, optimizer, split(batch, micro), grad_clip=cfg.optim.grad_clip,
-                             device=d.device, autocast_dtype=autocast)
-            step += 1
-            window["losses"].append(out["loss"])
-            window["grad_norm"] = out["grad_norm"]
-            if step % cfg.log_every == 0 or step == cfg.max_steps or step == stop_at:
-                # The one place the host waits for the device: every log_every steps.
-                step_losses = mean_over_workers(torch.stack(window["losses"]), d).tolist()
-                losses += step_losses
-                seconds = (time.perf_counter() - window["start"]) / len(step_losses)
-                tokens_per_s = cfg.global_batch * n_tokens / seconds
-                values = {"loss": step_losses[-1], "grad_norm": float(window["grad_norm"]),
-                          "lr": lr_at(cfg, step - 1), "tokens_per_s": tokens_per_s,
-                          "images_per_s": cfg.global_batch / seconds,
-                          "data_wait": window["wait"] / (seconds * len(step_losses)),
-                          "memory_gb": memory_gb(d.device), "epoch": loader.state_dict()["epoch"],
-                          "skipped_samples": sum(loader.skipped.values())}
-                if peak:
-                    values["mfu"] = mfu(model_cfg, model_cfg.cls_token_num + n_tokens, tokens_per_s, peak * d.world)
-                metrics.write(step, values)
-                if d.in_ray:
-                    import ray.train
-
-                    ray.train.report({"step": step, **values})
-                if d.rank == 0:
-                    log.info("%s step %d/%d: loss %.4f, grad norm %.3f, %.0f tokens/s, data wait %.0f%%.",
-                             conf["stage"], step, cfg.max_steps, values["loss"], values["grad_norm"],
-                             tokens_per_s, 100 * values["data_wait"])
-                window = {"start": time.perf_counter(), "wait": 0.0, "losses": [], "grad_norm": None}
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                url = checkpointer.save(step, model, optimizer, {"data": loader.state_dict(), **train_state})
-                if d.rank == 0:
-                    log.info("Saved checkpoint %s%s.", url, " (in the background)" if cfg.async_checkpoint else "")
-                saved_at = step
-            # Sharded (FSDP) weights would need every worker to generate: grids are for DDP and one worker.
-            if (cfg.sample_every and step % cfg.sample_every == 0 and d.rank == 0 and conf.get("vq")
-                    and not (cfg.parallel == "fsdp" and d.world > 1)):
-                _sample_grid(raw_model, conf, cfg, text_encoder, run, step, metrics)
-        checkpointer.wait()
-        barrier()
+        worker.resume()
+        worker.train()
     finally:
-        loader.close()
-        metrics.close()
-    if loader.skipped and d.rank == 0:
-        log.warning("Skipped samples: %s.", dict(loader.skipped))
-    return {"step": step, "saved_at": saved_at, "losses": losses, "skipped": dict(loader.skipped),
-            "data": loader.state_dict()}
+        worker.close()
+    return worker.summary()
 
 
-def _sample_grid(model: GPT, conf: dict, cfg: TrainConfig, text_encoder, run: ShardStore, step: int,
+class Worker:
+    """One worker's stage: its device and stores, text encoder, model, optimizer, loader and checkpoints."""
+
+    def __init__(self, job: TrainJob):
+        self.job, cfg = job, job.train
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        d = self.d = dist_context(job.use_ray, cfg.use_gpu)
+        if d.device.type == "cuda":
+            torch.cuda.set_device(d.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.data, self.run = ShardStore(job.data_root), ShardStore(job.run_dir)
+        self.text_encoder = self._text_encoder()
+        caption_dim = cfg.caption_dim or (self.text_encoder.dim if self.text_encoder
+                                          else stored_feature_dim(self.data, cfg.data.resolution))
+        if caption_dim is None:
+            raise ValueError("no text encoder is configured and no sample has stored caption features; "
+                             "set text_encoder (or caption_dim) for this stage")
+        self.model_cfg = model_config_for(cfg, caption_dim)
+        self.ckpt_url = latest_checkpoint(self.run)
+        self.raw_model = self._model()
+        self.model = parallelize(self.raw_model, cfg, d)
+        self.optimizer = build_optimizer(self.model, cfg, d.device)
+        self.loader = CodesLoader(self.data, cfg.data, cfg.global_batch, d.rank, d.world, self.text_encoder,
+                                  caption_dim, pin_memory=d.device.type == "cuda",
+                                  text_positions=self.model_cfg.cls_token_num, vocab_size=self.model_cfg.vocab_size)
+        self.checkpointer = Checkpointer(self.run, cfg.keep_checkpoints, d.rank, cfg.async_checkpoint)
+        self.step = self.saved_at = 0
+        self.losses: list[float] = []
+        self.metrics: MetricsLog | None = None
+        self.train_state = {"config": {"stage": job.stage, "resolution": cfg.data.resolution,
+                                       "train": cfg.model_dump(mode="json"),
+                                       "model_config": dataclasses.asdict(self.model_cfg)}}
+
+    def _text_encoder(self) -> TextEncoder | None:
+        if not self.job.text_encoder:
+            return None
+        cuda = self.d.device.type == "cuda"
+        return TextEncoder.from_pretrained(self.job.text_encoder, max_length=gpt_config(self.cfg.model).cls_token_num,
+                                           device=str(self.d.device),
+                                           dtype=torch.bfloat16 if cuda and self.cfg.bf16 else None)
+
+    def _model(self) -> GPT:
+        """Built for one device with the same initial weights on every worker; parallelized later."""
+        torch.manual_seed(self.cfg.data.seed)
+        with torch.device(self.d.device):
+            model = GPT(self.model_cfg, grid=self.cfg.data.resolution // 16)
+        if self.ckpt_url is None and self.job.init_from:
+            load_weights(model, read_checkpoint_any(self.job.init_from))
+            if self.d.rank == 0:
+                log.info("Starting from the weights of %s (fresh optimizer and step).", self.job.init_from)
+        return model
+
+    def resume(self) -> None:
+        """From the stage's newest checkpoint: weights, optimizer, step and the loader's position."""
+        if self.ckpt_url is not None:
+            state = Checkpointer.load(self.ckpt_url, self.model, self.optimizer)
+            saved = GPTConfig(**state["config"]["model_config"])
+            if saved != self.model_cfg:
+                raise ValueError(f"{self.ckpt_url} was trained with {saved}, but the config now asks for {self.model_cfg}")
+            self.loader.load_state_dict(state["data"])
+            self.step = self.saved_at = int(state["step"])
+            if self.d.rank == 0:
+                log.info("Resuming %s from step %d (%s) on %d workers.", self.job.stage, self.step, self.ckpt_url,
+                         self.d.world)
+        self.metrics = MetricsLog(self.run, self.step, enabled=self.d.rank == 0)
+
+    def train(self) -> None:
+        cfg, d, stop_at = self.cfg, self.d, self.job.stop_at
+        autocast = torch.bfloat16 if d.device.type == "cuda" and cfg.bf16 else None
+        window = Window()
+        while self.step < cfg.max_steps and (stop_at is None or self.step < stop_at):
+            t0 = time.perf_counter()
+            batch = self.loader.next_batch()
+            window.wait += time.perf_counter() - t0
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(cfg, self.step)
+            seed_step(cfg.data.seed, d.rank, self.step)
+            out = train_step(self.model, self.optimizer, split(batch, cfg.micro_batch_for(d.world)),
+                             grad_clip=cfg.optim.grad_clip, device=d.device, autocast_dtype=autocast)
+            self.step += 1
+            window.losses.append(out["loss"])
+            window.grad_norm = out["grad_norm"]
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step == stop_at:
+                self.log(window)
+                window = Window()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.save()
+            # Sharded (FSDP) weights would need every worker to generate: grids are for DDP and one worker.
+            if (cfg.sample_every and self.step % cfg.sample_every == 0 and d.rank == 0 and self.job.vq
+                    and not (cfg.parallel == "fsdp" and d.world > 1)):
+                _sample_grid(self.raw_model, self.job, cfg, self.text_encoder, self.run, self.step, self.metrics)
+        self.checkpointer.wait()
+        barrier()
+
+    def log(self, window: "Window") -> None:
+        """The one place the host waits for the device: every log_every steps."""
+        cfg, d = self.cfg, self.d
+        step_losses = mean_over_workers(torch.stack(window.losses), d).tolist()
+        self.losses += step_losses
+        seconds = (time.perf_counter() - window.start) / len(step_losses)
+        n_tokens = self.raw_model.num_image_tokens
+        tokens_per_s = cfg.global_batch * n_tokens / seconds
+        values = {"loss": step_losses[-1], "grad_norm": float(window.grad_norm), "lr": lr_at(cfg, self.step - 1),
+                  "tokens_per_s": tokens_per_s, "images_per_s": cfg.global_batch / seconds,
+                  "data_wait": window.wait / (seconds * len(step_losses)), "memory_gb": memory_gb(d.device),
+                  "epoch": self.loader.state_dict()["epoch"], "skipped_samples": sum(self.loader.skipped.values())}
+        peak = peak_flops(cfg, d.device)
+        if peak:
+            values["mfu"] = mfu(self.model_cfg, self.model_cfg.cls_token_num + n_tokens, tokens_per_s, peak * d.world)
+        self.metrics.write(self.step, values)
+        if d.in_ray:
+            import ray.train  # only under Ray Train; the loop runs without Ray installed
+
+            ray.train.report({"step": self.step, **values})
+        if d.rank == 0:
+            log.info("%s step %d/%d: loss %.4f, grad norm %.3f, %.0f tokens/s, data wait %.0f%%.",
+                     self.job.stage, self.step, cfg.max_steps, values["loss"], values["grad_norm"],
+                     tokens_per_s, 100 * values["data_wait"])
+
+    def save(self) -> None:
+        url = self.checkpointer.save(self.step, self.model, self.optimizer,
+                                     {"data": self.loader.state_dict(), **self.train_state})
+        if self.d.rank == 0:
+            log.info("Saved checkpoint %s%s.", url, " (in the background)" if self.cfg.async_checkpoint else "")
+        self.saved_at = self.step
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.loader.skipped and self.d.rank == 0:
+            log.warning("Skipped samples: %s.", dict(self.loader.skipped))
+
+    def summary(self) -> dict:
+        return {"step": self.step, "saved_at": self.saved_at, "losses": self.losses,
+                "skipped": dict(self.loader.skipped), "data": self.loader.state_dict()}
+
+
+@dataclass
+class Window:
+    """The steps since the last log line: their losses (on the device), data wait, last grad norm."""
+    start: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    losses: list = field(default_factory=list)
+    grad_norm: torch.Tensor | None = None
+
+
+def _sample_grid(model: GPT, job: TrainJob, cfg: TrainConfig, text_encoder, run: ShardStore, step: int,
                  metrics: MetricsLog) -> None:
     """A PNG grid of the fixed prompts (training reseeds every step, so this draws nothing from it)."""
-    import io
-
-
     if text_encoder is None:
         return
     try:
         device = next(model.parameters()).device
-        vq = load_vq(conf["vq"], device=str(device))
+        vq = load_vq(job.vq, device=str(device))
         generator = torch.Generator(device).manual_seed(cfg.data.seed)
         images, _ = render(model, vq, text_encoder, cfg.sample_prompts, generator=generator,
                            cfg_scale=4.0, temperature=1.0, top_k=1000, top_p=1.0)
