@@ -5,7 +5,7 @@ Synthetic score shards (scores parquet, CLIP-like embeddings .npy and the score 
 store layout) are written at each size, then the distributed select (select.run) and the report
 (filter_report.build) run on a local Ray in a fresh driver process, whose peak RSS (getrusage, the driver
 process only: Ray's workers and daemons are other processes) and wall time are printed per size,
-with the growth ratios between sizes. The previous in-memory path (select.exact_reference) runs on
+with the growth ratios between sizes. The previous in-memory path (select_reference.exact_reference) runs on
 the same shards as the baseline where it fits (--baseline-max rows), and its decisions are checked
 against the distributed ones. Then caption and tokenize run over shards their markers say are
 finished for this selection: what a rerun of a finished curation costs the driver.
@@ -128,7 +128,7 @@ def measure(root: str, path: str, rows: int, cpus: int) -> dict:
     import logging
 
     from tessera.config.ray import RayConfig
-    from tessera.pipelines import filter_report, select
+    from tessera.pipelines import filter_report, select, select_reference
     from tessera.core.raytools import init_ray
     from tessera.core.store import ShardStore
 
@@ -138,9 +138,9 @@ def measure(root: str, path: str, rows: int, cpus: int) -> dict:
     out = {"path": path, "start_mb": peak_mb()}
     if path == "exact":
         t = time.perf_counter()
-        frame, summary = select.exact_reference(cfg, store)
+        frame, summary = select_reference.exact_reference(cfg, store)
         out.update(select_s=time.perf_counter() - t, peak_mb=peak_mb(), kept=summary["kept"])
-        stored = select.load_scores(store, store.done_shards("score"), decisions=True, text=False)
+        stored = select_reference.load_scores(store, store.done_shards("score"), decisions=True, text=False)
         out["equal"] = bool((stored["reason"].to_numpy() == frame["reason"].to_numpy()).all()
                             and (stored["duplicate_of"].to_numpy() == frame["duplicate_of"].to_numpy()).all())
         return out

@@ -10,17 +10,20 @@ import posixpath
 from collections import Counter
 
 from tessera.config import RunConfig
-from tessera.training.checkpoint import checkpoint_steps, latest_checkpoint, stage_dir
 from tessera.core.runtime import failures
 from tessera.core.store import ShardStore
+from tessera.pipelines.stages import data_stages
+from tessera.training.checkpoint import checkpoint_steps, latest_checkpoint, stage_dir
 
 
 def stages(cfg: RunConfig) -> list[tuple[str, str, str]]:
     """(name, marker folder, runtime stage that records its failures) of the data stages, in order."""
-    out = [("download", "download", "download"), ("score", "score", "score"), ("select", "select", "select")]
-    if cfg.caption.enabled:
-        out.append(("caption", "caption", "caption"))
-    return out + [(f"tokenize {res}", f"tokens/{res}", "tokenize") for res in cfg.tokenize.resolutions]
+    out = []
+    for step in data_stages(cfg):
+        folders = step.marker_folders(cfg.tokenize.resolutions)
+        out += [(f"{step.name} {folder.rsplit('/', 1)[-1]}" if step.marked_in_outputs else step.name, folder, step.name)
+                for folder in folders]
+    return out
 
 
 def failed_shards(store: ShardStore, stage: str) -> dict[str, str]:

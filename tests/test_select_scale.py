@@ -9,7 +9,7 @@ import pytest
 from datasketches import kll_doubles_sketch
 
 from tessera.core import quantiles
-from tessera.pipelines import select
+from tessera.pipelines import select, select_reference
 from tessera.core.store import ShardStore
 
 from .test_select import cfg, row, write_scores
@@ -53,7 +53,7 @@ def random_shards(store: ShardStore, rng, shards: int, per_shard: int, dim: int 
 
 
 def decisions(store, shards) -> pd.DataFrame:
-    frame = select.load_scores(store, shards, decisions=True)
+    frame = select_reference.load_scores(store, shards, decisions=True)
     return frame[["shard", "key", "keep", "reason", "duplicate_of"]].reset_index(drop=True)
 
 
@@ -69,7 +69,7 @@ def test_distributed_select_equals_the_exact_one(tmp_path, target):
             dedup={"enabled": True, "min_similarity": 0.99, "n_clusters": 3, "partitions": 2},
             target=target, sketch_k=8, max_gather=12)
     shards = store.done_shards("score")
-    exact, expected = select.exact_reference(c, store)
+    exact, expected = select_reference.exact_reference(c, store)
     result = select.run(c, store)
     got = decisions(store, shards)
     pd.testing.assert_frame_equal(got, exact[["shard", "key", "keep", "reason", "duplicate_of"]]
@@ -89,7 +89,7 @@ def test_semantic_dedup_finds_the_planted_cross_shard_duplicates(tmp_path):
     c = cfg(clip_score={"min": 0.0}, aesthetic={"min": 0.0}, watermark={"max": 1.0},
             dedup={"enabled": True, "min_similarity": 0.99, "n_clusters": 4, "partitions": 3})
     shards = store.done_shards("score")
-    exact, _ = select.exact_reference(c, store)
+    exact, _ = select_reference.exact_reference(c, store)
     result = select.run(c, store)
     got = decisions(store, shards)
     assert got["duplicate_of"].tolist() == exact["duplicate_of"].tolist()
@@ -168,7 +168,7 @@ def test_a_group_split_across_clusters_is_joined_through_the_spilled_member(tmp_
     write_scores(store, "00000", [row("k2"), row("k9")], embeddings=[at(30), at(-80)])  # a, and one far away
     write_scores(store, "00001", [row("k1"), row("k3")], embeddings=[at(60), at(44)])   # c, b
     c = cfg(dedup={"enabled": True, "min_similarity": 0.95})
-    exact, _ = select.exact_reference(c, store)
+    exact, _ = select_reference.exact_reference(c, store)
     assert dict(zip(exact["key"], exact["duplicate_of"])) == {"k1": "", "k2": "k1", "k3": "k1", "k9": ""}
     centroids = np.stack([at(0), at(90)])
 

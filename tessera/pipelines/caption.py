@@ -33,6 +33,7 @@ from tessera.core.lineage import (
     shard_fingerprints,
 )
 from tessera.core.raytools import init_ray
+from tessera.core.stage import Stage
 from tessera.core.store import ShardStore
 from tessera.models.llava import load_llava, prompt_text
 from tessera.models.refs import build_of, resolve
@@ -230,12 +231,12 @@ def run(cfg: CaptionConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
     settings = generation_settings(cfg, device)
     init_ray(ray_cfg)
     ran = runtime.run_stage(
-        STAGE, store, shards, CaptionShard,
+        STEP.name, store, shards, STEP.work,
         kwargs={"cfg": cfg, "model_path": model_path, "device": device, "settings": settings},
         fingerprints=shard_fingerprints(store, shards, lineage(cfg, model_path, settings)),
         stamp={"selection": selection_id(store)}, num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, actors=num_actors(cfg), retries=cfg.shard_retries,
-        outputs=(OUTPUT,), on_shard=on_shard)
+        outputs=STEP.outputs, on_shard=on_shard)
     return summarize(store, shards, ran.failed)
 
 
@@ -249,6 +250,9 @@ def num_actors(cfg: CaptionConfig) -> int:
     if cfg.num_gpus_per_actor > 0:
         return max(1, int(resources.get("GPU", 0) // cfg.num_gpus_per_actor))
     return max(1, int(resources.get("CPU", 1) // cfg.num_cpus_per_actor))
+
+
+STEP = Stage(STAGE, inputs=("download", "select"), outputs=(OUTPUT,), work=CaptionShard, result=CaptionResult)
 
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> CaptionResult:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
 from tessera.core.funnel import DROPPED, StageResult, by_reason
+from tessera.core.stage import Stage
 from tessera.core.store import ShardStore
 from tessera.core.urlcheck import check_url
 from tessera.pipelines.prepare import INPUT, duplicate_rows
@@ -273,10 +274,13 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
     prepared = store.read_json(INPUT, "_prepared.json")
     if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)
-    ran = runtime.run_stage(STAGE, store, shards, download_shard,
+    ran = runtime.run_stage(STEP.name, store, shards, STEP.work,
                             kwargs={"cfg": cfg, "carried": prepared["carried"]},
                             max_in_flight=cfg.max_tasks_in_flight, retries=cfg.shard_retries, on_shard=on_shard)
     return summarize(store, shards, ran.failed, prepared.get("rows_per_shard"))
+
+
+STEP = Stage(STAGE, inputs=(INPUT,), outputs=(STAGE,), work=download_shard, result=DownloadResult)
 
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str],

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from tessera.config.download import CaptionFiles, DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
+from tessera.core.stage import Stage
 from tessera.core.store import ShardStore, shard_name
 from tessera.pipelines.download import (
     INPUT,
@@ -437,6 +438,9 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
 
 
 # The stage --------------------------------------------------------------------------------
+STEP = Stage(STAGE, inputs=(INPUT,), outputs=(STAGE,), work=ingest_shard, result=DownloadResult)
+
+
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
     """Read every input shard not yet done; return the download stage's counts over all shards."""
@@ -446,7 +450,7 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
     shards = prepare(source, cfg, store)
     if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)
-    ran = runtime.run_stage(STAGE, store, shards, ingest_shard, kwargs={"source": source, "cfg": cfg},
+    ran = runtime.run_stage(STEP.name, store, shards, STEP.work, kwargs={"source": source, "cfg": cfg},
                             max_in_flight=cfg.max_tasks_in_flight, retries=cfg.shard_retries, on_shard=on_shard)
     prepared = store.read_json(INPUT, "_prepared.json")
     return summarize(store, shards, ran.failed, prepared.get("rows_per_shard"))

@@ -29,6 +29,7 @@ from tessera.config.ray import RayConfig
 from tessera.core import runtime
 from tessera.core.funnel import StageResult
 from tessera.core.raytools import init_ray
+from tessera.core.stage import Stage
 from tessera.core.store import ShardStore
 from tessera.filters import (
     Batch,
@@ -65,6 +66,7 @@ class ScoreResult(StageResult):
     def outcomes(self) -> list[tuple[str, str, str, int]]:
         # Nothing is dropped while scoring; unreadable images are dropped by select, with a reason.
         return [(STAGE, "scored", "", self.samples)]
+
 
 
 # Models ----------------------------------------------------------------------------------------
@@ -318,11 +320,14 @@ def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
     init_ray(ray_cfg)
     device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
     ran = runtime.run_stage(
-        STAGE, store, shards, ScoreShard, kwargs={"cfg": cfg, "sources": sources, "paths": paths, "device": device},
+        STEP.name, store, shards, STEP.work, kwargs={"cfg": cfg, "sources": sources, "paths": paths, "device": device},
         fingerprints=fingerprints(store, shards, lineage(cfg, sources, paths)), stamp={"sources": sources},
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor, actors=cfg.concurrency,
-        retries=cfg.shard_retries, outputs=(SCORES, EMBEDDINGS), on_shard=on_shard)
+        retries=cfg.shard_retries, outputs=STEP.outputs, on_shard=on_shard)
     return summarize(store, shards, ran.failed)
+
+
+STEP = Stage(STAGE, inputs=("download",), outputs=(SCORES, EMBEDDINGS), work=ScoreShard, result=ScoreResult)
 
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> ScoreResult:

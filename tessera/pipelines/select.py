@@ -31,11 +31,11 @@ from tessera.config.filters import FiltersConfig
 from tessera.core import quantiles
 from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.runtime import ShardFailures, map_shards, run_stage
+from tessera.core.stage import Stage
 from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
 from tessera.pipelines import score, select_work, semdedup
 from tessera.pipelines.filter_report import HISTOGRAMS, histogram_marks
-from tessera.pipelines.select_reference import exact_reference, load_scores  # noqa: F401 - the reference path
 from tessera.pipelines.select_work import STAGE, Plan
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class SelectResult(StageResult):
 
     def outcomes(self) -> list[tuple[str, str, str, int]]:
         return [(STAGE, KEPT, "", self.kept), *by_reason(STAGE, DROPPED, self.dropped)]
+
+
+STEP = Stage(STAGE, inputs=(score.SCORES, score.EMBEDDINGS), outputs=(score.SCORES,), work=select_work.apply,
+             result=SelectResult)
 
 
 def fingerprint(cfg: FiltersConfig, store: ShardStore, shards: list[str]) -> str:
@@ -262,7 +266,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     edges = histogram_edges(summary, ranges)
     # Decisions per shard, as a stage: a shard already decided by this same selection (a crashed
     # apply) is kept; one decided by an older selection is redone.
-    ran = run_stage(STAGE, store, shards, select_work.apply, kwargs={"plan": plan, "edges": edges},
+    ran = run_stage(STEP.name, store, shards, STEP.work, kwargs={"plan": plan, "edges": edges},
                     fingerprints={s: stamp for s in shards}, retries=cfg.shard_retries, on_shard=on_shard,
                     unit="rows")
     if ran.failed:  # a partial selection would change which samples are kept: none is published
@@ -286,4 +290,4 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     return SelectResult(summary["samples"], summary["kept"], summary["dropped"], summary)
 
 
-__all__ = ["SelectResult", "exact_reference", "load_scores", "run"]
+__all__ = ["STEP", "SelectResult", "run"]

@@ -44,6 +44,7 @@ from tessera.core.lineage import (
 )
 from tessera.core.raytools import init_ray
 from tessera.core.runtime import matches
+from tessera.core.stage import Stage
 from tessera.core.store import ShardStore
 from tessera.core.token_shards import (
     decode_npy,
@@ -323,12 +324,12 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
     init_ray(ray_cfg)
     device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
     ran = runtime.run_stage(
-        STAGE, store, shards, TokenizeShard,
+        STEP.name, store, shards, STEP.work,
         kwargs={"cfg": cfg, "vq_path": vq_path, "text_path": text_path, "device": device,
                 "codebook_size": _codebook_size(vq_path, cfg), "fingerprints": fingerprints, "selection": selection},
         fingerprints=fingerprints, stamp={"selection": selection}, num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, actors=cfg.num_actors, retries=cfg.shard_retries,
-        outputs=tuple(tokens_folder(r) for r in cfg.resolutions), on_shard=on_shard)
+        outputs=tuple(STEP.folders(STEP.outputs, cfg.resolutions)), on_shard=on_shard)
     for res, markers in per_res.items():  # shards kept as they were, but now part of this selection
         for shard in (s for s in shards if s not in ran.done and s not in ran.failed):
             if markers[shard].get("selection") != selection:
@@ -344,6 +345,10 @@ def _codebook_size(vq_path: str, cfg: TokenizeConfig) -> int:
         with open(os.path.join(vq_path, CONFIG_FILE)) as f:
             return int(json.load(f)["codebook_size"])
     return VQ_CONFIGS[cfg.vq_config].codebook_size
+
+
+STEP = Stage(STAGE, inputs=("download", "select", "captions"), outputs=("tokens/{res}",), work=TokenizeShard,
+             result=TokenizeResult, marked_in_outputs=True)
 
 
 def summarize(store: ShardStore, shards: list[str], resolutions: list[int], failed: dict[str, str]) -> TokenizeResult:
