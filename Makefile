@@ -129,6 +129,12 @@ world-models: setup
 world-models-check: setup
 	$(PY) -m tessera.demo.world_models --check
 
+# The config reference, generated from the config models (a test checks it is current).
+.PHONY: config-docs
+config-docs: setup
+	$(PY) -m tessera.config.reference > docs/config-reference.md.new
+	mv docs/config-reference.md.new docs/config-reference.md
+
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new
 	mv requirements.lock.new requirements.lock
