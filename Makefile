@@ -142,7 +142,7 @@ lock: setup
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
 
-# Orchestration (README, "Running at scale"). `make deploy` registers the curate, stage1, stage2,
+# Orchestration (docs/cluster.md). `make deploy` registers the curate, stage1, stage2,
 # sample, eval and all deployments with the process work pool POOL on the Prefect server at
 # PREFECT_API_URL (default: the `make ui` one), `make worker` runs their flow runs, `make serve` does
 # both in one process. `make submit` runs FLOW as a Ray job on the cluster whose job API is at
