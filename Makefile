@@ -129,6 +129,12 @@ world-models: setup
 world-models-check: setup
 	$(PY) -m tessera.demo.world_models --check
 
+# The config reference, generated from the config models (a test checks it is current).
+.PHONY: config-docs
+config-docs: setup
+	$(PY) -m tessera.config.reference > docs/config-reference.md.new
+	mv docs/config-reference.md.new docs/config-reference.md
+
 lock: setup
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E "^(pip|tessera|dataclasses)==" > requirements.lock.new
 	mv requirements.lock.new requirements.lock
@@ -136,7 +142,7 @@ lock: setup
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
 
-# Orchestration (README, "Running at scale"). `make deploy` registers the curate, stage1, stage2,
+# Orchestration (docs/cluster.md). `make deploy` registers the curate, stage1, stage2,
 # sample, eval and all deployments with the process work pool POOL on the Prefect server at
 # PREFECT_API_URL (default: the `make ui` one), `make worker` runs their flow runs, `make serve` does
 # both in one process. `make submit` runs FLOW as a Ray job on the cluster whose job API is at

@@ -1,5 +1,5 @@
 """A local Ray stays on this machine: no cloud-metadata probe, and exactly the loopback listeners
-the README lists.
+docs/configs.md lists.
 
 Each start runs in a child process inside a network namespace of its own (nested in the one of
 tests/test_netns.py), where 169.254.169.254 is a local address with a listener on port 80 that
@@ -110,12 +110,12 @@ def kind_of(listener: dict) -> str:
     return f"unknown: {cmd[:80]}"
 
 
-def readme_listeners() -> dict[str, int]:
-    """The table under the README's "Ray's listeners": process -> listeners per process."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Ray's listeners", 1)[1].split("\n#", 1)[0]
+def documented_listeners() -> dict[str, int]:
+    """The table under "Ray's listeners" in docs/configs.md: process -> listeners per process."""
+    text = (REPO / "docs" / "configs.md").read_text()
+    section = text.split("## Ray's listeners", 1)[1].split("\n#", 1)[0]
     rows = re.findall(r"^\| `([^`]+)` \| (\d+) \| 127\.0\.0\.1 \|", section, re.M)
-    assert rows, "no listener table in the README's section"
+    assert rows, "no listener table in the section"
     return {kind: int(n) for kind, n in rows}
 
 
@@ -126,7 +126,7 @@ def our_ray(tmp_path_factory):
 
 
 @pytest.mark.netns
-def test_local_ray_listens_on_loopback_exactly_as_the_readme_says(our_ray):
+def test_local_ray_listens_on_loopback_exactly_as_the_docs_say(our_ray):
     listeners = our_ray["listeners"]
     assert not [l for l in listeners if l["ip"] not in LOOPBACK], listeners
     counts: dict[int, int] = {}
@@ -135,7 +135,7 @@ def test_local_ray_listens_on_loopback_exactly_as_the_readme_says(our_ray):
     per_process: dict[str, set[int]] = {}
     for l in listeners:
         per_process.setdefault(kind_of(l), set()).add(counts[l["pid"]])
-    assert per_process == {kind: {n} for kind, n in readme_listeners().items()}, listeners
+    assert per_process == {kind: {n} for kind, n in documented_listeners().items()}, listeners
 
 
 @pytest.mark.netns

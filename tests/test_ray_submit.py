@@ -98,7 +98,7 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a limit
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
-    # No metadata probe, no usage report, every listener on 127.0.0.1 (README, "Ray's listeners").
+    # No metadata probe, no usage report, every listener on 127.0.0.1 (docs/configs.md, "Ray's listeners").
     env = local_ray_env({**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                          "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
                          "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})

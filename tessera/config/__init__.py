@@ -38,8 +38,9 @@ class ConfigError(ValueError):
 
 
 class RunConfig(Section):
-    name: str
-    data_root: str
+    name: str  # the run's name; also the training run's name under runs_root unless --run gives one
+    data_root: str  # the dataset root: a local path or an fsspec URL (s3://, gs://, ...)
+    # Where training runs live ({runs_root}/{run}/{stage}/): a local path or an fsspec URL.
     runs_root: str = "runs"
     # Where models live: `tiny:NAME` ones are built here (tessera.models.tiny), `tessera fetch-models`
     # downloads the others here, and runs look for them here (a relative model path is under it).
@@ -47,16 +48,23 @@ class RunConfig(Section):
     # Where `tessera fetch-models` gets the models this config names, keyed by the name as written
     # (path, file name or hub id); these add to and override the built-in sources.
     model_sources: dict[str, ModelSource] = {}
+    # A local Ray, or the cluster to join.
     ray: RayConfig = RayConfig()
+    # The input: its kind, path and columns.
     source: SourceConfig
+    # The download stage; its decoding and size rules also apply to the read input kinds.
     download: DownloadConfig = DownloadConfig()
     # Scoring and selection: the score and select stages read this one section.
     filters: FiltersConfig = FiltersConfig()
     # Re-captioning of the kept samples (LLaVA), between select and tokenize.
     caption: CaptionConfig = CaptionConfig()
+    # Code shards of the kept samples: VQ codes and caption features.
     tokenize: TokenizeConfig = TokenizeConfig()
+    # Training at 256px (16x16 codes); null: the config has no stage 1.
     stage1: TrainConfig | None = None
+    # Training at 512px (32x32 codes) from stage 1's weights; null: the config has no stage 2.
     stage2: TrainConfig | None = None
+    # A PNG grid of prompts from a checkpoint; null: the config has no sample step.
     sample: SampleConfig | None = None
     # Evaluation of checkpoints (FID, CLIP score, prompt-following) and of the tokenizer.
     eval: EvalConfig | None = None

@@ -11,8 +11,8 @@ from tessera.config.base import Section
 class ColumnMap(Section):
     """Where to find each field in the input parquet. LAION-style sets differ in names."""
 
-    url: str = "URL"
-    caption: str = "TEXT"
+    url: str = "URL"  # the input's URL column
+    caption: str = "TEXT"  # the input's caption column
     # Input columns carried into img2dataset's per-sample metadata, when present.
     # A listed column that the input lacks is reported once and skipped, never invented.
     carry: list[str] = [
@@ -24,8 +24,8 @@ class ColumnMap(Section):
 class SyntheticConfig(Section):
     """The embedded default: a LAION-COCO-like parquet whose URLs a loopback server answers."""
 
-    num_images: int = 300
-    seed: int = 0
+    num_images: int = 300  # pictures in the generated set
+    seed: int = 0  # the seed of everything generated
     # Add one record of every bad kind (404, timeout, corrupt JPEG, file: URL, ...).
     bad_records: bool = True
     # Plant defects in a share of the pictures (mismatched captions, watermarks, low-aesthetic
@@ -49,8 +49,8 @@ class ImageFolderOptions(Section):
     # A CSV, parquet or JSON-lines file mapping image paths (relative to `path`) to captions; it
     # comes before the sidecars. Relative to `path` unless absolute or a URL.
     mapping: str | None = None
-    image_column: str = "file_name"
-    caption_column: str = "text"
+    image_column: str = "file_name"  # the mapping's column of image paths
+    caption_column: str = "text"  # the mapping's caption column
 
 
 class WebDatasetOptions(Section):
@@ -61,7 +61,7 @@ class WebDatasetOptions(Section):
 class HfParquetOptions(Section):
     # The image column: a struct {bytes, path} (the datasets `Image` feature) or binary.
     image_column: str = "image"
-    caption_column: str = "text"
+    caption_column: str = "text"  # the caption column
 
 
 SourceKind = Literal["laion_parquet", "image_folder", "webdataset", "hf_parquet"]
@@ -96,39 +96,42 @@ class SourceConfig(Section):
 
 
 class UrlPolicy(Section):
+    # URL schemes that may be fetched.
     schemes: list[str] = ["http", "https"]
-    max_length: int = 2048
+    max_length: int = 2048  # longer URLs are dropped as url_too_long
     # Destinations that are refused unless allowed here, checked before the request,
     # at every connection and after every redirect.
     allow_loopback: bool = False
-    allow_private: bool = False
-    allow_link_local: bool = False
+    allow_private: bool = False  # private ranges (10/8, 172.16/12, 192.168/16, fc00::/7, ...)
+    allow_link_local: bool = False  # link-local ranges; metadata addresses are never fetched
 
 
 class DownloadConfig(Section):
-    shard_size: int = 10_000
+    shard_size: int = 10_000  # input rows per shard: one Ray task and one output tar each
     # img2dataset settings.
-    image_size: int = 512
-    resize_mode: str = "keep_ratio"
+    image_size: int = 512  # side of the resized image
+    resize_mode: str = "keep_ratio"  # img2dataset's: no, keep_ratio, keep_ratio_largest, center_crop, border
     resize_only_if_bigger: bool = True
-    encode_format: str = "jpg"
+    encode_format: str = "jpg"  # jpg, png or webp
     encode_quality: int = 95
-    min_image_size: int = 64
-    max_aspect_ratio: float = 3.0
+    min_image_size: int = 64  # smallest short side kept, in pixels of the original
+    max_aspect_ratio: float = 3.0  # largest long side / short side kept
     # Decompression-bomb guard: pixels of the original, checked from the header before decoding.
     max_image_area: int = 89_478_485
-    thread_count: int = 64
+    thread_count: int = 64  # download threads per shard task
     # Wall-clock seconds per download: connecting, TLS, redirects and the whole body together.
     timeout: float = 10.0
-    retries: int = 0
+    retries: int = 0  # img2dataset's retries per URL
     # An egress proxy for every download, e.g. http://proxy.internal:3128. The downloader ignores
     # http_proxy / https_proxy; with a proxy set, hosts in no_proxy are fetched directly.
     proxy: str | None = None
-    user_agent_token: str | None = "tessera"
+    user_agent_token: str | None = "tessera"  # added to the User-Agent header
+    # X-Robots-Tag directives that refuse an image (disallowed_by_site).
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
     # Ray: one task per shard, with at most this many in flight; attempts per shard beyond the first.
     max_tasks_in_flight: int = 64
-    shard_retries: int = 3
+    shard_retries: int = 3  # attempts per shard beyond the first
+    # The URL check before any request.
     urls: UrlPolicy = UrlPolicy()
 
     @field_validator("proxy")

@@ -14,8 +14,8 @@ class TokenizerEvalConfig(Section):
     vq: str | None = None  # None: the sampling VQ (eval.vq)
     # Held-out images: a glob of image files (local or fsspec); None: the prompt set's `image` column.
     images: str | None = None
-    max_images: int = 64
-    resolutions: list[Resolution] = [256, 512]
+    max_images: int = 64  # at most this many held-out images
+    resolutions: list[Resolution] = [256, 512]  # each image is encoded and decoded at these sides
     batch_size: int = 8
 
 
@@ -26,7 +26,7 @@ class EvalConfig(Section):
     prompts: str | None = None
     synthetic_prompts: int = 24  # how many held-out prompts the demo writes when `prompts` is None
     max_prompts: int | None = None  # evaluate only the first N prompts (None: all)
-    images_per_prompt: int = 2
+    images_per_prompt: int = 2  # samples per prompt
     # Reference images for FID: a glob of image files; None: the prompt set's `image` column.
     reference: str | None = None
     # Which checkpoints `eval` compares: "untrained" (a fresh model of stage 1's size), "stage1",
@@ -34,12 +34,12 @@ class EvalConfig(Section):
     checkpoints: list[str] = ["untrained", "stage1", "stage2"]
     # Sampling (as in the `sample` section).
     resolution: Resolution | None = None  # None: each checkpoint's training resolution
-    vq: str = "vq_ds16_t2i.pt"
-    text_encoder: str = "google/flan-t5-xl"
+    vq: str = "vq_ds16_t2i.pt"  # decodes the codes (a relative path is under models_root)
+    text_encoder: str = "google/flan-t5-xl"  # path, hub id or tiny:NAME
     model: str = "GPT-XL"  # for checkpoints without their config (LlamaGen's)
-    text_rope: Literal["identity", "llamagen"] = "llamagen"
+    text_rope: Literal["identity", "llamagen"] = "llamagen"  # for checkpoints without their config
     batch_size: int = 8
-    cfg_scale: float = 7.5
+    cfg_scale: float = 7.5  # classifier-free guidance scale
     temperature: float = 1.0
     top_k: int = 1000
     top_p: float = 1.0
@@ -47,16 +47,17 @@ class EvalConfig(Section):
     # Metrics. Inception-v3 weights in torch-fidelity's format (weights-inception-2015-12-05-
     # 6726825d.pth) by path: FID (and IS, precision/recall when asked); None: no Inception metrics.
     inception: str | None = None
-    inception_score: bool = False
-    precision_recall: bool = False
+    inception_score: bool = False  # also the Inception Score
+    precision_recall: bool = False  # also improved precision and recall
     # The CLIP for CLIP score and the CLIP-feature Frechet distance (ViT-L/14 at scale).
     clip: ClipModelConfig = ClipModelConfig()
     # Distribution: one sampling worker per GPU (or CPU worker), prompts in shards.
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per sampling worker
     shard_size: int = 256  # prompts per shard
-    retries: int = 1
+    retries: int = 1  # attempts per shard beyond the first
     html_prompts: int = 64  # prompts shown on the samples page
+    # The tokenizer's evaluation: rFID, PSNR, SSIM, codebook usage.
     tokenizer: TokenizerEvalConfig = TokenizerEvalConfig()
 
     @model_validator(mode="after")

@@ -28,15 +28,20 @@ class ClipModelConfig(Section):
 
 
 class ScoreFilterConfig(Section):
+    """A score filter: where its score comes from, and at most one of min, max, keep_fraction."""
+
     # compute: run the model; metadata: read `column` from the input; off: no such score.
     source: Source = "compute"
-    column: str = ""
+    column: str = ""  # the input column read when source is metadata
     # When `source: metadata` and the input lacks `column`: compute instead, or drop the
     # samples with the reason `<score>_missing`. Never guessed.
     on_missing_column: Literal["compute", "drop"] = "compute"
-    weights: str = ""
+    weights: str = ""  # the scoring head's weights (a relative path is under models_root)
+    # Threshold of a higher-is-better score (clip_score, aesthetic): lower ones are dropped.
     min: float | None = None
+    # Threshold of a lower-is-better score (watermark, nsfw): higher ones are dropped.
     max: float | None = None
+    # Keep this share: the threshold is chosen from the score's distribution.
     keep_fraction: float | None = None
 
     @model_validator(mode="after")
@@ -71,7 +76,7 @@ class WatermarkConfig(ScoreFilterConfig):
     weights: str = "watermark_model_v1.pt"
     # timm architecture of the detector's backbone.
     arch: str = "efficientnet_b3a"
-    image_size: int = 256
+    image_size: int = 256  # the detector's input side
     max: float | None = 0.5
 
 
@@ -85,13 +90,13 @@ class SizeConfig(Section):
     enabled: bool = True
     # Of the original image, before download resizing.
     min_side: int = 256
-    max_aspect_ratio: float = 3.0
+    max_aspect_ratio: float = 3.0  # largest long side / short side kept
 
 
 class CaptionRulesConfig(Section):
     enabled: bool = True
-    min_words: int = 2
-    max_chars: int = 1000
+    min_words: int = 2  # fewer words: dropped
+    max_chars: int = 1000  # longer captions: dropped
     # Letters over non-space characters: URLs, hashes and file names score low.
     min_letter_fraction: float = 0.5
 
@@ -107,7 +112,7 @@ class DedupConfig(Section):
     n_clusters: int = 1
     # At most this many embeddings train the k-means (sampled evenly from the shards).
     sample_size: int = 100_000
-    niter: int = 20
+    niter: int = 20  # k-means iterations
     # An embedding whose second-nearest centroid is within this cosine of its nearest is also
     # searched in that second cluster, so pairs split by a boundary are still found.
     spill_margin: float = 0.05
@@ -119,7 +124,8 @@ class TargetConfig(Section):
     # Keep exactly `count` (or `fraction` of the downloaded samples) of those that pass every
     # filter, ranked by `rank_by`; ties are broken by key.
     count: int | None = None
-    fraction: float | None = None
+    fraction: float | None = None  # a share of the downloaded samples instead of a count
+    # The score the survivors are ranked by, best first.
     rank_by: Literal["clip_score", "aesthetic", "pwatermark", "punsafe"] = "clip_score"
 
     @model_validator(mode="after")
@@ -135,20 +141,31 @@ class FiltersConfig(Section):
     # Samples per model batch, model actors, what each actor holds, and attempts per shard
     # beyond the first before the shard is recorded as failed.
     batch_size: int = 64
-    concurrency: int = 1
+    concurrency: int = 1  # score model actors
+    # GPUs each score actor holds.
     num_gpus_per_actor: float = 0.0
+    # CPUs each score actor holds.
     num_cpus_per_actor: float = 1.0
-    shard_retries: int = 2
+    shard_retries: int = 2  # attempts per shard beyond the first
     # bf16 autocast for the models on GPU.
     precision: Literal["fp32", "bf16"] = "bf16"
+    # The CLIP whose image embedding feeds the CLIP-based scores and dedup.
     clip: ClipModelConfig = ClipModelConfig()
+    # Size rules on the original image.
     size: SizeConfig = SizeConfig()
+    # Caption rules.
     caption: CaptionRulesConfig = CaptionRulesConfig()
+    # CLIP image-text similarity (cosine).
     clip_score: ClipScoreConfig = ClipScoreConfig()
+    # The LAION aesthetic predictor on the CLIP embedding.
     aesthetic: AestheticConfig = AestheticConfig()
+    # The LAION watermark detector (its own timm backbone).
     watermark: WatermarkConfig = WatermarkConfig()
+    # LAION's CLIP-based NSFW detector.
     nsfw: NsfwConfig = NsfwConfig()
+    # Near-duplicates by the cosine of CLIP image embeddings.
     dedup: DedupConfig = DedupConfig()
+    # Keep an exact number of the samples that pass every filter.
     target: TargetConfig = TargetConfig()
     # Examples per side of each threshold in report.html.
     report_examples: int = 6
@@ -156,4 +173,4 @@ class FiltersConfig(Section):
     # normalized rank error is 1.33% at k=200 (99% confidence). The boundary is then settled
     # exactly from the rows near it, gathered once their count is at most `max_gather`.
     sketch_k: int = 200
-    max_gather: int = 200_000
+    max_gather: int = 200_000  # most rows gathered to settle a boundary exactly

@@ -11,12 +11,12 @@ class ModelSource(Section):
     # .zip), a Hugging Face repo (`file`: one file of it, else the whole snapshot), or an
     # open_clip pretrained tag "ARCH/TAG" (e.g. ViT-L-14/openai).
     url: str | None = None
-    sha256: str | None = None
-    member: str | None = None
-    hub: str | None = None
-    file: str | None = None
-    revision: str | None = None
-    open_clip: str | None = None
+    sha256: str | None = None  # the sha256 a url download must have (64 hex digits)
+    member: str | None = None  # one file taken out of a .zip fetched by url
+    hub: str | None = None  # a Hugging Face repo id
+    file: str | None = None  # one file of the hub repo; unset: the whole snapshot
+    revision: str | None = None  # the hub repo's branch, tag or commit
+    open_clip: str | None = None  # an open_clip pretrained tag ARCH/TAG
 
     @model_validator(mode="after")
     def _one_origin(self):

@@ -16,22 +16,23 @@ class TokenizeConfig(Section):
     vq_config: str = "VQ-16"
     # Load the checkpoint's "ema" weights instead of "model".
     vq_ema: bool = False
-    resolutions: list[Resolution] = [256, 512]
+    resolutions: list[Resolution] = [256, 512]  # image sides, multiples of 16 (LlamaGen: 256 and 512)
     # Also store the codes of the horizontally flipped image ({key}.codes_flip.npy).
     flip: bool = False
     # Caption features ({key}.t5.npy, float16, no padding): a T5 checkpoint path or hub id
     # (e.g. google/flan-t5-xl), "tiny:t5", or None to leave them to training.
     text_encoder: str | None = None
-    text_max_length: int = 120
+    text_max_length: int = 120  # most caption tokens (LlamaGen: 120)
     # Which caption the features are of; a sample without it falls back to the original caption.
     text_caption: Literal["caption", "caption_long", "caption_short"] = "caption_long"
     # Images per model call, model actors, what each actor holds, and attempts per shard beyond
     # the first.
     batch_size: int = 32
+    # VQ model actors.
     num_actors: int = 1
     num_cpus_per_actor: float = 1
     num_gpus_per_actor: float = 0
-    shard_retries: int = 2
+    shard_retries: int = 2  # attempts per shard beyond the first
 
     @field_validator("resolutions")
     @classmethod

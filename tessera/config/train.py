@@ -11,7 +11,7 @@ from tessera.config.base import Resolution, Section
 class CodesDataConfig(Section):
     """The training stream over tokens/{resolution} shards."""
 
-    resolution: Resolution = 256
+    resolution: Resolution = 256  # which tokens/{resolution} shards to read
     # Caption features: "stored" uses {key}.t5.npy (error when absent), "encode" runs the text
     # encoder on the caption, "auto" uses stored features when the sample has them and the chosen
     # caption is the one they were computed from, and encodes otherwise.
@@ -19,14 +19,14 @@ class CodesDataConfig(Section):
     # Which caption a sample is trained with: the re-caption (caption_long) when present, else
     # the original; with short_caption_prob, caption_short takes its place (LlamaGen stage 2: 0.3).
     caption: Literal["caption", "caption_long"] = "caption_long"
-    short_caption_prob: float = 0.0
+    short_caption_prob: float = 0.0  # probability of caption_short instead
     # Probability of training on the flipped codes ({key}.codes_flip.npy) when a sample has them.
     flip_prob: float = 0.0
     # Share of a sample's input codes replaced by random codes; the targets stay the true codes.
     # Teacher forcing never shows the model a wrong code, so at sampling time one badly drawn code
     # is copied onwards; with noise in its inputs the model learns to fall back on the caption.
     code_noise: float = Field(0.0, ge=0.0, lt=1.0)
-    seed: int = 0
+    seed: int = 0  # the data order and every per-step random draw
 
 
 class OptimConfig(Section):
@@ -36,6 +36,7 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05  # on parameters of 2 or more dims only
     grad_clip: float = 1.0
+    # Constant, or cosine decay to min_lr_ratio after the warmup.
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # the cosine schedule ends at this fraction of the peak
@@ -46,6 +47,8 @@ class TrainConfig(Section):
     # Overrides of the model config (None: the config's value).
     vocab_size: int | None = None
     caption_dim: int | None = None  # None: the text encoder's dim, or the stored features' dim
+    # identity: text positions not rotated (new training); llamagen: LlamaGen's all-zero table,
+    # needed to sample or fine-tune its checkpoints.
     text_rope: Literal["identity", "llamagen"] = "identity"
     # The grid the rotary positions span (GPTConfig.rope_grid); in a fine-tune at a higher
     # resolution, the earlier stage's grid (resolution / 16) keeps what it learnt of places.
@@ -60,12 +63,12 @@ class TrainConfig(Section):
     vq: str | None = None  # for sample grids during training
     data: CodesDataConfig = CodesDataConfig()
     optim: OptimConfig = OptimConfig()
-    global_batch: int = 256
+    global_batch: int = 256  # samples per optimizer step, over all workers
     micro_batch: int | None = None  # per worker and forward pass; None: global_batch / workers
     max_steps: int = 1000
     # Ray Train.
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block, for the large configs
     use_ray: bool = True  # False: train in this process without Ray (one worker)
     # Torch threads per worker on CPU; None: torch's default (Ray sets one thread per CPU it grants).
@@ -81,10 +84,11 @@ class TrainConfig(Section):
     attention: Literal["auto", "sdpa", "flex"] = "auto"
     # Checkpoints, metrics, sample grids.
     checkpoint_every: int = 500
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest this many are kept
     async_checkpoint: bool = False  # save in a background thread while training goes on
-    log_every: int = 10
+    log_every: int = 10  # steps between metric lines
     sample_every: int = 0  # 0: never during training
+    # Prompts of the grids drawn every sample_every steps.
     sample_prompts: list[str] = ["a red circle on a blue background", "a green square in the center"]
     peak_tflops: float | None = None  # per GPU, for MFU; None: known for A100/H100/H200, else no MFU
 
@@ -119,15 +123,16 @@ class SampleConfig(Section):
     model: str = "GPT-XL"
     text_rope: Literal["identity", "llamagen"] = "llamagen"
     resolution: Resolution | None = None  # None: the checkpoint's training resolution, else 256
-    vq: str = "vq_ds16_t2i.pt"
-    text_encoder: str = "google/flan-t5-xl"
+    vq: str = "vq_ds16_t2i.pt"  # decodes the codes (a relative path is under models_root)
+    text_encoder: str = "google/flan-t5-xl"  # path, hub id or tiny:NAME
     prompts: list[str] = ["a red circle on a blue background"]
     images_per_prompt: int = 1
     batch_size: int = 8
-    cfg_scale: float = 7.5
+    cfg_scale: float = 7.5  # classifier-free guidance scale
     temperature: float = 1.0  # 0: greedy
     top_k: int = 1000  # 0: off
     top_p: float = 1.0
+    # Sample with the KV cache.
     use_cache: bool = True
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu or cuda

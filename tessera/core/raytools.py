@@ -35,7 +35,7 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("Starting a local Ray with %s CPUs.", cfg.num_cpus or "all")
-        # No cloud-metadata probe, and every listener on 127.0.0.1 (README, "Ray's listeners").
+        # No cloud-metadata probe, and every listener on 127.0.0.1 (docs/configs.md, "Ray's listeners").
         prepare_local_ray()
         # The dashboard serves the state API, which Ray Train uses to clean up after a crashed
         # run; it and the node address stay on loopback.
