@@ -69,6 +69,9 @@ class TrainConfig(Section):
     # Ray Train.
     num_workers: int = 1
     use_gpu: bool = False  # one GPU per worker
+    # GPU memory per worker this stage is planned for (GiB, e.g. 80 for an 80 GB H100); `tessera
+    # plan` and the tests check that the plan of the stage fits 90% of it. None: not planned (CPU).
+    gpu_memory_gib: float | None = Field(None, gt=0)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (fully_shard) per block, for the large configs
     use_ray: bool = True  # False: train in this process without Ray (one worker)
     # Torch threads per worker on CPU; None: torch's default (Ray sets one thread per CPU it grants).
@@ -87,6 +90,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = 3  # the newest this many are kept
     async_checkpoint: bool = False  # save in a background thread while training goes on
     log_every: int = 10  # steps between metric lines
+    tensorboard: bool = True  # TensorBoard events beside metrics.jsonl
     sample_every: int = 0  # 0: never during training
     # Prompts of the grids drawn every sample_every steps.
     sample_prompts: list[str] = ["a red circle on a blue background", "a green square in the center"]

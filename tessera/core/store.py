@@ -11,11 +11,12 @@ import json
 import posixpath
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def shard_name(index: int) -> str:
@@ -85,10 +86,14 @@ class ShardStore:
             return json.load(f)
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
+        import pyarrow.parquet as pq  # heavy: only the stages that write tables load it
+
         with self.open_atomic(*parts) as f:
             pq.write_table(table, f)
 
     def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
         with self.fs.open(self.path(*parts), "rb") as f:
             return pq.read_table(f, columns=columns)
 

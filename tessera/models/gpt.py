@@ -396,12 +396,26 @@ def load_weights(model: GPT, path_or_state) -> GPT:
     return model
 
 
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), the PaLM estimate: 6N + 12 L d T."""
-    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden
-    matmul_params = cfg.n_layer * per_layer + cfg.caption_dim * cfg.dim + cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
-    return 6 * matmul_params + 12 * cfg.n_layer * cfg.dim * seq_len
+def train_flops_per_sample(cfg: GPTConfig, n_image: int) -> float:
+    """Model FLOPs of one training sample, forward and backward, over every position the step runs.
+
+    The step runs T = text + n_image - 1 positions (the text prefix, then the codes but the last).
+    A matmul costs 2 FLOPs per multiply-add forward and twice that backward (input and weight
+    gradients): 6 per weight and position. Per layer: the qkv, output and three SwiGLU weights,
+    4d^2 + 3dh, over T positions; attention's scores and weighted values, 4 T^2 d forward and
+    8 T^2 d backward (the whole square, as PaLM counts it: the causal half is not subtracted).
+    The caption MLP runs over the text positions only, and its first layer needs no input gradient
+    (the caption features are data): 4 per weight. The output head runs over the n_image image
+    positions only. Recomputation by activation checkpointing is not counted (model FLOPs)."""
+    d, text = cfg.dim, cfg.cls_token_num
+    t = text + n_image - 1
+    blocks = 6 * cfg.n_layer * (4 * d * d + 3 * d * cfg.ffn_hidden) * t
+    attention = 12 * cfg.n_layer * d * t * t
+    caption = (4 * cfg.caption_dim * d + 6 * d * d) * text
+    head = 6 * d * cfg.vocab_size * n_image
+    return float(blocks + attention + caption + head)
 
 
-def mfu(cfg: GPTConfig, seq_len: int, tokens_per_s: float, peak_flops: float) -> float:
-    return flops_per_token(cfg, seq_len) * tokens_per_s / peak_flops if peak_flops else math.nan
+def mfu(cfg: GPTConfig, n_image: int, samples_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: the FLOPs of the samples trained per second over the peak FLOPs."""
+    return train_flops_per_sample(cfg, n_image) * samples_per_s / peak_flops if peak_flops else math.nan

@@ -65,6 +65,10 @@ class Checkpointer:
     def __init__(self, run: ShardStore, keep: int, rank: int = 0, async_save: bool = False):
         self.run, self.keep, self.rank, self.async_save = run, max(keep, 1), rank, async_save
         self._pending = None
+        # An asynchronous save runs its collectives from a background thread on CPU tensors: it
+        # needs a gloo group, which an NCCL-only default group (Ray Train's) lacks. Its own group
+        # also keeps those collectives apart from the training's.
+        self._group = dist.new_group(backend="gloo") if async_save and _distributed() else None
 
     def save(self, step: int, model: torch.nn.Module, optimizer, train_state: dict) -> str:
         self.wait()  # one save in flight at a time
@@ -74,7 +78,8 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         if self.async_save:
-            self._pending = dcp.async_save(state, checkpoint_id=url, no_dist=not _distributed())
+            self._pending = dcp.async_save(state, checkpoint_id=url, process_group=self._group,
+                                           no_dist=not _distributed())
         else:
             dcp.save(state, checkpoint_id=url, no_dist=not _distributed())
             self._prune()

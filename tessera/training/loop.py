@@ -173,7 +173,7 @@ class Worker:
             if self.d.rank == 0:
                 log.info("Resuming %s from step %d (%s) on %d workers.", self.job.stage, self.step, self.ckpt_url,
                          self.d.world)
-        self.metrics = MetricsLog(self.run, self.step, enabled=self.d.rank == 0)
+        self.metrics = MetricsLog(self.run, self.step, enabled=self.d.rank == 0, tensorboard=self.cfg.tensorboard)
 
     def train(self) -> None:
         cfg, d, stop_at = self.cfg, self.d, self.job.stop_at
@@ -217,7 +217,7 @@ class Worker:
                   "epoch": self.loader.state_dict()["epoch"], "skipped_samples": sum(self.loader.skipped.values())}
         peak = peak_flops(cfg, d.device)
         if peak:
-            values["mfu"] = mfu(self.model_cfg, self.model_cfg.cls_token_num + n_tokens, tokens_per_s, peak * d.world)
+            values["mfu"] = mfu(self.model_cfg, n_tokens, cfg.global_batch / seconds, peak * d.world)
         self.metrics.write(self.step, values)
         if d.in_ray:
             import ray.train  # only under Ray Train; the loop runs without Ray installed

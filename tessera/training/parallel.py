@@ -25,19 +25,34 @@ class Dist:
 
 
 def dist_context(use_ray: bool, use_gpu: bool) -> Dist:
+    """This worker's rank, world and device: from Ray Train, from a process group already set up,
+    or from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR), whose process
+    group is set up here; otherwise one worker alone."""
     if use_ray:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         return Dist(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), True)
-    if dist.is_available() and dist.is_initialized():  # launched by torchrun or the like
+    cuda = use_gpu and torch.cuda.is_available()
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ and not dist.is_initialized():
+        init_process_group(cuda, int(os.environ.get("LOCAL_RANK", 0)))
+    if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
-        device = torch.device(f"cuda:{local}" if use_gpu and torch.cuda.is_available() else "cpu")
-        return Dist(rank, world, device)
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    return Dist(device=device)
+        return Dist(rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+    return Dist(device=torch.device("cuda" if cuda else "cpu"))
+
+
+def init_process_group(cuda: bool, local_rank: int = 0) -> None:
+    """The default process group from the environment (env://): NCCL for CUDA tensors beside gloo
+    for CPU ones (asynchronous checkpoints and CPU collectives need the latter), gloo alone on CPU."""
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=PROCESS_GROUP_BACKEND if cuda else "gloo")
+
+
+PROCESS_GROUP_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 def mean_over_workers(value: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -83,7 +98,7 @@ def apply_activation_checkpointing(model: GPT, mode: str) -> None:
         model.layers[i] = wrap(block)
 
 
-def parallelize(model: GPT, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
+def parallelize(model: GPT, cfg: TrainConfig, d: Dist, compile_backend: str = "inductor") -> torch.nn.Module:
     """Activation checkpointing, compile, then FSDP2 or DDP; returns the module to train."""
     if cfg.attention == "flex" and d.device.type != "cuda":
         raise ValueError("attention: flex trains on GPU only (FlexAttention has no CPU backward); "
@@ -94,18 +109,21 @@ def parallelize(model: GPT, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         for i, block in enumerate(model.layers):
-            model.layers[i] = torch.compile(block)
+            model.layers[i] = torch.compile(block, backend=compile_backend)
     if d.world > 1 and cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if d.device.type == "cuda" and cfg.bf16 else MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        apply_fsdp(model, bf16=d.device.type == "cuda" and cfg.bf16)
     elif d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model
 
+
+def apply_fsdp(model: GPT, bf16: bool) -> None:
+    """FSDP2: `fully_shard` every block, then the root; bf16 weights in compute, fp32 reductions."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)

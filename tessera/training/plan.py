@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from tessera.config.train import TrainConfig
-from tessera.models.gpt import GPT, GPTConfig, flops_per_token, gpt_config
+from tessera.models.gpt import GPT, GPTConfig, gpt_config, train_flops_per_sample
 
 GiB = 2**30
 # Encoder parameters of the text encoders the configs name (bf16 on GPU: 2 B each).
@@ -124,7 +124,7 @@ def estimate(cfg: GPTConfig, *, resolution: int, micro_batch: int, workers: int 
                       tokens_per_step=step_batch * n_image, positions=positions, weights=weights,
                       gradients=gradients, optimizer=optimizer, comm_buffers=comm, activations=activations,
                       logits=logits, text_encoder=encoder,
-                      flops_per_step=flops_per_token(cfg, positions) * step_batch * positions)
+                      flops_per_step=train_flops_per_sample(cfg, n_image) * step_batch)
 
 
 def build_gpt_meta(cfg: GPTConfig, grid: int):
@@ -146,7 +146,17 @@ def plan_stage(tcfg: TrainConfig, *, checkpointing: str | None = None, micro_bat
                     text_encoder=tcfg.text_encoder, global_batch=tcfg.global_batch, model=tcfg.model)
 
 
-def largest_micro_batch(tcfg: TrainConfig, gpu_bytes: float, checkpointing: str, headroom: float = 0.9,
+HEADROOM = 0.9  # of the GPU's memory a plan may fill: the CUDA context and fragmentation take the rest
+
+
+def declared_fit(tcfg: TrainConfig, caption_dim: int = 2048) -> tuple[MemoryPlan, float]:
+    """The plan of a GPU stage and the bytes it may use: HEADROOM of its declared gpu_memory_gib."""
+    if tcfg.gpu_memory_gib is None:
+        raise ValueError(f"the {tcfg.model} stage trains on GPU but declares no gpu_memory_gib to plan it for")
+    return plan_stage(tcfg, caption_dim=caption_dim), HEADROOM * tcfg.gpu_memory_gib * GiB
+
+
+def largest_micro_batch(tcfg: TrainConfig, gpu_bytes: float, checkpointing: str, headroom: float = HEADROOM,
                         caption_dim: int = 2048) -> int:
     """The largest micro-batch (dividing each worker's share) whose plan fits headroom x gpu_bytes; 0: none."""
     share = tcfg.global_batch // tcfg.num_workers
@@ -162,6 +172,10 @@ def report(tcfg: TrainConfig, stage: str, gpu_gb: float, caption_dim: int = 2048
     lines = [f"{stage}: {tcfg.model} at {tcfg.data.resolution}px, global batch {tcfg.global_batch} on "
              f"{tcfg.num_workers} GPU(s), {tcfg.parallel}, bf16 {tcfg.bf16}"]
     current = plan_stage(tcfg, caption_dim=caption_dim)
+    fits = current.total <= HEADROOM * gpu_gb * GiB
+    lines.append(f"as configured (micro-batch {current.micro_batch}, checkpointing "
+                 f"{tcfg.activation_checkpointing}): {current.total / GiB:.1f} GiB per GPU, "
+                 f"{'fits' if fits else 'does NOT fit'} {HEADROOM:.0%} of {gpu_gb:g} GiB")
     lines.append(f"{current.params / 1e6:.0f}M parameters, {current.positions} positions per sample, "
                  f"{current.tokens_per_step:,} image tokens per step, "
                  f"{current.flops_per_step / 1e15:.1f} PFLOP per step")
@@ -170,7 +184,7 @@ def report(tcfg: TrainConfig, stage: str, gpu_gb: float, caption_dim: int = 2048
         fits = largest_micro_batch(tcfg, gpu_gb * GiB, mode, caption_dim=caption_dim)
         lines.append(f"\nactivation checkpointing {mode}, micro-batch {p.micro_batch}:")
         lines.append(p.table())
-        lines.append(f"  largest micro-batch within 90% of {gpu_gb:g} GiB: {fits or 'none fits'}"
+        lines.append(f"  largest micro-batch within {HEADROOM:.0%} of {gpu_gb:g} GiB: {fits or 'none fits'}"
                      + (f" (gradient accumulation {tcfg.global_batch // tcfg.num_workers // fits})" if fits else ""))
     return "\n".join(lines)
 
