@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-gpu bench-download bench-ingest bench-score bench-scale report-screenshot
+.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-gpu gpu-kit bench-download bench-ingest bench-score bench-scale report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -98,11 +98,19 @@ bench-train: setup
 bench-sample: setup
 	$(PY) -m bench.sample
 
-# On a GPU node: training (GPT-B/XL, 256/512px, checkpointing, FlexAttention), GPT-XL sampling
-# against LlamaGen's sampler (LLAMAGEN_SRC: a LlamaGen checkout) and CLIP ViT-L/14 scoring.
+# On a GPU machine, without network (docs/gpu.md): `make gpu-kit` here (network, LLAMAGEN_SRC: a
+# LlamaGen checkout outside this repository) puts the wheels and LlamaGen's model code the GPU run
+# needs in gpu-kit/ (ignored, at most 60 MB); `make bench-gpu` there unpacks them beside the machine's
+# own torch and runs bench.gpu_validate (training, sampling and scoring checks, under 10 minutes).
 LLAMAGEN_SRC ?=
-bench-gpu: setup
-	$(PY) -m bench.gpu $(if $(LLAMAGEN_SRC),--llamagen-src $(LLAMAGEN_SRC))
+GPU_KIT ?= gpu-kit
+GPU_OUT ?= bench-output/gpu-validate
+gpu-kit:
+	$(PYTHON_BOOT) -m bench.gpu_kit build --out $(GPU_KIT) $(if $(LLAMAGEN_SRC),--llamagen-src $(LLAMAGEN_SRC))
+
+bench-gpu:
+	python3 -m bench.gpu_kit unpack --kit $(GPU_KIT)
+	PYTHONPATH=$(CURDIR)/$(GPU_KIT)/site:$(CURDIR) python3 -m bench.gpu_validate --out $(GPU_OUT)
 
 # Tokenize: a PNG grid of code-shard samples decoded beside their original images (run `make demo`
 # first; VISUAL_SET points it at the demo's output), and the encoding / shard-read benchmark.
