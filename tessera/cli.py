@@ -118,7 +118,7 @@ def plan_cmd(args) -> int:
     if tcfg is None:
         print(f"error: the config {args.config} has no {args.stage} section", file=sys.stderr)
         return 2
-    print(report(tcfg, args.stage, args.gpu_gb))
+    print(report(tcfg, args.stage, args.gpu_gb or tcfg.gpu_memory_gib or 80.0))
     return 0
 
 
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="per-GPU memory and tokens per step of a training stage, before it runs")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--stage", choices=["stage1", "stage2"], default="stage2")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    p.add_argument("--gpu-gb", type=float, default=None,
+                   help="GPU memory in GiB (default: the stage's gpu_memory_gib, else 80)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=plan_cmd)
     p = sub.add_parser("export", help="one LlamaGen-format file (weights under `model`) from a checkpoint")
