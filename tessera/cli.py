@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 
 from tessera.config import ConfigError, load_config
@@ -51,9 +52,22 @@ def submit_cmd(args) -> int:
 def train_cmd(args) -> int:
     from tessera.flows import train as flows
 
-    load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if args.launcher == "torchrun":
+        return torchrun_stage(args, getattr(cfg, args.command))
     getattr(flows, args.command)(config=args.config, overrides=args.overrides, run=args.run)
     return 0
+
+
+def torchrun_stage(args, tcfg) -> int:
+    """The stage's workers as torchrun processes on this machine (one per GPU: num_workers)."""
+    if tcfg is None:
+        print(f"error: the config {args.config} has no {args.command} section", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tcfg.num_workers),
+               "-m", "tessera.pipelines.train", args.config, "--stage", args.command,
+               *(["--run-name", args.run] if args.run else []), *(x for o in args.overrides for x in ("--set", o))]
+    return subprocess.run(command).returncode
 
 
 def sample_cmd(args) -> int:
@@ -162,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=what)
         _common(p)
         p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+        p.add_argument("--launcher", choices=["flow", "torchrun"], default="flow",
+                       help="flow: the Prefect flow, on Ray Train or in this process (use_ray); torchrun: "
+                            "num_workers torchrun processes on this machine, without Ray")
         p.set_defaults(fn=train_cmd)
     p = sub.add_parser("sample", help="a PNG grid of prompts from a checkpoint (default: the run's newest)")
     _common(p)

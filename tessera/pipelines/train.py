@@ -4,13 +4,23 @@
 (DDP, or FSDP2 for the large configurations; `use_ray: false` runs it in this process) and
 reports where the stage ended. The loop, parallelism, checkpoints and metrics live in
 tessera.training.
+
+Under torchrun every process runs this module (`tessera stage1 --launcher torchrun` starts them):
+
+    torchrun --nproc-per-node 8 -m tessera.pipelines.train CONFIG --stage stage1 [--run-name NAME] [--set K=V]
+
+each one a worker of the stage (use_ray false), in the process group the loop sets up from
+torchrun's environment.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
-from tessera.config import RunConfig
+import torch.distributed as dist
+
+from tessera.config import RunConfig, load_config
 from tessera.config.train import TrainConfig
 from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.raytools import init_ray
@@ -100,3 +110,27 @@ def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | 
     return TrainResult(stage=stage, run_dir=job.run_dir, step=step or 0, checkpoint=ckpt,
                        first_loss=history[0]["loss"] if history else None,
                        last_loss=history[-1]["loss"] if history else None, skipped=skipped)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One torchrun process: a worker of the stage, without Ray."""
+    parser = argparse.ArgumentParser(description="one torchrun worker of a training stage")
+    parser.add_argument("config")
+    parser.add_argument("--stage", choices=["stage1", "stage2"], required=True)
+    parser.add_argument("--run-name", default=None)  # not --run: torchrun would take it for its --run-path
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("run this module under torchrun (RANK and WORLD_SIZE are not set)")
+    cfg = load_config(args.config, [*args.overrides, f"{args.stage}.use_ray=false"])
+    try:
+        result = run(cfg, args.stage, run_name=args.run_name)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if os.environ["RANK"] == "0":
+        print(f"{result.stage}: step {result.step}, last loss {result.last_loss}, checkpoint {result.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
