@@ -9,7 +9,8 @@ features and optimizer settings.
   (B, 1, L, L) mask, forward with targets, backward, grad clip, AdamW (their `creat_optimizer`).
 - Ours: from the stored codes of the same images (the tokenize stage ran the VQ once), the
   padding-aware mask built inside the model, the same loss, backward, clip, AdamW.
-- Sampling: their `generate` against ours, CFG, same caption features.
+- Sampling: their `generate` against ours, CFG, same caption features, greedy decoding; both warmed
+  up, then the median of interleaved repeats, and a check that both chose the same tokens.
 Before timing, the logits of both models on the same inputs are compared (dropout off).
 
     python -m bench.vs_llamagen --llamagen-src ../LlamaGen [--model GPT-B] [--res 256] [--batch 2]
@@ -24,6 +25,11 @@ import sys
 import time
 
 import torch
+
+from tessera.config.train import TrainConfig
+from tessera.models.gpt import build_gpt
+from tessera.models.generation import generate as our_generate
+from tessera.training.step import build_optimizer, train_step
 
 
 def import_llamagen(src: str):
@@ -79,6 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (interleaved)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sample-batch", type=int, default=1, help="images per sampling run (0: skip sampling)")
+    parser.add_argument("--sample-repeats", type=int, default=3, help="timed sampling runs per side, after a warm-up")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -86,11 +93,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     build_theirs, VQ_models, their_generate, creat_optimizer = import_llamagen(args.llamagen_src)
-
-    from tessera.config.train import TrainConfig
-    from tessera.models.gpt import build_gpt
-    from tessera.models.generation import generate as our_generate
-    from tessera.training.step import build_optimizer, train_step
 
     grid = args.res // 16
     n_image = grid * grid
@@ -189,22 +191,43 @@ def main() -> None:
     print(f"  ratio: {t_theirs / t_ours:.2f}x (GPT step alone: {(t_theirs - t_vq) / t_ours:.2f}x)")
 
     if args.sample_batch:
-        ours.eval()
-        theirs.eval()
-        c, m = cond[:args.sample_batch], cond_mask[:args.sample_batch]
-        n = args.sample_batch * n_image
-        start = time.perf_counter()
-        their_generate(theirs, c, n_image, emb_masks=m, cfg_scale=7.5, temperature=1.0, top_k=1000, top_p=1.0,
-                       sample_logits=True)
-        sync(device)
-        t_their_sample = time.perf_counter() - start
-        start = time.perf_counter()
-        our_generate(ours, c, m, cfg_scale=7.5, temperature=1.0, top_k=1000, top_p=1.0)
-        sync(device)
-        t_our_sample = time.perf_counter() - start
-        print(f"  sampling {args.sample_batch} image(s), CFG 7.5: LlamaGen {n / t_their_sample:7.1f} tokens/s, "
-              f"Tessera {n / t_our_sample:7.1f} tokens/s, ratio {t_their_sample / t_our_sample:.2f}x")
+        sample_side_by_side(ours, theirs, their_generate, cond[:args.sample_batch], cond_mask[:args.sample_batch],
+                            n_image, args.sample_repeats, device)
 
+
+def sample_side_by_side(ours, theirs, their_generate, cond, cond_mask, n_image: int, repeats: int,
+                        device: torch.device) -> dict:
+    """Greedy CFG sampling on both sides: one warm-up each, then `repeats` interleaved runs; the
+    median tokens/s of each, and whether the two picked the same tokens."""
+    ours.eval()
+    theirs.eval()
+    n = len(cond) * n_image
+
+    def run_ours():
+        return our_generate(ours, cond, cond_mask, cfg_scale=7.5, temperature=0.0)
+
+    def run_theirs():
+        return their_generate(theirs, cond, n_image, emb_masks=cond_mask, cfg_scale=7.5, top_k=0,
+                              sample_logits=False).long()
+
+    times = {"ours": [], "theirs": []}
+    tokens = {}
+    for i in range(1 + repeats):  # the first round warms both up
+        for name, fn in (("theirs", run_theirs), ("ours", run_ours)):
+            sync(device)
+            start = time.perf_counter()
+            tokens[name] = fn()
+            sync(device)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+    same = torch.equal(tokens["ours"].cpu(), tokens["theirs"].cpu())
+    agree = float((tokens["ours"].cpu() == tokens["theirs"].cpu()).float().mean())
+    print(f"  sampling {len(cond)} image(s) x {n_image} tokens, greedy, CFG 7.5, median of {repeats} after a warm-up:")
+    print(f"    LlamaGen {n / t_theirs:7.1f} tokens/s, Tessera {n / t_ours:7.1f} tokens/s, ratio {t_theirs / t_ours:.2f}x")
+    print(f"    tokens identical: {same} ({agree:.1%} agree)")
+    return {"ours_tokens_per_s": n / t_ours, "llamagen_tokens_per_s": n / t_theirs, "ratio": t_theirs / t_ours,
+            "tokens_identical": same, "tokens_agree": agree}
 
 if __name__ == "__main__":
     main()

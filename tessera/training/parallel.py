@@ -64,13 +64,14 @@ def mean_over_workers(value: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 # Activation checkpointing -------------------------------------------------------------------------
-# Selective: keep the outputs of the matmuls and of attention, recompute the cheap element-wise
-# work (norms, RoPE, SiLU, dropout) in the backward pass.
+# Selective: keep the outputs of the matmuls and of attention (SDPA's kernels and FlexAttention's
+# operator), recompute the cheap element-wise work (norms, RoPE, SiLU, dropout) in the backward pass.
 _SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
          torch.ops.aten._scaled_dot_product_flash_attention.default,
          torch.ops.aten._scaled_dot_product_efficient_attention.default,
          torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+         torch.ops.higher_order.flex_attention}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
