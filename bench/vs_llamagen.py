@@ -199,6 +199,7 @@ def sample_side_by_side(ours, theirs, their_generate, cond, cond_mask, n_image: 
                         device: torch.device) -> dict:
     """Greedy CFG sampling on both sides: one warm-up each, then `repeats` interleaved runs; the
     median tokens/s of each, and whether the two picked the same tokens."""
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # the training steps above moved them apart
     ours.eval()
     theirs.eval()
     n = len(cond) * n_image

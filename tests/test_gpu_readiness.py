@@ -202,3 +202,14 @@ def test_torchrun_launch_trains_on_two_workers_like_one(tmp_path):
     assert one.step == 3 and len(two) == 3
     assert two == pytest.approx([m["loss"] for m in read_metrics(one.run_dir)], rel=1e-5)
     assert checkpoint_steps(ShardStore(str(tmp_path / "runs" / "two" / "stage1"))) == [3]
+
+
+def test_selective_checkpointing_keeps_attention_outputs_flex_included():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from tessera.training.parallel import _selective_policy
+
+    for op in (torch.ops.higher_order.flex_attention, torch.ops.aten._scaled_dot_product_flash_attention.default,
+               torch.ops.aten.mm.default):
+        assert _selective_policy(None, op) == CheckpointPolicy.MUST_SAVE
+    assert _selective_policy(None, torch.ops.aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
