@@ -1,8 +1,8 @@
 """One run on one GPU that validates and measures training, sampling and scoring, in under 10 minutes.
 
 Made for a bare GPU machine without network: it imports torch, numpy and the parts of tessera
-whose own imports the kit's wheels satisfy (pydantic, PyYAML, fsspec), never Ray, open_clip or
-pyarrow. `make gpu-kit` builds that kit on a machine with network; docs/gpu.md gives the command.
+whose own imports the kit's wheels satisfy (pydantic, PyYAML, fsspec, webdataset), never Ray,
+open_clip or pyarrow. `make gpu-kit` builds that kit on a machine with network; docs/gpu.md gives the command.
 
     python -m bench.gpu_validate --out gpu-validate [--llamagen-src DIR] [--budget-s 480]
     python -m bench.gpu_validate --device cpu --tiny --out DIR      # every step, tiny, on CPU
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -49,12 +50,13 @@ from tessera.config import load_config
 from tessera.config.train import CodesDataConfig, TrainConfig
 from tessera.core.store import ShardStore
 from tessera.models.aesthetic import AestheticHead
+from tessera.models.generation import generate
 from tessera.models.gpt import GPT, gpt_config, train_flops_per_sample
 from tessera.models.nsfw import NsfwHead
-from tessera.pipelines.sample import generate
 from tessera.training.checkpoint import Checkpointer
-from tessera.training.data import CodesLoader, write_synthetic_codes
-from tessera.training.loop import PEAK_TFLOPS, train_worker
+from tessera.demo.codes import write_synthetic_codes
+from tessera.training.data import CodesLoader
+from tessera.training.loop import PEAK_TFLOPS, TrainJob, train_worker
 from tessera.training.metrics import read_metrics
 from tessera.training.parallel import PROCESS_GROUP_BACKEND, Dist, apply_fsdp, parallelize
 from tessera.training.plan import estimate
@@ -458,16 +460,15 @@ def step_loop(run: Run, env: Env) -> dict:
                            activation_checkpointing="selective", data=CodesDataConfig(resolution=s["loop_res"]),
                            global_batch=s["loop_batch"], max_steps=6, checkpoint_every=3, log_every=1,
                            tensorboard=False, keep_checkpoints=3)
-        conf = {"train": tcfg.model_dump(mode="json"), "stage": "stage2", "use_ray": False,
-                "data_root": data.root, "run_dir": os.path.join(root, "straight")}
+        job = TrainJob(train=tcfg, stage="stage2", run_dir=os.path.join(root, "straight"), data_root=data.root)
         start = time.perf_counter()
-        straight = train_worker(conf)
+        straight = train_worker(job)
         straight_s = time.perf_counter() - start
-        metrics = read_metrics(conf["run_dir"])
+        metrics = read_metrics(job.run_dir)
         # The same run stopped after its step-3 checkpoint, then resumed from it.
         resumed_dir = os.path.join(root, "resumed")
-        train_worker({**conf, "run_dir": resumed_dir, "stop_at": 3})
-        resumed = train_worker({**conf, "run_dir": resumed_dir})
+        train_worker(dataclasses.replace(job, run_dir=resumed_dir, stop_at=3))
+        resumed = train_worker(dataclasses.replace(job, run_dir=resumed_dir))
         tail = straight["losses"][3:]
         row = {"model": s["loop_model"], "res": s["loop_res"], "global_batch": s["loop_batch"],
                "losses": straight["losses"], "resumed_losses": resumed["losses"],
