@@ -181,7 +181,7 @@ def test_torchrun_launch_trains_on_two_workers_like_one(tmp_path):
     import yaml
 
     from tessera.pipelines import train
-    from tessera.training.data import write_synthetic_codes
+    from tessera.demo.codes import write_synthetic_codes
     from tessera.training.metrics import read_metrics
 
     write_synthetic_codes(ShardStore(str(tmp_path / "data")), 256, shards=2, per_shard=6, vocab=64, caption_dim=32)
