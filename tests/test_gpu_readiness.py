@@ -213,3 +213,27 @@ def test_selective_checkpointing_keeps_attention_outputs_flex_included():
                torch.ops.aten.mm.default):
         assert _selective_policy(None, op) == CheckpointPolicy.MUST_SAVE
     assert _selective_policy(None, torch.ops.aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_static_decode_step_samples_the_same_tokens_and_compiles_once():
+    """The static-cache decode step (whole cache, the position in a tensor) picks the same greedy
+    tokens as the prefix-only step, and compiled it is one graph for every step and every call."""
+    from torch._dynamo.utils import counters
+
+    from tessera.models.generation import generate
+
+    torch.manual_seed(0)
+    model = build_gpt("GPT-nano", grid=4, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0)
+    torch.nn.init.normal_(model.output.weight, std=0.5)  # varied logits: a wrong mask would change tokens
+    cond = torch.randn(2, 120, 32)
+    mask = torch.zeros(2, 120, dtype=torch.bool)
+    mask[0, 100:], mask[1, 60:] = True, True
+    expected = generate(model, cond, mask, temperature=0.0)
+    assert len(set(expected.flatten().tolist())) > 4
+    assert torch.equal(generate(model, cond, mask, temperature=0.0, decode_step=model.decode_step_static), expected)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    compiled = torch.compile(model.decode_step_static, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        assert torch.equal(generate(model, cond, mask, temperature=0.0, decode_step=compiled), expected)
+    assert counters["stats"]["unique_graphs"] - before == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,8 +56,12 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 @torch.no_grad()
 def generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, *,
              cfg_scale: float = 7.5, temperature: float = 1.0, top_k: int = 1000, top_p: float = 1.0,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Image codes (B, grid*grid) for caption features cond (B, cls_token_num, caption_dim)."""
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             decode_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Image codes (B, grid*grid) for caption features cond (B, cls_token_num, caption_dim).
+
+    decode_step: `model.decode_step_static` or a compiled one (same shapes every step, the position
+    in a tensor); by default the step attends over the filled prefix only."""
     model.eval()
     cond = cond.to(next(model.parameters()).dtype)
     b, n = cond.shape[0], model.num_image_tokens
@@ -82,7 +87,10 @@ def generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = No
             logits = model.prefill(cond, cond_mask, drop)
             for i in range(n):
                 tokens[:, i] = next_token(logits)
-                if i + 1 < n:
+                if i + 1 < n and decode_step is not None:
+                    position = torch.full((1,), model.cfg.cls_token_num + i, device=cond.device)
+                    logits = decode_step(both(tokens[:, i]), position)
+                elif i + 1 < n:
                     logits = model.decode_step(both(tokens[:, i]), i)
         finally:
             model.clear_cache()

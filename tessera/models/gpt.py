@@ -194,6 +194,12 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write_at(self, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's keys and values at a position held in a tensor; the whole cache."""
+        self.k.index_copy_(2, position, k)
+        self.v.index_copy_(2, position, v)
+        return self.k, self.v
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -211,7 +217,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         if self.cache is not None:
-            k, v = self.cache.update(start, k, v)
+            write = self.cache.write_at if isinstance(start, torch.Tensor) else self.cache.update
+            k, v = write(start, k, v)
         if isinstance(mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=mask)
         else:
@@ -340,6 +347,20 @@ class GPT(nn.Module):
         h = self.cls_embedding(cond, drop_cond)
         mask = self.attention_mask(cond_mask, torch.arange(h.shape[1], device=h.device), h.shape[1])
         return self._blocks(h, 0, mask, keep_from=-1)[:, -1]
+
+    def decode_step_static(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """decode_step over the whole preallocated cache, the position in a one-element tensor:
+        every call has the same shapes and no host value, so it compiles once and replays as a
+        CUDA graph (`torch.compile(model.decode_step_static, mode="reduce-overhead")`)."""
+        h = self.tok_embeddings(token[:, None])
+        n_keys = self.layers[0].attention.cache.k.shape[2]
+        k_pos = torch.arange(n_keys, device=h.device)
+        key_ok = F.pad(self._cond_mask, (0, n_keys - self._cond_mask.shape[1]), value=True)
+        mask = ((k_pos <= position) & key_ok) | (k_pos == position)
+        rope = self.rope.index_select(0, position)
+        for layer in self.layers:
+            h = layer(h, rope, mask[:, None, None, :], position)
+        return self.output(self.norm(h)).float()[:, -1]
 
     def decode_step(self, token: torch.Tensor, index: int) -> torch.Tensor:
         """Feed image token number `index` (B,); logits (B, vocab) for the next one."""
