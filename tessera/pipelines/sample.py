@@ -15,6 +15,7 @@ from tessera.core.funnel import StageResult
 from tessera.core.store import ShardStore
 from tessera.models.generation import render, save_grid
 from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config
+from tessera.models.identity import model_config_of, resolution_of
 from tessera.models.refs import resolve
 from tessera.models.text_encoder import TextEncoder
 from tessera.models.vq import load_vq
@@ -30,15 +31,13 @@ log = logging.getLogger(__name__)
 # Loading a generator from any checkpoint ----------------------------------------------------------
 def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
                    device: str = "cpu") -> tuple[GPT, int]:
-    """The model of a checkpoint (ours carry their config; LlamaGen's take `fallback`) and its resolution."""
+    """The model of a checkpoint (ours carry their config; LlamaGen's take `fallback`) and its
+    resolution: `resolution` when given, else the checkpoint's own (a key, or a released file's
+    known name), else 256."""
     ckpt = read_checkpoint_any(path)
-    meta = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(meta, dict) and "model_config" in meta:
-        cfg = GPTConfig(**meta["model_config"])
-        resolution = resolution or meta.get("resolution", 256)
-    else:
-        cfg = fallback
-        resolution = resolution or 256
+    model_config = model_config_of(ckpt)
+    cfg = GPTConfig(**model_config) if model_config is not None else fallback
+    resolution = resolution or resolution_of(ckpt, path) or 256
     with torch.device(device):
         model = GPT(cfg, grid=resolution // 16)
     model.load_state_dict(extract_state_dict(ckpt), strict=True)
