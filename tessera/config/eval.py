@@ -36,6 +36,9 @@ class EvalConfig(Section):
     resolution: Resolution | None = None  # None: each checkpoint's training resolution
     vq: str = "vq_ds16_t2i.pt"  # decodes the codes (a relative path is under models_root)
     text_encoder: str = "google/flan-t5-xl"  # path, hub id or tiny:NAME
+    # Caption cleaning before the text encoder: "llamagen" (LlamaGen's preprocessing, what its
+    # checkpoints' features were computed from) or "none" (the caption as it is).
+    caption_clean: Literal["none", "llamagen"] = "none"
     model: str = "GPT-XL"  # for checkpoints without their config (LlamaGen's)
     text_rope: Literal["identity", "llamagen"] = "llamagen"  # for checkpoints without their config
     batch_size: int = 8

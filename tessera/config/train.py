@@ -67,6 +67,9 @@ class TrainConfig(Section):
     # path, LlamaGen's included. Ignored once this stage has a checkpoint of its own (resume).
     init_from: str | None = None
     text_encoder: str | None = None  # path, hub id or tiny:NAME; needed unless every sample has stored features
+    # Caption cleaning before the text encoder: "llamagen" (LlamaGen's preprocessing, what its
+    # checkpoints' features were computed from) or "none" (the caption as it is).
+    caption_clean: Literal["none", "llamagen"] = "none"
     vq: str | None = None  # for sample grids during training
     data: CodesDataConfig = CodesDataConfig()
     optim: OptimConfig = OptimConfig()
@@ -132,6 +135,9 @@ class SampleConfig(Section):
     resolution: Resolution | None = None  # None: the checkpoint's training resolution, else 256
     vq: str = "vq_ds16_t2i.pt"  # decodes the codes (a relative path is under models_root)
     text_encoder: str = "google/flan-t5-xl"  # path, hub id or tiny:NAME
+    # Caption cleaning before the text encoder: "llamagen" (LlamaGen's preprocessing, what its
+    # checkpoints' features were computed from) or "none" (the caption as it is).
+    caption_clean: Literal["none", "llamagen"] = "none"
     prompts: list[str] = ["a red circle on a blue background"]
     images_per_prompt: int = 1
     batch_size: int = 8

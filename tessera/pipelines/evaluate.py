@@ -210,7 +210,8 @@ class SampleWorker:
         self.model = model
         root = models_root
         self.text_encoder = TextEncoder.from_pretrained(resolve(ecfg.text_encoder, root),
-                                                        max_length=model.cfg.cls_token_num, device=self.device)
+                                                        max_length=model.cfg.cls_token_num, device=self.device,
+                                                        clean=ecfg.caption_clean)
         self.vq = load_vq(resolve(ecfg.vq, root), device=self.device)
         self.features = Features(ecfg, root, self.device)
         table = ShardStore(posixpath.dirname(prompts_url)).read_table(posixpath.basename(prompts_url))

@@ -79,7 +79,8 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = No
         model.set_grid(model.grid)  # the RoPE table stays in fp32
     log.info("Sampling %s (%s, %dpx) on %s.", path, type(model).__name__, resolution, scfg.device)
     text_encoder = TextEncoder.from_pretrained(resolve(scfg.text_encoder, cfg.models_root),
-                                               max_length=model.cfg.cls_token_num, device=scfg.device)
+                                               max_length=model.cfg.cls_token_num, device=scfg.device,
+                                               clean=scfg.caption_clean)
     vq = load_vq(resolve(scfg.vq, cfg.models_root), device=scfg.device)
     prompts = [p for p in (prompts or scfg.prompts) for _ in range(scfg.images_per_prompt)]
     generator = torch.Generator(scfg.device).manual_seed(scfg.seed)

@@ -166,7 +166,8 @@ class Worker:
         cuda = self.d.device.type == "cuda"
         return TextEncoder.from_pretrained(self.job.text_encoder, max_length=gpt_config(self.cfg.model).cls_token_num,
                                            device=str(self.d.device),
-                                           dtype=torch.bfloat16 if cuda and self.cfg.bf16 else None)
+                                           dtype=torch.bfloat16 if cuda and self.cfg.bf16 else None,
+                                           clean=self.cfg.caption_clean)
 
     def _model(self, init_ckpt: dict | None) -> GPT:
         """Built for one device with the same initial weights on every worker (init_from's when
