@@ -70,7 +70,8 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = No
 
     scfg: SampleConfig = cfg.sample or SampleConfig()
     run_name = run_name or cfg.name
-    path = checkpoint or scfg.checkpoint or find_checkpoint(cfg, run_name)
+    explicit = checkpoint or scfg.checkpoint
+    path = resolve(explicit, cfg.models_root) if explicit else find_checkpoint(cfg, run_name)
     torch.manual_seed(scfg.seed)
     model, resolution = load_generator(path, gpt_config(scfg.model, text_rope=scfg.text_rope),
                                        scfg.resolution, scfg.device)
