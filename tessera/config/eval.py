@@ -14,9 +14,12 @@ class TokenizerEvalConfig(Section):
     vq: str | None = None  # None: the sampling VQ (eval.vq)
     # Held-out images: a glob of image files (local or fsspec); None: the prompt set's `image` column.
     images: str | None = None
-    max_images: int = 64  # at most this many held-out images
+    # Codebook usage counts every code of every image: N images at grid g show at most N g^2 of
+    # the codebook's entries (64 images at 256px can show at most all 16,384 once), so a usage
+    # figure needs many times that; rows report `usage_cap`. LlamaGen's 97% is over 50,000 images.
+    max_images: int = 1000  # at most this many held-out images
     resolutions: list[Resolution] = [256, 512]  # each image is encoded and decoded at these sides
-    batch_size: int = 8
+    batch_size: int = 8  # images per VQ call
 
 
 class EvalConfig(Section):

@@ -52,7 +52,7 @@ from tessera.eval.results import (
     write_page,
     write_tensorboard,
 )
-from tessera.eval.tokenizer_eval import code_counts, psnr_ssim, reconstruct
+from tessera.eval.tokenizer_eval import code_counts, psnr_ssim, reconstruct, usage_cap
 from tessera.models.clip import Clip
 from tessera.models.generation import render
 from tessera.models.gpt import GPT, gpt_config
@@ -154,6 +154,7 @@ class Features:
         self.clip = Clip(ecfg.clip.model, model_path(ecfg.clip.checkpoint, models_root), device=device,
                          force_quick_gelu=ecfg.clip.force_quick_gelu)
         self.protocol = eval_protocol(ecfg.protocol)
+        self.batch_size = ecfg.batch_size  # images per model call: memory bounded at any shard size
         self.inception = None
         if ecfg.inception:
             self.inception = InceptionFeatures(model_path(ecfg.inception, models_root), device=device,
@@ -161,6 +162,12 @@ class Features:
         self.keep_features = ecfg.inception_score or ecfg.precision_recall
 
     def measure(self, pixels: np.ndarray, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
+        b = self.batch_size
+        parts = [self._measure(pixels[i:i + b], None if prompts is None else prompts[i:i + b])
+                 for i in range(0, len(pixels), b)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _measure(self, pixels: np.ndarray, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
         out = {}
         pixels = self.protocol.prepare(pixels)
         if prompts is not None:
@@ -301,7 +308,7 @@ class ImageWorker:
                 self.features.write(store, shard, self.features.measure(pixels))
                 continue
 
-            recon, codes = reconstruct(self.vq, pixels)
+            recon, codes = reconstruct(self.vq, pixels, self.ecfg.tokenizer.batch_size)
             psnr, ssim = psnr_ssim(pixels, recon)
             self.features.write(store, shard, self.features.measure(pixels), prefix=f"{res}/original/")
             self.features.write(store, shard, self.features.measure(recon), prefix=f"{res}/reconstructed/")
@@ -519,6 +526,8 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
                "psnr": sum(s["psnr_sum"] for s in sums) / max(images, 1),
                "ssim": sum(s["ssim_sum"] for s in sums) / max(images, 1),
                "codebook_usage": float((counts > 0).mean()) if counts is not None else 0.0,
+               "codes_counted": int(counts.sum()) if counts is not None else 0,
+               "usage_cap": usage_cap(int(counts.sum()), len(counts)) if counts is not None else 0.0,
                "unreadable": sum(s.get("unreadable", 0) for s in summaries)}
         for name, key in (("clip", "rfid_clip_features"), ("inception", "rfid")):
             a = merged(store, f"{res}/original/moments", f".{name}.npz", run.done)
