@@ -118,3 +118,16 @@ def test_inception_weights_are_pinned_by_sha256(tmp_path):
     assert check_sha256(str(path), digest[:8]) == digest
     with pytest.raises(ValueError, match="does not match the pinned 6726825d"):
         check_sha256(str(path), "6726825d")
+
+
+def test_evaluation_tensorboard_on_an_fsspec_root():
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tessera.eval.results import write_tensorboard
+
+    ev = ShardStore("memory://eval-tb/eval")
+    write_tensorboard(ev, {"label": "stage1-step-00000002", "stage": "stage1", "step": 2, "fid": 12.5, "n_gen": 4})
+
+    events = EventAccumulator(ev.url("tensorboard", "stage1"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/fid")] == [(2, 12.5)]
