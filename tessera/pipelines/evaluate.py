@@ -42,7 +42,7 @@ from tessera.eval.fid import (
     precision_recall,
     sha256_of,
 )
-from tessera.eval.prompt_following import judge, read_picture
+from tessera.eval.prompt_following import chance_floors, judge, read_picture
 from tessera.eval.prompts import TRUTH, has_truth, palette_of, read_prompt_set
 from tessera.eval.protocols import Gaussian, centre_crop_lanczos, read_reference_stats, row_fields
 from tessera.eval.protocols import protocol as eval_protocol
@@ -478,6 +478,9 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
         if gen is not None and ref is not None and gen.count > 1 and (isinstance(ref, Gaussian) or ref.count > 1):
             row[key] = frechet_distance(gen, ref)
     row.update(_protocol_fields(cfg, row, reference, res))
+    if "prompt_following" in row:  # what a reader ignoring the images would score, beside each figure
+        for attr, floor in chance_floors(prompts.slice(0, n).to_pylist()).items():
+            row["prompt_following_chance" if attr == "all" else f"prompt_following_{attr}_chance"] = floor
     if ecfg.inception and (ecfg.inception_score or ecfg.precision_recall):
         ref_store = (ShardStore(ev.url("reference", str(proto.resolution or res)))
                      if reference and not ecfg.reference_stats and "failed" not in reference else None)
