@@ -54,7 +54,7 @@ def main() -> None:
     from tessera.pipelines.sample import generate as our_generate
     from tessera.pipelines.sample import load_generator
     from tessera.training.checkpoint import ExportRefused, export
-    from tessera.training.data import write_synthetic_codes
+    from tessera.demo.codes import write_synthetic_codes
 
     torch.manual_seed(0)
     grid = args.res // 16

@@ -14,7 +14,7 @@ from tessera.pipelines import train
 from tessera.pipelines.sample import load_generator
 from tessera.core.store import ShardStore
 from tessera.training.checkpoint import ExportRefused, export, read_checkpoint_any
-from tessera.training.data import write_synthetic_codes
+from tessera.demo.codes import write_synthetic_codes
 from tests.conftest import reference_file
 
 TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": False, "log_every": 1,
