@@ -145,3 +145,18 @@ def _full_checkpoint(url: str, tmp_path) -> dict:
 
     dcp_to_torch_save(url, tmp_path / "full.pt")
     return torch.load(tmp_path / "full.pt", weights_only=True)
+
+
+def test_eval_finds_a_released_checkpoint_under_models_root_at_its_resolution(tmp_path):
+    from tessera.pipelines import evaluate
+
+    (tmp_path / "models" / "llamagen").mkdir(parents=True)
+    path = tmp_path / "models" / "llamagen" / "t2i_XL_stage2_512.pt"
+    torch.save({"model": build_gpt("GPT-nano", text_rope="llamagen").state_dict()}, path)
+    cfg = RunConfig.model_validate({
+        "name": "t", "data_root": str(tmp_path / "data"), "runs_root": str(tmp_path / "runs"),
+        "models_root": str(tmp_path / "models"), "source": {"path": str(tmp_path / "src.parquet")},
+        "eval": {"prompts": str(tmp_path / "prompts.parquet")}})
+    [target] = evaluate.targets(cfg, "t", ["llamagen/t2i_XL_stage2_512.pt"])
+    assert target.checkpoint == str(path) and target.label == "checkpoint-t2i_XL_stage2_512"
+    assert evaluate._resolution(cfg.eval, target) == 512
