@@ -49,12 +49,12 @@ def main() -> None:
 
     from tessera.config import RunConfig
     from tessera.core.store import ShardStore
+    from tessera.demo.codes import write_synthetic_codes
     from tessera.models.gpt import build_gpt
     from tessera.pipelines import train
     from tessera.pipelines.sample import generate as our_generate
     from tessera.pipelines.sample import load_generator
     from tessera.training.checkpoint import ExportRefused, export
-    from tessera.demo.codes import write_synthetic_codes
 
     torch.manual_seed(0)
     grid = args.res // 16

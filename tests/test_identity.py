@@ -8,13 +8,19 @@ import pytest
 import torch
 
 from tessera.config import RunConfig
+from tessera.core.store import ShardStore
+from tessera.demo.codes import write_synthetic_codes
 from tessera.models.gpt import build_gpt, llamagen_parameter_order
-from tessera.models.identity import Identity, IdentityMismatch, identity_of, resolution_of, settle
+from tessera.models.identity import (
+    Identity,
+    IdentityMismatch,
+    identity_of,
+    resolution_of,
+    settle,
+)
 from tessera.pipelines import train
 from tessera.pipelines.sample import load_generator
-from tessera.core.store import ShardStore
 from tessera.training.checkpoint import ExportRefused, export, read_checkpoint_any
-from tessera.demo.codes import write_synthetic_codes
 from tests.conftest import reference_file
 
 TINY = {"model": "GPT-nano", "vocab_size": 64, "global_batch": 4, "use_ray": False, "log_every": 1,

@@ -7,10 +7,23 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tessera.eval.coco30k import convert
-from tessera.eval.fid import Moments, check_sha256, clean_resize, clean_resize_uint8, frechet_distance, sha256_of
-from tessera.eval.protocols import Gaussian, centre_crop_lanczos, protocol, read_reference_stats, row_fields
 from tessera.core.store import ShardStore
+from tessera.eval.coco30k import convert
+from tessera.eval.fid import (
+    Moments,
+    check_sha256,
+    clean_resize,
+    clean_resize_uint8,
+    frechet_distance,
+    sha256_of,
+)
+from tessera.eval.protocols import (
+    Gaussian,
+    centre_crop_lanczos,
+    protocol,
+    read_reference_stats,
+    row_fields,
+)
 
 
 def photo_like(h: int, w: int, seed: int) -> np.ndarray:

@@ -68,7 +68,7 @@ def centre_crop_lanczos(pixels: np.ndarray, size: int) -> np.ndarray:
     h, w = pixels.shape[:2]
     side = min(h, w)
     # torchvision's center_crop rounds the offsets to the nearest pixel
-    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+    top, left = round((h - side) / 2.0), round((w - side) / 2.0)
     square = Image.fromarray(pixels[top:top + side, left:left + side])
     return np.asarray(square.resize((size, size), Image.LANCZOS))
 

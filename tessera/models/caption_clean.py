@@ -13,8 +13,8 @@ from __future__ import annotations
 import html
 import re
 import urllib.parse
+from collections.abc import Callable
 from html.parser import HTMLParser
-from typing import Callable
 
 import ftfy
 

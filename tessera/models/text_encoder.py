@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from tessera.models.caption_clean import cleaner
-
 from tessera.models.tiny import caption_corpus, train_tokenizer
 
 MAX_LENGTH = 120
@@ -25,7 +24,9 @@ class TextEncoder:
     @classmethod
     def from_pretrained(cls, name_or_path: str, max_length: int = MAX_LENGTH, device="cpu",
                         dtype=None, clean: str = "none") -> "TextEncoder":
-        """A checkpoint folder or hub id (e.g. google/flan-t5-xl); bf16 is the usual dtype on GPU."""
+        """A checkpoint folder or hub id (e.g. google/flan-t5-xl); bf16 is the usual dtype on GPU;
+        `clean` names the caption cleaning applied before tokenizing ("none" or "llamagen",
+        LlamaGen's, which its checkpoints' features were computed after)."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -44,7 +44,12 @@ from tessera.eval.fid import (
 )
 from tessera.eval.prompt_following import chance_floors, judge, read_picture
 from tessera.eval.prompts import TRUTH, has_truth, palette_of, read_prompt_set
-from tessera.eval.protocols import Gaussian, centre_crop_lanczos, read_reference_stats, row_fields
+from tessera.eval.protocols import (
+    Gaussian,
+    centre_crop_lanczos,
+    read_reference_stats,
+    row_fields,
+)
 from tessera.eval.protocols import protocol as eval_protocol
 from tessera.eval.results import (
     append_metrics,

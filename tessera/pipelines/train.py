@@ -15,9 +15,9 @@ from tessera.config.train import TrainConfig
 from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
+from tessera.models.identity import settle
 from tessera.models.refs import resolve
 from tessera.training.checkpoint import latest_checkpoint, stage_dir, step_of
-from tessera.models.identity import settle
 from tessera.training.loop import TrainJob, starting_identity, train_worker
 from tessera.training.metrics import read_metrics
 
