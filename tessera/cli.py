@@ -139,10 +139,14 @@ def plan_cmd(args) -> int:
 def export_cmd(args) -> int:
     import torch
 
-    from tessera.training.checkpoint import export
+    from tessera.training.checkpoint import ExportRefused, export
 
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    print(export(args.checkpoint, args.out, dtype=dtype))
+    try:
+        print(export(args.checkpoint, args.out, dtype=dtype, optimizer=args.optimizer))
+    except ExportRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a checkpoint folder (runs/RUN/STAGE/checkpoints/step-N) or file")
     p.add_argument("out", help="the .pt file to write (local or fsspec URL)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--optimizer", action="store_true",
+                   help="include the optimizer state and step, as LlamaGen's trainer resumes from them")
     p.set_defaults(fn=export_cmd)
     args = parser.parse_args(argv)
     try:

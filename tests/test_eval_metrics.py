@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.eval.fid import InceptionFeatures, Moments, clean_resize, frechet_distance, merge, save_random_inception
+from tessera.eval.fid import InceptionFeatures, Moments, clean_resize_uint8, frechet_distance, merge, save_random_inception
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,7 +85,7 @@ def test_our_fid_equals_torchmetrics_on_the_same_images(inception_path):
     value = frechet_distance(Moments.of(ours(real)["64"]), Moments.of(ours(fake)["64"]))
     metric = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=inception_path)
     for imgs, is_real in ((real, True), (fake, False)):  # torchmetrics gets the same clean-resized pixels
-        metric.update(torch.from_numpy(clean_resize(imgs)).permute(0, 3, 1, 2).contiguous(), real=is_real)
+        metric.update(torch.from_numpy(clean_resize_uint8(imgs)).permute(0, 3, 1, 2).contiguous(), real=is_real)
     assert value > 1 and value == pytest.approx(float(metric.compute()), rel=1e-4)
 
 

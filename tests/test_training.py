@@ -150,7 +150,7 @@ def test_metrics_tensorboard_and_checkpoints_on_an_fsspec_runs_root(tmp_path, da
 def test_export_writes_one_llamagen_format_file(tmp_path, data):
     from tessera.pipelines.sample import load_generator
 
-    result = train.run(_config(tmp_path, {"max_steps": 2}), "stage1")
+    result = train.run(_config(tmp_path, {"max_steps": 2, "text_rope": "llamagen"}), "stage1")
     out = export(result.checkpoint, str(tmp_path / "export" / "gpt.pt"), dtype=torch.bfloat16)
     saved = torch.load(out, weights_only=True)
     weights = read_model_state(result.checkpoint)

@@ -23,6 +23,9 @@ class TokenizeConfig(Section):
     # (e.g. google/flan-t5-xl), "tiny:t5", or None to leave them to training.
     text_encoder: str | None = None
     text_max_length: int = 120  # most caption tokens (LlamaGen: 120)
+    # Caption cleaning before the text encoder: "llamagen" (LlamaGen's preprocessing, what its
+    # checkpoints' features were computed from) or "none" (the caption as it is).
+    caption_clean: Literal["none", "llamagen"] = "none"
     # Which caption the features are of; a sample without it falls back to the original caption.
     text_caption: Literal["caption", "caption_long", "caption_short"] = "caption_long"
     # Images per model call, model actors, what each actor holds, and attempts per shard beyond

@@ -47,12 +47,19 @@ class TrainConfig(Section):
     # Overrides of the model config (None: the config's value).
     vocab_size: int | None = None
     caption_dim: int | None = None  # None: the text encoder's dim, or the stored features' dim
-    # identity: text positions not rotated (new training); llamagen: LlamaGen's all-zero table,
-    # needed to sample or fine-tune its checkpoints.
-    text_rope: Literal["identity", "llamagen"] = "identity"
+    # How text positions are rotated (GPTConfig.text_rope): identity (not rotated) or llamagen
+    # (LlamaGen's all-zero table). None: what the starting weights were trained with (this stage's
+    # own checkpoint, else init_from; LlamaGen's released checkpoints are "llamagen"), and
+    # "identity" for a model trained from scratch. A value that contradicts the starting weights
+    # is refused unless identity_override is set.
+    text_rope: Literal["identity", "llamagen"] | None = None
     # The grid the rotary positions span (GPTConfig.rope_grid); in a fine-tune at a higher
     # resolution, the earlier stage's grid (resolution / 16) keeps what it learnt of places.
+    # None: the starting weights' setting (their own grid's positions extended: LlamaGen's way).
     rope_grid: int | None = Field(None, gt=0)
+    # Train with text_rope / rope_grid as set even when the starting weights were trained with
+    # others (the model then starts from a different function than the one its weights learnt).
+    identity_override: bool = False
     dropout: float | None = None  # token, residual and FFN dropout together
     class_dropout: float | None = None  # CFG training: probability a caption becomes the uncond one
     # Start from these weights only (fresh optimizer and step): "stage1" (the newest checkpoint of
@@ -60,6 +67,9 @@ class TrainConfig(Section):
     # path, LlamaGen's included. Ignored once this stage has a checkpoint of its own (resume).
     init_from: str | None = None
     text_encoder: str | None = None  # path, hub id or tiny:NAME; needed unless every sample has stored features
+    # Caption cleaning before the text encoder: "llamagen" (LlamaGen's preprocessing, what its
+    # checkpoints' features were computed from) or "none" (the caption as it is).
+    caption_clean: Literal["none", "llamagen"] = "none"
     vq: str | None = None  # for sample grids during training
     data: CodesDataConfig = CodesDataConfig()
     optim: OptimConfig = OptimConfig()
@@ -129,6 +139,9 @@ class SampleConfig(Section):
     resolution: Resolution | None = None  # None: the checkpoint's training resolution, else 256
     vq: str = "vq_ds16_t2i.pt"  # decodes the codes (a relative path is under models_root)
     text_encoder: str = "google/flan-t5-xl"  # path, hub id or tiny:NAME
+    # Caption cleaning before the text encoder: "llamagen" (LlamaGen's preprocessing, what its
+    # checkpoints' features were computed from) or "none" (the caption as it is).
+    caption_clean: Literal["none", "llamagen"] = "none"
     prompts: list[str] = ["a red circle on a blue background"]
     images_per_prompt: int = 1
     batch_size: int = 8

@@ -17,10 +17,16 @@ def clip_inputs(clip: Clip, pixels: np.ndarray) -> np.ndarray:
     return np.stack([clip.preprocess(Image.fromarray(p)) for p in pixels])
 
 
-def clip_score(clip: Clip, pixels: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image CLIP scores (N,) and the L2-normalised image embeddings (N, D)."""
+def clip_cosines(clip: Clip, pixels: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image cosine between image and caption embeddings (N,), and the L2-normalised image embeddings (N, D)."""
     if len(pixels) != len(prompts):
         raise ValueError(f"{len(pixels)} images but {len(prompts)} prompts")
     images = clip.encode_images(clip_inputs(clip, pixels))
     texts = clip.encode_texts(list(prompts))
-    return np.maximum(100.0 * (images * texts).sum(-1), 0.0), images
+    return (images * texts).sum(-1), images
+
+
+def clip_score(clip: Clip, pixels: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image CLIP scores max(100 cos, 0) (N,) and the L2-normalised image embeddings (N, D)."""
+    cosines, images = clip_cosines(clip, pixels, prompts)
+    return np.maximum(100.0 * cosines, 0.0), images

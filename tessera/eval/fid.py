@@ -7,13 +7,16 @@ itself is written here (see `frechet_distance` for why) and applies to any featu
 Inception-v3 pool features, or the "CLIP-feature Fréchet distance" on CLIP image embeddings,
 which is a different number and is never called FID.
 
-Images reach Inception resized as clean-fid prescribes: to 299x299 with PIL's antialiased bicubic,
-then fed to torch-fidelity's extractor (whose own TF-style resize is a no-op at 299). One
-difference: clean-fid resizes each channel as float and keeps the floats; torch-fidelity's
-extractor takes uint8, so the resize here runs on the RGB image and rounds (at most 0.5/255).
+Images reach Inception resized as clean-fid prescribes: each channel as a float image, to 299x299
+with PIL's antialiased bicubic (`clean_resize` equals clean-fid's resizer exactly), then fed to
+torch-fidelity's extractor (whose own TF-style resize is a no-op at 299). torch-fidelity takes
+uint8, so the resized floats are rounded: each input differs from clean-fid's by at most 0.5/255.
+(Resizing the RGB image as uint8 instead would differ by far more: PIL rounds and clips between
+its horizontal and vertical passes, which shifts sharp edges by up to ~17 levels.)
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -108,8 +111,36 @@ def frechet_distance(a: Moments, b: Moments) -> float:
 
 # Inception-v3 features -----------------------------------------------------------------------------
 def clean_resize(pixels: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8 with PIL's antialiased bicubic (clean-fid)."""
-    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BICUBIC)) for p in pixels])
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) float32 in [0, 255]: each channel resized as a float
+    image with PIL's antialiased bicubic, as clean-fid's "clean" mode does."""
+    def channel(c: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((size, size), Image.BICUBIC))
+
+    return np.stack([np.stack([channel(p[:, :, i]) for i in range(3)], axis=-1) for p in pixels]).clip(0, 255)
+
+
+def clean_resize_uint8(pixels: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
+    """clean_resize rounded to uint8, the input torch-fidelity's extractor takes."""
+    return np.rint(clean_resize(pixels, size)).astype(np.uint8)
+
+
+def sha256_of(path: str) -> str:
+    import fsspec
+
+    h = hashlib.sha256()
+    with fsspec.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path: str, expected: str) -> str:
+    """The file's sha256; raises if it does not start with `expected` (a full digest or a prefix)."""
+    digest = sha256_of(path)
+    if not digest.startswith(expected.lower()):
+        raise ValueError(f"{path}: sha256 {digest} does not match the pinned {expected}; "
+                         "these are not the Inception weights the figures are defined with")
+    return digest
 
 
 def _check_weights(path: str) -> None:
@@ -128,10 +159,14 @@ def _check_weights(path: str) -> None:
 class InceptionFeatures:
     """torch-fidelity's Inception-v3 (the one torchmetrics uses) with its weights loaded from a path."""
 
-    def __init__(self, weights: str, device: str = "cpu", logits: bool = False, feature: str = INCEPTION_FEATURES):
-        """`feature`: the pool features FID uses ("2048"), or an earlier layer's ("64", "192", "768")."""
+    def __init__(self, weights: str, device: str = "cpu", logits: bool = False, feature: str = INCEPTION_FEATURES,
+                 sha256: str | None = None):
+        """`feature`: the pool features FID uses ("2048"), or an earlier layer's ("64", "192", "768");
+        `sha256`: the weights' digest or its first characters, checked before loading."""
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        if sha256:
+            check_sha256(weights, sha256)
         _check_weights(weights)
         self.names = [feature] + ([INCEPTION_LOGITS] if logits else [])
         self.model = FeatureExtractorInceptionV3("inception-v3-compat", self.names,
@@ -141,7 +176,7 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8 -> {"2048": (N, 2048)[, "logits_unbiased": (N, 1008)]}, keyed by the feature."""
-        x = torch.from_numpy(clean_resize(pixels)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        x = torch.from_numpy(clean_resize_uint8(pixels)).permute(0, 3, 1, 2).contiguous().to(self.device)
         out = self.model(x)
         return {name: t.double().cpu().numpy() for name, t in zip(self.names, out)}
 

@@ -29,12 +29,11 @@ def read_metrics(ev: ShardStore) -> list[dict]:
 
 
 def write_tensorboard(ev: ShardStore, row: dict) -> None:
-    """Scalars eval/{metric} at the checkpoint's step, one TensorBoard run per stage."""
-    if ev.protocol not in ("file", "local"):
-        return
+    """Scalars eval/{metric} at the checkpoint's step, one TensorBoard run per stage, on any fsspec
+    root (TensorBoard writes through fsspec for URLs it has no file system of its own for)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(ev.path("tensorboard", row["stage"])) as writer:
+    with SummaryWriter(ev.url("tensorboard", row["stage"])) as writer:
         for k, v in row.items():
             if k not in ("step", "resolution", "failed_shards") and isinstance(v, (int, float)) and math.isfinite(v):
                 writer.add_scalar(f"eval/{k}", v, row["step"])

@@ -15,10 +15,14 @@ from tessera.flows.common import logger, publish_table
 from tessera.pipelines import evaluate
 
 # Columns of the comparison table, in order (those a run does not have are left out).
-COLUMNS = ("label", "step", "images", "prompt_following", "prompt_following_color", "prompt_following_shape",
-           "prompt_following_place", "prompt_following_background", "clip_score", "clip_feature_frechet", "fid",
-           "inception_score", "precision", "recall", "tokens_per_s", "seconds")
-TOKENIZER_COLUMNS = ("resolution", "images", "rfid", "rfid_clip_features", "psnr", "ssim", "codebook_usage")
+COLUMNS = ("label", "step", "protocol", "resolution", "eval_resolution", "n_gen", "n_ref", "images",
+           "prompt_following", "prompt_following_chance", "prompt_following_color", "prompt_following_color_chance",
+           "prompt_following_shape", "prompt_following_shape_chance", "prompt_following_place",
+           "prompt_following_place_chance", "prompt_following_background", "prompt_following_background_chance",
+           "clip_score", "clip_feature_frechet", "fid",
+           "inception_score", "precision", "recall", "tokens_per_s", "seconds", "fid_error", "warning")
+TOKENIZER_COLUMNS = ("resolution", "images", "rfid", "rfid_clip_features", "psnr", "ssim", "codebook_usage", "usage_cap",
+                     "codes_counted")
 
 
 def table(rows: list[dict], columns: tuple[str, ...]) -> list[dict]:

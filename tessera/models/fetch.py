@@ -41,6 +41,8 @@ KNOWN_SOURCES: dict[str, ModelSource] = {
         url="https://github.com/LAION-AI/CLIP-based-NSFW-Detector/files/10250461/clip_autokeras_binary_nsfw.zip",
         member="clip_autokeras_binary_nsfw.pth"),
     "clip-vit-l-14/open_clip_pytorch_model.bin": ModelSource(open_clip="ViT-L-14/openai"),
+    # OpenAI's ViT-B/32: the CLIP the llamagen_t2i evaluation protocol scores with.
+    "clip-vit-b-32/open_clip_pytorch_model.bin": ModelSource(open_clip="ViT-B-32/openai"),
     # The Inception-v3 weights torch-fidelity and torchmetrics load for FID (the eval section); no
     # published checksum either.
     "weights-inception-2015-12-05-6726825d.pth": ModelSource(

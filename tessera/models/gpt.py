@@ -397,6 +397,20 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     return out
 
 
+# LlamaGen's blocks register attention, feed_forward, then the two norms; its optimizer state is
+# indexed by that registration order, so an export carrying optimizer state follows it.
+_LLAMAGEN_LAYER_ORDER = ("attention.wqkv.weight", "attention.wo.weight", "feed_forward.w1.weight",
+                         "feed_forward.w3.weight", "feed_forward.w2.weight", "attention_norm.weight",
+                         "ffn_norm.weight")
+
+
+def llamagen_parameter_order(n_layer: int) -> list[str]:
+    """Parameter names in the order LlamaGen's text-to-image GPT's named_parameters() yields them."""
+    names = ["cls_embedding.cap_proj.fc1.weight", "cls_embedding.cap_proj.fc2.weight", "tok_embeddings.weight"]
+    names += [f"layers.{i}.{n}" for i in range(n_layer) for n in _LLAMAGEN_LAYER_ORDER]
+    return names + ["norm.weight", "output.weight"]
+
+
 def read_checkpoint(path: str) -> dict:
     """torch.load a checkpoint (local or fsspec URL) safely: tensors and plain containers only,
     plus argparse.Namespace (training scripts often save their `args` beside the weights)."""
@@ -404,8 +418,16 @@ def read_checkpoint(path: str) -> dict:
 
     import fsspec
 
-    with fsspec.open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(f, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if "://" not in path or path.startswith("file://"):
+            # Memory-mapped: tensors are read when used, so a look at a large file's config is cheap.
+            try:
+                return torch.load(path.removeprefix("file://"), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (pre-zip) format cannot be mapped
+                if "mmap" not in str(e):
+                    raise
+        with fsspec.open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def load_weights(model: GPT, path_or_state) -> GPT:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from tessera.models.caption_clean import cleaner
 from tessera.models.tiny import caption_corpus, train_tokenizer
 
 MAX_LENGTH = 120
@@ -14,20 +15,23 @@ NEIGHBOUR_BIAS = 10.0  # attention logit bias of the tiny encoder's heads toward
 
 
 class TextEncoder:
-    def __init__(self, model, tokenizer, max_length: int = MAX_LENGTH):
+    def __init__(self, model, tokenizer, max_length: int = MAX_LENGTH, clean: str = "none"):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.clean = cleaner(clean)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, max_length: int = MAX_LENGTH, device="cpu",
-                        dtype=None) -> "TextEncoder":
-        """A checkpoint folder or hub id (e.g. google/flan-t5-xl); bf16 is the usual dtype on GPU."""
+                        dtype=None, clean: str = "none") -> "TextEncoder":
+        """A checkpoint folder or hub id (e.g. google/flan-t5-xl); bf16 is the usual dtype on GPU;
+        `clean` names the caption cleaning applied before tokenizing ("none" or "llamagen",
+        LlamaGen's, which its checkpoints' features were computed after)."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype or torch.float32)
-        return cls(model.eval().to(device), tokenizer, max_length)
+        return cls(model.eval().to(device), tokenizer, max_length, clean)
 
     @property
     def dim(self) -> int:
@@ -42,7 +46,7 @@ class TextEncoder:
         """One float32 tensor [L_i, dim] per caption, 1 <= L_i <= max_length, padding removed."""
         if not captions:
             return []
-        batch = self.tokenizer([c or "" for c in captions], max_length=self.max_length, truncation=True,
+        batch = self.tokenizer([self.clean(c or "") for c in captions], max_length=self.max_length, truncation=True,
                                padding="longest", return_tensors="pt")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         if ids.shape[1] == 0:  # every caption empty, and a tokenizer that adds nothing

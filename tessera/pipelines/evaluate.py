@@ -32,7 +32,7 @@ from tessera.config.eval import EvalConfig
 from tessera.core.raytools import init_ray
 from tessera.core.runtime import StageRun, run_stage
 from tessera.core.store import ShardStore
-from tessera.eval.clip_similarity import clip_inputs, clip_score
+from tessera.eval.clip_similarity import clip_cosines, clip_inputs
 from tessera.eval.fid import (
     InceptionFeatures,
     Moments,
@@ -40,19 +40,28 @@ from tessera.eval.fid import (
     inception_score,
     merge,
     precision_recall,
+    sha256_of,
 )
-from tessera.eval.prompt_following import judge, read_picture
+from tessera.eval.prompt_following import chance_floors, judge, read_picture
 from tessera.eval.prompts import TRUTH, has_truth, palette_of, read_prompt_set
+from tessera.eval.protocols import (
+    Gaussian,
+    centre_crop_lanczos,
+    read_reference_stats,
+    row_fields,
+)
+from tessera.eval.protocols import protocol as eval_protocol
 from tessera.eval.results import (
     append_metrics,
     read_metrics,
     write_page,
     write_tensorboard,
 )
-from tessera.eval.tokenizer_eval import code_counts, psnr_ssim, reconstruct
+from tessera.eval.tokenizer_eval import code_counts, psnr_ssim, reconstruct, usage_cap
 from tessera.models.clip import Clip
 from tessera.models.generation import render
 from tessera.models.gpt import GPT, gpt_config
+from tessera.models.identity import resolution_of
 from tessera.models.refs import resolve
 from tessera.models.text_encoder import TextEncoder
 from tessera.models.vq import load_vq
@@ -129,7 +138,8 @@ def targets(cfg: RunConfig, run: str, names: list[str]) -> list[Target]:
             out.append(Target(f"{name}-step-{step:08d}", newest[name], name, step))
         else:
             stem = name.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
-            out.append(Target(f"checkpoint-{stem}", name, stem, step_of(name)))
+            path = resolve(name, cfg.models_root)  # a released file under models_root, like every model
+            out.append(Target(f"checkpoint-{stem}", path, stem, step_of(name)))
     return out
 
 
@@ -148,16 +158,26 @@ class Features:
     def __init__(self, ecfg: EvalConfig, models_root: str, device: str):
         self.clip = Clip(ecfg.clip.model, model_path(ecfg.clip.checkpoint, models_root), device=device,
                          force_quick_gelu=ecfg.clip.force_quick_gelu)
+        self.protocol = eval_protocol(ecfg.protocol)
+        self.batch_size = ecfg.batch_size  # images per model call: memory bounded at any shard size
         self.inception = None
         if ecfg.inception:
             self.inception = InceptionFeatures(model_path(ecfg.inception, models_root), device=device,
-                                               logits=ecfg.inception_score)
+                                               logits=ecfg.inception_score, sha256=ecfg.inception_sha256)
         self.keep_features = ecfg.inception_score or ecfg.precision_recall
 
     def measure(self, pixels: np.ndarray, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
+        b = self.batch_size
+        parts = [self._measure(pixels[i:i + b], None if prompts is None else prompts[i:i + b])
+                 for i in range(0, len(pixels), b)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _measure(self, pixels: np.ndarray, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
         out = {}
+        pixels = self.protocol.prepare(pixels)
         if prompts is not None:
-            out["clip_score"], out["clip"] = clip_score(self.clip, pixels, prompts)
+            cosines, out["clip"] = clip_cosines(self.clip, pixels, self.protocol.captions(prompts))
+            out["clip_score"] = self.protocol.clip_scores(cosines)
         else:
             out["clip"] = self.clip.encode_images(clip_inputs(self.clip, pixels))
         if self.inception is not None:
@@ -210,7 +230,8 @@ class SampleWorker:
         self.model = model
         root = models_root
         self.text_encoder = TextEncoder.from_pretrained(resolve(ecfg.text_encoder, root),
-                                                        max_length=model.cfg.cls_token_num, device=self.device)
+                                                        max_length=model.cfg.cls_token_num, device=self.device,
+                                                        clean=ecfg.caption_clean)
         self.vq = load_vq(resolve(ecfg.vq, root), device=self.device)
         self.features = Features(ecfg, root, self.device)
         table = ShardStore(posixpath.dirname(prompts_url)).read_table(posixpath.basename(prompts_url))
@@ -285,13 +306,14 @@ class ImageWorker:
         summary = {"images": len(images), "unreadable": failed}
         if not images:
             return summary
+        crop = self.features.protocol.resolution and not self.tokenizer  # the protocol's own crop and filter
         for res in self.resolutions:
-            pixels = np.stack([square(img, res) for img in images])
+            pixels = np.stack([centre_crop_lanczos(img, res) if crop else square(img, res) for img in images])
             if not self.tokenizer:  # the reference set: one resolution per store
                 self.features.write(store, shard, self.features.measure(pixels))
                 continue
 
-            recon, codes = reconstruct(self.vq, pixels)
+            recon, codes = reconstruct(self.vq, pixels, self.ecfg.tokenizer.batch_size)
             psnr, ssim = psnr_ssim(pixels, recon)
             self.features.write(store, shard, self.features.measure(pixels), prefix=f"{res}/original/")
             self.features.write(store, shard, self.features.measure(recon), prefix=f"{res}/reconstructed/")
@@ -368,27 +390,32 @@ class EvalResult:
 def _resolution(ecfg: EvalConfig, target: Target) -> int:
     if ecfg.resolution:
         return ecfg.resolution
-
     path = target.checkpoint
-    meta = (read_train_state(path) if is_sharded(path) else read_checkpoint_any(path)).get("config") or {}
-    return int(meta.get("resolution", 256)) if isinstance(meta, dict) else 256
+    return resolution_of(read_train_state(path) if is_sharded(path) else read_checkpoint_any(path), path) or 256
 
 
 def reference_moments(cfg: RunConfig, ev: ShardStore, prompts: pa.Table, res: int) -> dict[str, Moments]:
-    """Feature moments of the reference images at one resolution (computed once, then reused)."""
+    """Feature moments of the reference images at one resolution (computed once, then reused);
+    the Inception statistics come from eval.reference_stats when given. A failed reference shard
+    is named under "failed" (FID is then not computed)."""
     ecfg = cfg.eval
+    if ecfg.reference_stats:
+        return {"inception": read_reference_stats(resolve(ecfg.reference_stats, cfg.models_root))}
     urls = image_list(cfg, ecfg.reference, prompts)
     if not urls:
         return {}
     store = ShardStore(ev.url("reference", str(res)))
     list_url = _write_list(store, urls, "images.parquet")
     ranges = shard_ranges(len(urls), ecfg.shard_size)
-    fp = fingerprint(urls[:3], len(urls), res, ecfg.clip.model_dump(), ecfg.inception)
+    fp = fingerprint(urls[:3], len(urls), res, ecfg.clip.model_dump(), ecfg.inception, ecfg.protocol,
+                     ecfg.inception_score, ecfg.precision_recall)
     run = map_shards(store, list(ranges), ImageWorker,
                      {"list_url": list_url, "ranges": ranges, "ecfg": ecfg, "models_root": cfg.models_root,
                       "resolutions": [res]}, fp, ecfg)
     if run.failed:
-        log.error("eval: %d reference shard(s) failed; the reference set is incomplete.", len(run.failed))
+        log.error("eval: reference shard(s) %s failed; no Frechet distance against an incomplete reference set.",
+                  ", ".join(sorted(run.failed)))
+        return {"failed": sorted(run.failed)}
     out = {}
     for name in ("clip", "inception"):
         m = merged(store, "moments", f".{name}.npz", run.done)
@@ -436,7 +463,9 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
     store = ShardStore(ev.url(target.label))
     ranges = shard_ranges(n, ecfg.shard_size)
     sampling = ecfg.model_dump(include={"images_per_prompt", "cfg_scale", "temperature", "top_k", "top_p", "seed",
-                                        "batch_size", "vq", "text_encoder", "clip", "inception", "shard_size"})
+                                        "batch_size", "vq", "text_encoder", "clip", "inception", "shard_size",
+                                        "protocol", "caption_clean", "inception_score", "precision_recall",
+                                        "reference_stats", "text_rope", "model"})
     fp = fingerprint(target.checkpoint, target.untrained, prompts_url, n, res, sampling)
     start = time.perf_counter()
     run = map_shards(store, list(ranges), SampleWorker,
@@ -444,17 +473,37 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
                       "ecfg": ecfg, "models_root": cfg.models_root}, fp, ecfg)
     row = {"label": target.label, "stage": target.stage, "step": target.step, "checkpoint": target.checkpoint,
            "resolution": res, "fingerprint": fp, **_prompt_metrics(list(run.done.values()))}
-    reference = reference_moments(cfg, ev, prompts, res)
+    proto = eval_protocol(ecfg.protocol)
+    reference = reference_moments(cfg, ev, prompts, proto.resolution or res)
+    if "failed" in reference:
+        row["fid_error"] = f"reference shard(s) {', '.join(reference['failed'])} failed"
     for name, key in (("clip", "clip_feature_frechet"), ("inception", "fid")):
         gen = merged(store, "moments", f".{name}.npz", run.done)
-        if gen is not None and name in reference and gen.count > 1 and reference[name].count > 1:
-            row[key] = frechet_distance(gen, reference[name])
+        ref = reference.get(name)
+        if gen is not None and ref is not None and gen.count > 1 and (isinstance(ref, Gaussian) or ref.count > 1):
+            row[key] = frechet_distance(gen, ref)
+    row.update(_protocol_fields(cfg, row, reference, res))
+    if "prompt_following" in row:  # what a reader ignoring the images would score, beside each figure
+        for attr, floor in chance_floors(prompts.slice(0, n).to_pylist()).items():
+            row["prompt_following_chance" if attr == "all" else f"prompt_following_{attr}_chance"] = floor
     if ecfg.inception and (ecfg.inception_score or ecfg.precision_recall):
-        ref_store = ShardStore(ev.url("reference", str(res))) if reference else None
+        ref_store = (ShardStore(ev.url("reference", str(proto.resolution or res)))
+                     if reference and not ecfg.reference_stats and "failed" not in reference else None)
         row.update(_inception_extras(ecfg, store, run.done, ref_store))
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["failed_shards"] = len(run.failed)
     return row, run.failed
+
+
+def _protocol_fields(cfg: RunConfig, row: dict, reference: dict, res: int) -> dict:
+    """Protocol, resolution measured at, N_gen, N_ref and the feature extractor with its weights' sha256."""
+    ecfg = cfg.eval
+    ref = reference.get("inception" if ecfg.inception else "clip")
+    extractor = "inception-v3 (torch-fidelity), clean-fid resize" if ecfg.inception else f"CLIP {ecfg.clip.model}"
+    weights = resolve(ecfg.inception or ecfg.clip.checkpoint, cfg.models_root)
+    digest = sha256_of(weights) if weights and not ShardStore(weights).fs.isdir(weights) else None
+    return row_fields(eval_protocol(ecfg.protocol), res, row.get("images", 0), ref.count if ref is not None else 0,
+                      extractor, digest, ecfg.clip.model, row.get("label", ""))
 
 
 def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> list[dict]:
@@ -485,6 +534,8 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
                "psnr": sum(s["psnr_sum"] for s in sums) / max(images, 1),
                "ssim": sum(s["ssim_sum"] for s in sums) / max(images, 1),
                "codebook_usage": float((counts > 0).mean()) if counts is not None else 0.0,
+               "codes_counted": int(counts.sum()) if counts is not None else 0,
+               "usage_cap": usage_cap(int(counts.sum()), len(counts)) if counts is not None else 0.0,
                "unreadable": sum(s.get("unreadable", 0) for s in summaries)}
         for name, key in (("clip", "rfid_clip_features"), ("inception", "rfid")):
             a = merged(store, f"{res}/original/moments", f".{name}.npz", run.done)

@@ -15,6 +15,7 @@ from tessera.core.funnel import StageResult
 from tessera.core.store import ShardStore
 from tessera.models.generation import render, save_grid
 from tessera.models.gpt import GPT, GPTConfig, extract_state_dict, gpt_config
+from tessera.models.identity import model_config_of, resolution_of
 from tessera.models.refs import resolve
 from tessera.models.text_encoder import TextEncoder
 from tessera.models.vq import load_vq
@@ -30,15 +31,13 @@ log = logging.getLogger(__name__)
 # Loading a generator from any checkpoint ----------------------------------------------------------
 def load_generator(path: str, fallback: GPTConfig, resolution: int | None,
                    device: str = "cpu") -> tuple[GPT, int]:
-    """The model of a checkpoint (ours carry their config; LlamaGen's take `fallback`) and its resolution."""
+    """The model of a checkpoint (ours carry their config; LlamaGen's take `fallback`) and its
+    resolution: `resolution` when given, else the checkpoint's own (a key, or a released file's
+    known name), else 256."""
     ckpt = read_checkpoint_any(path)
-    meta = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(meta, dict) and "model_config" in meta:
-        cfg = GPTConfig(**meta["model_config"])
-        resolution = resolution or meta.get("resolution", 256)
-    else:
-        cfg = fallback
-        resolution = resolution or 256
+    model_config = model_config_of(ckpt)
+    cfg = GPTConfig(**model_config) if model_config is not None else fallback
+    resolution = resolution or resolution_of(ckpt, path) or 256
     with torch.device(device):
         model = GPT(cfg, grid=resolution // 16)
     model.load_state_dict(extract_state_dict(ckpt), strict=True)
@@ -71,7 +70,8 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = No
 
     scfg: SampleConfig = cfg.sample or SampleConfig()
     run_name = run_name or cfg.name
-    path = checkpoint or scfg.checkpoint or find_checkpoint(cfg, run_name)
+    explicit = checkpoint or scfg.checkpoint
+    path = resolve(explicit, cfg.models_root) if explicit else find_checkpoint(cfg, run_name)
     torch.manual_seed(scfg.seed)
     model, resolution = load_generator(path, gpt_config(scfg.model, text_rope=scfg.text_rope),
                                        scfg.resolution, scfg.device)
@@ -80,7 +80,8 @@ def run(cfg: RunConfig, run_name: str | None = None, checkpoint: str | None = No
         model.set_grid(model.grid)  # the RoPE table stays in fp32
     log.info("Sampling %s (%s, %dpx) on %s.", path, type(model).__name__, resolution, scfg.device)
     text_encoder = TextEncoder.from_pretrained(resolve(scfg.text_encoder, cfg.models_root),
-                                               max_length=model.cfg.cls_token_num, device=scfg.device)
+                                               max_length=model.cfg.cls_token_num, device=scfg.device,
+                                               clean=scfg.caption_clean)
     vq = load_vq(resolve(scfg.vq, cfg.models_root), device=scfg.device)
     prompts = [p for p in (prompts or scfg.prompts) for _ in range(scfg.images_per_prompt)]
     generator = torch.Generator(scfg.device).manual_seed(scfg.seed)

@@ -200,7 +200,8 @@ class TokenizeShard:
 
 
             self.text = TextEncoder.from_pretrained(text_path, cfg.text_max_length, device=device,
-                                                    dtype=torch.bfloat16 if device == "cuda" else None)
+                                                    dtype=torch.bfloat16 if device == "cuda" else None,
+                                                    clean=cfg.caption_clean)
 
     def _encode(self, crops: list[bytes], res: int) -> np.ndarray:
         import torch
@@ -297,7 +298,7 @@ def write_shard(store: ShardStore, shard: str, res: int, rows: list[dict], codeb
 def lineage(cfg: TokenizeConfig, vq_path: str, text_path: str | None) -> str:
     """What decides a shard's codes besides its selection and captions (resolutions are per marker)."""
     settings = cfg.model_dump(mode="json", include={"vq", "vq_config", "vq_ema", "flip", "text_encoder",
-                                                    "text_max_length", "text_caption"})
+                                                    "text_max_length", "text_caption", "caption_clean"})
 
     blob = json.dumps({"settings": settings, "vq": vq_path, "text": text_path,
                        "builds": [build_of(vq_path), build_of(text_path)]}, sort_keys=True)

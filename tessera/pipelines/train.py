@@ -25,9 +25,10 @@ from tessera.config.train import TrainConfig
 from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
+from tessera.models.identity import settle
 from tessera.models.refs import resolve
 from tessera.training.checkpoint import latest_checkpoint, stage_dir, step_of
-from tessera.training.loop import TrainJob, train_worker
+from tessera.training.loop import TrainJob, starting_identity, train_worker
 from tessera.training.metrics import read_metrics
 
 __all__ = ["TrainJob", "TrainResult", "read_metrics", "run", "train_job", "train_worker"]
@@ -82,6 +83,10 @@ def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | 
     """Train (or resume) one stage of a run; returns where it ended."""
     job = train_job(cfg, stage, run_name, stop_at)
     tcfg = job.train
+    # Refuse a text_rope / rope_grid that contradicts the starting weights here, in one line,
+    # before any worker starts (the workers settle the same way).
+    source, _, source_name = starting_identity(latest_checkpoint(ShardStore(job.run_dir)), job.init_from)
+    settle(tcfg.text_rope, tcfg.rope_grid, source, tcfg.identity_override, source_name)
     if tcfg.use_ray:
         from ray.train import RunConfig as RayRunConfig
         from ray.train import ScalingConfig

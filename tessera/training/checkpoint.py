@@ -6,8 +6,10 @@ as they are), rank 0 writes `train.json` (step, data position, config) first, an
 `.metadata` last: a folder without `.metadata` is unfinished and ignored. DCP reshards on load,
 so a run saved by N workers resumes on M. Only the newest `keep` are kept.
 
-`export` turns one into a single LlamaGen-format file (weights under `model`) for sampling and
-sharing; `read_checkpoint_any` reads either kind (and LlamaGen's own files).
+`export` turns one into a single LlamaGen-format file (weights under `model`, optionally the
+optimizer state LlamaGen's trainer resumes from) for sampling and sharing, and refuses models
+LlamaGen's code would compute differently; `read_checkpoint_any` reads either kind (and
+LlamaGen's own files).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from tessera.models.gpt import read_checkpoint
+from tessera.models.gpt import GPT, GPTConfig, llamagen_parameter_order, read_checkpoint
+from tessera.models.identity import identity_of
 from tessera.core.store import ShardStore
 
 FOLDER = "checkpoints"
@@ -140,20 +143,65 @@ def read_checkpoint_any(path: str) -> dict:
     return read_checkpoint(path)
 
 
-def export(src: str, out: str, dtype: torch.dtype | None = None) -> str:
-    """One LlamaGen-format file: {"model": weights} (names are LlamaGen's) plus our config."""
+class ExportRefused(ValueError):
+    """A model LlamaGen's own code would load but compute differently from."""
+
+
+def export(src: str, out: str, dtype: torch.dtype | None = None, optimizer: bool = False) -> str:
+    """One LlamaGen-format file: {"model": weights} (names are LlamaGen's), the model's identity
+    (text_rope, rope_grid, resolution), our config and the step; with `optimizer`, the AdamW state
+    as LlamaGen's trainer saves and resumes it (`optimizer`, `steps`).
+
+    Refuses a model LlamaGen's code would compute differently: one trained with identity text
+    rotations, or with rotary positions over another grid than its image's (LlamaGen rebuilds the
+    table from the image grid)."""
     ckpt = read_checkpoint_any(src)
+    ident = identity_of(ckpt, src)
+    if ident.text_rope != "llamagen":
+        raise ExportRefused(
+            f"{src} was trained with text_rope {ident.text_rope!r}; LlamaGen's model code zeroes the text "
+            "queries and keys ('llamagen'), so it would load this file and compute another function. "
+            "Sample it with Tessera from the checkpoint itself.")
+    if ident.rope_grid is not None and ident.resolution and ident.rope_grid != ident.resolution // 16:
+        raise ExportRefused(
+            f"{src} spans its rotary positions over a {ident.rope_grid}x{ident.rope_grid} grid at "
+            f"{ident.resolution}px; LlamaGen's model code rebuilds them for the image's own grid, so it "
+            "would compute another function.")
+    if optimizer and dtype is not None:
+        raise ValueError("an export with optimizer state is for resuming training: keep fp32 weights (--dtype fp32)")
     weights = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                for k, v in ckpt["model"].items()}
-    payload = {"model": weights}
+    payload = {"model": weights, **ident.as_dict()}
     if "config" in ckpt:
         payload["config"] = json.loads(json.dumps(ckpt["config"]))
     if "step" in ckpt:
         payload["steps"] = int(ckpt["step"])
+    if optimizer:
+        if not is_sharded(src):
+            raise ValueError(f"{src} is a single file: optimizer state is exported from a training checkpoint folder")
+        payload["optimizer"] = llamagen_optimizer_state(src, GPTConfig(**ckpt["config"]["model_config"]))
     target = ShardStore(posixpath.dirname(out) or ".")
     with target.open_atomic(posixpath.basename(out)) as f:
         torch.save(payload, f)
     return out
+
+
+def llamagen_optimizer_state(url: str, model_cfg: GPTConfig) -> dict:
+    """The AdamW state of checkpoint folder `url` as LlamaGen's trainer saves it: parameters indexed
+    in its model's order, two groups (weight decay on parameters of 2 or more dims, then the rest)."""
+    with torch.device("cpu"):
+        model = GPT(model_cfg, grid=1)
+    params = dict(model.named_parameters())
+    ordered = [params[name] for name in llamagen_parameter_order(model_cfg.n_layer)]
+    if len(ordered) != len(params):
+        raise ValueError("the model has parameters LlamaGen's layout does not name")
+    optimizer = torch.optim.AdamW([{"params": [p for p in ordered if p.dim() >= 2]},
+                                   {"params": [p for p in ordered if p.dim() < 2]}])
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, storage_reader=_reader(url), no_dist=True)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return optimizer.state_dict()
 
 
 def _distributed() -> bool:

@@ -25,6 +25,7 @@ from tessera.core.store import ShardStore
 from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
 from tessera.models.generation import render, save_grid
 from tessera.models.gpt import GPT, GPTConfig, gpt_config, load_weights, mfu
+from tessera.models.identity import Identity, identity_of, settle
 from tessera.models.text_encoder import TextEncoder
 from tessera.models.vq import load_vq
 from tessera.training.checkpoint import (
@@ -32,6 +33,7 @@ from tessera.training.checkpoint import (
     barrier,
     latest_checkpoint,
     read_checkpoint_any,
+    read_train_state,
 )
 from tessera.training.data import CodesLoader
 from tessera.training.metrics import MetricsLog
@@ -44,11 +46,26 @@ log = logging.getLogger(__name__)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
-def model_config_for(cfg: TrainConfig, caption_dim: int) -> GPTConfig:
+def model_config_for(cfg: TrainConfig, caption_dim: int, source: Identity | None = None,
+                     source_name: str = "the starting weights") -> GPTConfig:
+    """The model config a stage trains: the config's values, text_rope and rope_grid settled against
+    the identity of the weights it starts from (None: from scratch)."""
+    text_rope, rope_grid = settle(cfg.text_rope, cfg.rope_grid, source, cfg.identity_override, source_name)
     drop = cfg.dropout
-    return gpt_config(cfg.model, vocab_size=cfg.vocab_size, caption_dim=caption_dim, text_rope=cfg.text_rope,
-                      rope_grid=cfg.rope_grid, token_dropout=drop, resid_dropout=drop, ffn_dropout=drop,
+    return gpt_config(cfg.model, vocab_size=cfg.vocab_size, caption_dim=caption_dim, text_rope=text_rope,
+                      rope_grid=rope_grid, token_dropout=drop, resid_dropout=drop, ffn_dropout=drop,
                       class_dropout=cfg.class_dropout)
+
+
+def starting_identity(ckpt_url: str | None, init_from: str | None) -> tuple[Identity | None, dict | None, str]:
+    """The identity of the weights a stage starts from: its own newest checkpoint (resume), else
+    init_from (whose loaded checkpoint is returned too, to load its weights), else none."""
+    if ckpt_url is not None:
+        return identity_of(read_train_state(ckpt_url), ckpt_url), None, f"this stage's checkpoint {ckpt_url}"
+    if init_from:
+        init_ckpt = read_checkpoint_any(init_from)
+        return identity_of(init_ckpt, init_from), init_ckpt, f"the weights of {init_from}"
+    return None, None, ""
 
 
 def stored_feature_dim(store: ShardStore, resolution: int) -> int | None:
@@ -126,9 +143,10 @@ class Worker:
         if caption_dim is None:
             raise ValueError("no text encoder is configured and no sample has stored caption features; "
                              "set text_encoder (or caption_dim) for this stage")
-        self.model_cfg = model_config_for(cfg, caption_dim)
         self.ckpt_url = latest_checkpoint(self.run)
-        self.raw_model = self._model()
+        source, init_ckpt, source_name = starting_identity(self.ckpt_url, job.init_from)
+        self.model_cfg = model_config_for(cfg, caption_dim, source, source_name)
+        self.raw_model = self._model(init_ckpt)
         self.model = parallelize(self.raw_model, cfg, d)
         self.optimizer = build_optimizer(self.model, cfg, d.device)
         self.loader = CodesLoader(self.data, cfg.data, cfg.global_batch, d.rank, d.world, self.text_encoder,
@@ -148,17 +166,20 @@ class Worker:
         cuda = self.d.device.type == "cuda"
         return TextEncoder.from_pretrained(self.job.text_encoder, max_length=gpt_config(self.cfg.model).cls_token_num,
                                            device=str(self.d.device),
-                                           dtype=torch.bfloat16 if cuda and self.cfg.bf16 else None)
+                                           dtype=torch.bfloat16 if cuda and self.cfg.bf16 else None,
+                                           clean=self.cfg.caption_clean)
 
-    def _model(self) -> GPT:
-        """Built for one device with the same initial weights on every worker; parallelized later."""
+    def _model(self, init_ckpt: dict | None) -> GPT:
+        """Built for one device with the same initial weights on every worker (init_from's when
+        given); parallelized later."""
         torch.manual_seed(self.cfg.data.seed)
         with torch.device(self.d.device):
             model = GPT(self.model_cfg, grid=self.cfg.data.resolution // 16)
-        if self.ckpt_url is None and self.job.init_from:
-            load_weights(model, read_checkpoint_any(self.job.init_from))
+        if init_ckpt is not None:
+            load_weights(model, init_ckpt)
             if self.d.rank == 0:
-                log.info("Starting from the weights of %s (fresh optimizer and step).", self.job.init_from)
+                log.info("Starting from the weights of %s (fresh optimizer and step; text_rope %s, rope_grid %s).",
+                         self.job.init_from, self.model_cfg.text_rope, self.model_cfg.rope_grid)
         return model
 
     def resume(self) -> None:
