@@ -8,10 +8,10 @@ embeddings; the select stage runs the same search within clusters, at scale
 (tessera/pipelines/semdedup.py).
 
 `components` builds the groups in memory and time bounded at any skew: the cosines are computed
-in fixed-size tiles, each tile's pairs are merged into the component labels with one sparse
-connected-components call (scipy), and the pairs between two samples already in one group are
-never computed: once a group of 50,000 copies has formed, each further tile computes only its
-other rows.
+in fixed-size tiles; the lowest label is propagated across each tile's pairs (vectorised), and the
+tile's few resulting edges are merged into the labels with one sparse connected-components call
+(scipy). Pairs of two samples already in one group are never computed: once a group of 50,000
+copies has formed, each further tile computes only its other rows.
 """
 from __future__ import annotations
 
@@ -49,13 +49,11 @@ def join(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return remap[labels]
 
 
-def components(emb: torch.Tensor, min_similarity: float, block: int = 1024,
-               labels: np.ndarray | None = None) -> np.ndarray:
+def components(emb: torch.Tensor, min_similarity: float, block: int = 1024) -> np.ndarray:
     """The group of every row of the L2-normalised `emb` (rows joined when their cosine reaches
-    min_similarity, transitively), as the lowest row index in the group. `labels` continues an
-    earlier labelling of the same rows (groups already joined elsewhere)."""
+    min_similarity, transitively), as the lowest row index in the group."""
     n = len(emb)
-    labels = np.arange(n, dtype=np.int64) if labels is None else labels.copy()
+    labels = np.arange(n, dtype=np.int64)
     for start in range(0, n, block):
         rows = np.arange(start, min(start + block, n))
         for col_start in range(start, n, block):
@@ -66,15 +64,40 @@ def components(emb: torch.Tensor, min_similarity: float, block: int = 1024,
                 continue  # every pair of this tile is already in one group
             big = values[np.argmax(counts)]
             # Pairs of two members of the tile's largest group add nothing: leave them out.
-            pairs = [(rows, cols[lc != big]), (rows[lr != big], cols[lc == big])]
-            for r, c in pairs:
-                if not len(r) or not len(c):
-                    continue
-                hit = (emb[r] @ emb[c].T >= min_similarity).cpu().numpy()
-                i, j = np.nonzero(hit)
-                if len(i):
-                    labels = join(labels, r[i], c[j])
+            for r, c in ((rows, cols[lc != big]), (rows[lr != big], cols[lc == big])):
+                if len(r) and len(c):
+                    labels = _join_tile(labels, emb, r, c, min_similarity)
     return labels
+
+
+def _rows(emb: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """emb[index]: a view when the index is a run of rows (the usual case), else a gather."""
+    if index[-1] - index[0] == len(index) - 1:
+        return emb[int(index[0]):int(index[-1]) + 1]
+    return emb[torch.from_numpy(index).to(emb.device)]
+
+
+def _join_tile(labels: np.ndarray, emb: torch.Tensor, r: np.ndarray, c: np.ndarray, min_similarity: float) -> np.ndarray:
+    hit = (_rows(emb, r) @ _rows(emb, c).T >= min_similarity).cpu().numpy()
+    if not hit.any():
+        return labels
+    new_r, new_c = tile_labels(hit, labels[r], labels[c])
+    a, b = np.concatenate([r, c]), np.concatenate([new_r, new_c])
+    moved = labels[a] != b
+    return join(labels, a[moved], b[moved])
+
+
+def tile_labels(hit: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Propagate the lowest label across one tile's pairs (`hit[i, j]`: row i ~ column j) until
+    every row and column holds the lowest label of its connected part: at most one edge per row
+    and column leaves the tile, however dense its pairs (a dense tile has a million)."""
+    top = np.iinfo(np.int64).max
+    while True:
+        new_r = np.minimum(rows, np.where(hit, cols[None, :], top).min(axis=1))
+        new_c = np.minimum(cols, np.where(hit, new_r[:, None], top).min(axis=0))
+        if (new_r == rows).all() and (new_c == cols).all():
+            return rows, cols
+        rows, cols = new_r, new_c
 
 
 def lowest_key_groups(keys: np.ndarray, labels_in_key_order: np.ndarray, order: np.ndarray) -> np.ndarray:

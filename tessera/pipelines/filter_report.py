@@ -201,7 +201,7 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
     shards = store.done_shards(select_work.STAGE)
     summary = store.read_json("reports", "thresholds.json")
     histograms = store.read_json("reports", "histograms.json") if store.exists("reports", "histograms.json") else {}
-    score_infos = {s: store.done_info(score.STAGE, s) for s in store.done_shards(score.STAGE)}
+    score_infos = store.markers(score.STAGE)  # one batched read, not one request per shard
     parts = [header_html(summary, len(shards)), funnel_html(summary, funnel), *sections,
              sources_html(summary, score_infos), thresholds_html(summary), histograms_html(summary, histograms),
              examples_html(store, shards, summary, examples), "</body></html>"]

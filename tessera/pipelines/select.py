@@ -129,12 +129,12 @@ def find_duplicates(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: l
     writers = list(groups)
     partitions = [semdedup.name(p) for p in range(d.partitions)]
     quota = max(1, math.ceil(d.sample_size / len(shards))) if d.enabled else 0
-    samples, info, largest = [], Counter(), 0
+    samples, info, largest = [], Counter(), {"largest_cluster": 0, "task_peak_mb": 0.0}
 
     def count(_name: str, summary: dict) -> None:
-        nonlocal largest
-        largest = max(largest, summary.get("largest_cluster", 0))
-        info.update({k: v for k, v in summary.items() if k not in ("sample", "largest_cluster")})
+        for k in largest:
+            largest[k] = max(largest[k], summary.get(k, 0))
+        info.update({k: v for k, v in summary.items() if k not in ("sample", *largest)})
         if summary.get("sample") is not None:
             samples.append(summary["sample"])
 
@@ -158,13 +158,12 @@ def find_duplicates(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: l
         map_shards(f"{STAGE}:dedup-merge", store, ["all"], semdedup.merge, kwargs={"partitions": searched},
                    fold=count)
         info["clusters"] = len(centroids)
-        info["largest_cluster"] = largest
     map_shards(f"{STAGE}:dedup-resolve", store, writers, semdedup.resolve,
                kwargs={"partitions": partitions, "tasks": tasks},
                fold=count)
-    info["tasks"] = len(writers)
     plan.dedup_done, plan.dedup_tasks = True, tasks
-    return dict(info)
+    return {**info, "largest_cluster": largest["largest_cluster"], "task_peak_mb": round(largest["task_peak_mb"]),
+            "tasks": len(writers)}
 
 
 def choose_target(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str], samples: int) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tessera.config.filters import FiltersConfig
 from tessera.core import quantiles
@@ -67,10 +68,12 @@ def badness(values: np.ndarray, higher: bool) -> np.ndarray:
 def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: bool = False) -> pd.DataFrame:
     """One shard's scores without the text columns (and without the last decisions unless asked;
     with the content hash, sha256, when asked)."""
-    table = store.read_table(score.SCORES, f"{shard}.parquet")
-    unwanted = [c for c in TEXT_COLUMNS if not (hashes and c == "sha256")]
-    unwanted += [] if decisions else list(DECISION_COLUMNS)
-    frame = table.drop_columns([c for c in unwanted if c in table.column_names]).to_pandas()
+    unwanted = {c for c in TEXT_COLUMNS if not (hashes and c == "sha256")}
+    unwanted |= set() if decisions else set(DECISION_COLUMNS)
+    with store.fs.open(store.path(score.SCORES, f"{shard}.parquet"), "rb") as f:
+        names = pq.read_schema(f).names
+    # Column projection: the text columns are most of a shard's bytes and are never read here.
+    frame = store.read_table(score.SCORES, f"{shard}.parquet", columns=[c for c in names if c not in unwanted]).to_pandas()
     if "error" not in frame:
         frame["error"] = ""
     frame["error"] = frame["error"].fillna("")
@@ -147,7 +150,8 @@ def dedup_scan(store: ShardStore, task: str, plan: Plan, shards: list[str], part
     if keys:
         files = semdedup.send_hashes(store, task, np.concatenate(keys), np.concatenate(hashes),
                                      np.concatenate(sids), partitions)
-    return {"survivors": count, "files_written": files, "sample": np.concatenate(samples) if samples else None}
+    return {"survivors": count, "files_written": files, "sample": np.concatenate(samples) if samples else None,
+            "task_peak_mb": semdedup.peak_mb()}
 
 
 def dedup_assign(store: ShardStore, task: str, plan: Plan, shards: list[str], centroids: np.ndarray,

@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import io
 import math
+import resource
 import zlib
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from tessera.core.store import ShardStore
-from tessera.filters.dedup import components, join, normalized
+from tessera.filters.dedup import components, join
 from tessera.pipelines import exchange, score
 
 DEDUP = "semdedup"
@@ -47,6 +49,12 @@ EXACT_IN, EXACT_OUT = f"{DEDUP}/exact-in", f"{DEDUP}/exact-out"
 NEAR_IN, NEAR_OUT = f"{DEDUP}/near-in", f"{DEDUP}/near-out"
 BRIDGES, DECIDED = f"{DEDUP}/bridges", f"{DEDUP}/decided"
 REMAP = "remap.parquet"
+
+
+def peak_mb() -> float:
+    """This worker's peak RSS so far: an upper bound of its current task's (returned by every dedup
+    task as `task_peak_mb`, so a run can say what its largest task held)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def shard_id(shard: str) -> int:
@@ -129,7 +137,7 @@ def exact_search(store: ShardStore, partition: str, writers: list[str], tasks: i
                     "duplicate_of": pa.array(copies["duplicate_of"].tolist(), pa.string()),
                     "sid": pa.array(copies["sid"].to_numpy(np.int64))})
     files = exchange.send(store, EXACT_OUT, partition, out, copies["sid"].to_numpy(np.int64) % tasks)
-    return {"hashed": len(frame), "exact_duplicates": len(copies), "files_written": files}
+    return {"hashed": len(frame), "exact_duplicates": len(copies), "files_written": files, "task_peak_mb": peak_mb()}
 
 
 # Near-duplicates ---------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ def send_embeddings(store: ShardStore, task: str, keys: np.ndarray, sids: np.nda
                       "embedding": _emb_column(emb[rows])})
     table = table.replace_schema_metadata({"dtype": str(emb.dtype), "dim": str(emb.shape[1])})
     files = exchange.send(store, NEAR_IN, task, table, parts)
-    return {"assigned": len(keys), "spilled": int(spill.sum()), "files_written": files}
+    return {"assigned": len(keys), "spilled": int(spill.sum()), "files_written": files, "task_peak_mb": peak_mb()}
 
 
 def split(x: np.ndarray, cap: int, margin: float, niter: int, seed: int = 1234) -> list[np.ndarray]:
@@ -198,19 +206,22 @@ def search(store: ShardStore, partition: str, writers: list[str], tasks: int, mi
     order = np.argsort(clusters, kind="stable")
     cuts = np.flatnonzero(np.diff(clusters[order])) + 1
     split_count, largest = 0, 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for rows in np.split(order, cuts):
         largest = max(largest, len(rows))
         if len(rows) < 2:
             continue
-        x = unit(emb[rows])
-        subs = [np.arange(len(rows))]
+        x = emb[rows].astype(np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        subs = None
         if len(rows) > max_cluster_size:
             subs = split(x, max_cluster_size, spill_margin, niter)
             split_count += 1
-        for sub in subs:
-            local = components(normalized(x[sub]), min_similarity, block)
+        for sub in subs if subs is not None else [slice(None)]:
+            local = components(torch.from_numpy(x[sub]).to(device), min_similarity, block)
             m = member[rows[sub]]
             labels = join(labels, m, m[local])
+        del x
     sids = table.column("sid").to_numpy()[first_row]
     bridge = np.zeros(len(unique), bool)
     np.logical_or.at(bridge, member, table.column("bridge").to_numpy(zero_copy_only=False))
@@ -227,7 +238,7 @@ def search(store: ShardStore, partition: str, writers: list[str], tasks: int, mi
                           BRIDGES, f"{partition}.parquet")
         files += 1
     return {"members": len(unique), "duplicates": int(len(dup)), "bridges": int(len(links)),
-            "split": split_count, "largest_cluster": int(largest), "files_written": files}
+            "split": split_count, "largest_cluster": int(largest), "files_written": files, "task_peak_mb": peak_mb()}
 
 
 def merge(store: ShardStore, _name: str, partitions: list[str]) -> dict:
@@ -283,7 +294,7 @@ def resolve(store: ShardStore, task: str, partitions: list[str], tasks: int) -> 
     table = pa.table({"key": pa.array(frame.index.astype(str).tolist(), pa.string()),
                       "exact_of": pa.array(frame["exact_of"].tolist(), pa.string()),
                       "near_of": pa.array(frame["near_of"].tolist(), pa.string())})
-    return {"files_written": exchange.send(store, DECIDED, task, table, to)}
+    return {"files_written": exchange.send(store, DECIDED, task, table, to), "task_peak_mb": peak_mb()}
 
 
 def duplicates(store: ShardStore, shard: str, keys: np.ndarray, tasks: int) -> tuple[np.ndarray, np.ndarray]:
