@@ -312,7 +312,8 @@ def main() -> None:
         copies, others = (int(x) for x in args.group.split(":"))
         g = group_task(copies, others, args.dim, args.max_cluster_size)
         print(f"one search task: {copies:,} placeholder copies among {others:,} rows ({args.dim}-d): "
-              f"{g['search_s']:.1f} s wall, {g['cpu_s']:.1f} s of CPU, peak RSS {g['peak_mb']:.0f} MB (before the search {g['start_mb']:.0f} MB); "
+              f"{g['search_s']:.1f} s wall, {g['cpu_s']:.1f} s of CPU, peak RSS {g['peak_mb']:.0f} MB "
+              f"(before the search {g['start_mb']:.0f} MB); "
               f"{g['duplicates']:,} duplicates, largest cluster {g['largest_cluster']:,}, split {g['split']}")
         return
 
@@ -330,7 +331,8 @@ def main() -> None:
         print(f"  distributed: select {dist['select_s']:.1f} s, report {dist['report_s']:.1f} s, "
               f"caption skip {dist['caption_skip_s']:.2f} s, tokenize skip {dist['tokenize_skip_s']:.2f} s, "
               f"driver peak RSS {dist['peak_mb']:.0f} MB (after imports {dist['start_mb']:.0f} MB), "
-              f"largest dedup task's worker peak RSS {dist['worker_peak_mb']:.0f} MB, kept {dist['kept']:,}", flush=True)
+              f"largest dedup task's worker peak RSS {dist['worker_peak_mb']:.0f} MB, kept {dist['kept']:,}",
+              flush=True)
         print(f"  full reads per scores shard: select {dist['select_full_reads']}, report "
               f"{dist['report_full_reads']}; dedup: {dist['dedup']}", flush=True)
         print(f"  dropped: {dist['dropped']}", flush=True)

@@ -77,7 +77,8 @@ def _rows(emb: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     return emb[torch.from_numpy(index).to(emb.device)]
 
 
-def _join_tile(labels: np.ndarray, emb: torch.Tensor, r: np.ndarray, c: np.ndarray, min_similarity: float) -> np.ndarray:
+def _join_tile(labels: np.ndarray, emb: torch.Tensor, r: np.ndarray, c: np.ndarray,
+               min_similarity: float) -> np.ndarray:
     hit = (_rows(emb, r) @ _rows(emb, c).T >= min_similarity).cpu().numpy()
     if not hit.any():
         return labels

@@ -73,7 +73,8 @@ def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: b
     with store.fs.open(store.path(score.SCORES, f"{shard}.parquet"), "rb") as f:
         names = pq.read_schema(f).names
     # Column projection: the text columns are most of a shard's bytes and are never read here.
-    frame = store.read_table(score.SCORES, f"{shard}.parquet", columns=[c for c in names if c not in unwanted]).to_pandas()
+    wanted = [c for c in names if c not in unwanted]
+    frame = store.read_table(score.SCORES, f"{shard}.parquet", columns=wanted).to_pandas()
     if "error" not in frame:
         frame["error"] = ""
     frame["error"] = frame["error"].fillna("")
