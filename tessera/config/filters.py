@@ -114,7 +114,7 @@ class DedupConfig(Section):
     # survivors (as SemDeDup does). Fewer clusters find more pairs that lie near a cluster
     # boundary; one cluster is the exact all-pairs search.
     n_clusters: int | None = None
-    rows_per_cluster: int = 50_000
+    rows_per_cluster: int = 50_000  # survivors per cluster when n_clusters is unset
     # A cluster larger than this is split by a second k-means level before the search (its
     # members near a sub-cluster boundary are searched in both), so no search grows without bound.
     max_cluster_size: int = 100_000
@@ -189,7 +189,7 @@ class FiltersConfig(Section):
     watermark: WatermarkConfig = WatermarkConfig()
     # LAION's CLIP-based NSFW detector.
     nsfw: NsfwConfig = NsfwConfig()
-    # Near-duplicates by the cosine of CLIP image embeddings.
+    # Exact copies by content hash, then near-duplicates by the cosine of CLIP image embeddings.
     dedup: DedupConfig = DedupConfig()
     # Keep an exact number of the samples that pass every filter.
     target: TargetConfig = TargetConfig()
