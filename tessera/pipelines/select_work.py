@@ -159,12 +159,12 @@ def dedup_assign(store: ShardStore, task: str, plan: Plan, shards: list[str], ce
                  spill_margin: float, partitions: int) -> dict:
     """Send the survivors that are not exact copies to their clusters' partitions."""
     copies = exchange.receive(store, semdedup.EXACT_OUT, [semdedup.name(p) for p in range(partitions)], int(task))
-    copied = set(copies.column("key").to_pylist()) if copies is not None else set()
+    copied = np.asarray(copies.column("key").to_pylist() if copies is not None else [], dtype=str)
     keys, sids, embs = [], [], []
     for shard in shards:
         frame, alive = survivors(store, shard, plan)
         k = frame["key"].to_numpy(dtype=object)[alive]
-        searched = np.array([key not in copied for key in k], bool) if copied else np.ones(len(k), bool)
+        searched = ~np.isin(k.astype(str), copied)
         if not searched.any():
             continue
         keys.append(k[searched])
