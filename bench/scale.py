@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -38,6 +39,17 @@ from multiprocessing import Pool
 import numpy as np
 import pyarrow as pa
 
+from tessera.config.caption import CaptionConfig
+from tessera.config.filters import FiltersConfig
+from tessera.config.ray import RayConfig
+from tessera.config.tokenize import TokenizeConfig
+from tessera.core import lineage
+from tessera.core.raytools import init_ray
+from tessera.core.store import ShardStore
+from tessera.core.token_shards import tokens_folder
+from tessera.models.refs import resolve
+from tessera.pipelines import caption, filter_report, select, select_reference, semdedup, tokenize
+
 CODEBOOK = 16384   # LlamaGen's VQ: a real tokenize marker's code_counts
 SOURCES = {"clip_score": {"source": "compute", "column": None}, "aesthetic": {"source": "compute", "column": None},
            "watermark": {"source": "metadata", "column": "pwatermark"},
@@ -46,8 +58,6 @@ CENTERS = 256     # cluster centres, Zipf-sized
 
 
 def filters_config(rows: int, shards: int):
-    from tessera.config.filters import FiltersConfig
-
     return FiltersConfig.model_validate({
         "clip_score": {"min": 0.28}, "aesthetic": {"keep_fraction": 0.5},
         "watermark": {"source": "metadata", "keep_fraction": 0.9}, "nsfw": {"source": "metadata", "max": 0.5},
@@ -73,7 +83,6 @@ def download_marker(n: int, rng) -> dict:
 def write_shard(args) -> None:
     root, number, start, n, dim, total, placeholder = args
     stride = max(1, total // max(placeholder, 1))
-    from tessera.core.store import ShardStore
 
     store = ShardStore(root)
     rng = np.random.default_rng(number)
@@ -134,11 +143,6 @@ def generate(root: str, rows: int, shards: int, dim: int, cpus: int, placeholder
 def mark_finished(store, caption_cfg, tokenize_cfg, models_root: str) -> None:
     """Caption and tokenize markers as a finished run leaves them for this selection, so that the
     stages' own skip paths (marker reads, lineage, restamping, manifests) are what is timed."""
-    from tessera.models.refs import resolve
-    from tessera.pipelines import caption, tokenize
-    from tessera.core import lineage
-    from tessera.core.token_shards import tokens_folder
-
     shards = lineage.input_shards(store)
     selection = lineage.selection_id(store)
     kept = {s: m["kept"] for s, m in store.markers("select").items()}
@@ -187,13 +191,6 @@ class Passes:
 
 def measure(root: str, path: str, rows: int, cpus: int) -> dict:
     """In this process (a fresh driver): run one code path; return its figures."""
-    import logging
-
-    from tessera.config.ray import RayConfig
-    from tessera.pipelines import filter_report, select, select_reference
-    from tessera.core.raytools import init_ray
-    from tessera.core.store import ShardStore
-
     logging.basicConfig(level=logging.WARNING)
     store = ShardStore(root)
     shards = store.done_shards("score")
@@ -224,10 +221,6 @@ def measure(root: str, path: str, rows: int, cpus: int) -> dict:
                dropped=result.dropped)
     out["worker_peak_mb"] = out["dedup"].get("task_peak_mb", 0)
 
-    from tessera.config.caption import CaptionConfig
-    from tessera.config.tokenize import TokenizeConfig
-    from tessera.pipelines import caption, tokenize
-
     models = os.path.join(root, "_models")
     caption_cfg, tokenize_cfg = CaptionConfig(model="tiny:llava"), TokenizeConfig(resolutions=[256])
     mark_finished(store, caption_cfg, tokenize_cfg, models)
@@ -245,9 +238,6 @@ def group_task(copies: int, others: int, dim: int, max_cluster_size: int) -> dic
     """In this process (as one search task): one partition holding a placeholder group of `copies`
     near-identical embeddings among `others` rows of Zipf-sized clusters; time and peak memory of
     its search (semdedup.search), the second k-means level included."""
-    from tessera.core.store import ShardStore
-    from tessera.pipelines import semdedup
-
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((CENTERS, dim), dtype=np.float32)
     zipf = 1.0 / np.arange(1, CENTERS + 1) ** 1.1
