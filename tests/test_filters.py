@@ -149,8 +149,9 @@ def test_build_filters_follows_the_order_and_config():
                                         "nsfw": {"source": "metadata"}})
     filters = build_filters(cfg, resolve_sources(cfg, {"punsafe"}))
     names = [f.name for f in filters]
-    assert names == [n for n in ORDER if n in names] == ["image", "caption", "size", "clip_score", "aesthetic", "nsfw"]
-    nsfw = filters[-1]
+    assert names == [n for n in ORDER if n in names] == ["image", "caption", "size", "clip_score", "aesthetic", "nsfw",
+                                                         "exact_duplicate"]
+    nsfw = filters[-2]
     assert nsfw.metadata_column == "punsafe" and nsfw.threshold == 0.5
 
 

@@ -9,10 +9,11 @@ import pytest
 from datasketches import kll_doubles_sketch
 
 from tessera.core import quantiles
-from tessera.pipelines import select, select_reference
 from tessera.core.store import ShardStore
+from tessera.pipelines import select, select_reference, select_work, semdedup
+from tessera.pipelines.select_work import Plan
 
-from .test_select import cfg, row, write_scores
+from .test_select import SOURCES, cfg, row, write_scores
 
 
 def random_shards(store: ShardStore, rng, shards: int, per_shard: int, dim: int = 16, planted: int = 0,
@@ -154,11 +155,6 @@ def test_a_group_split_across_clusters_is_joined_through_the_spilled_member(tmp_
     side: b lies near the boundary. Spilled into both clusters, b joins the two halves of the group
     across partitions, and the lowest key (c) is kept for all three, as the all-pairs search says.
     Without the spill the group splits: the known approximation of searching within clusters."""
-    from tessera.pipelines import semdedup
-    from tessera.pipelines.select_work import Plan
-
-    from .test_select import SOURCES
-
     def at(degrees):
         v = np.zeros(4, np.float32)
         v[0], v[1] = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
@@ -176,15 +172,96 @@ def test_a_group_split_across_clusters_is_joined_through_the_spilled_member(tmp_
         if store.exists(semdedup.DEDUP):
             store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
         plan = Plan(c, SOURCES)
-        spilled = sum(semdedup.assign(store, s, plan, centroids, margin, 2)["spilled"] for s in ("00000", "00001"))
-        found = [semdedup.search(store, p, 0.95) for p in ("00000", "00001")]
-        semdedup.merge(store)
+        shards, partitions = ["00000", "00001"], ["00000", "00001"]
+        spilled = select_work.dedup_assign(store, "00000", plan, shards, centroids, margin, 2)["spilled"]
+        found = [semdedup.search(store, p, ["00000"], 1, 0.95, 100, 64, margin, 5) for p in partitions]
+        semdedup.merge(store, "all", partitions)
+        semdedup.resolve(store, "00000", partitions, 1)
         keys = {s: store.read_table("scores", f"{s}.parquet").column("key").to_numpy(zero_copy_only=False)
-                for s in ("00000", "00001")}
-        dup = {k: d for s in keys for k, d in zip(keys[s], semdedup.duplicates(store, s, keys[s]))}
+                for s in shards}
+        dup = {k: d for s in keys for k, d in zip(keys[s], semdedup.duplicates(store, s, keys[s], 1)[1])}
         return dup, spilled, sum(f["bridges"] for f in found)
 
     dup, spilled, bridges = semantic(margin=0.05)
     assert dup == {"k1": "", "k2": "k1", "k3": "k1", "k9": ""} and spilled == 1 and bridges == 2
     dup, spilled, _ = semantic(margin=0.0)
     assert spilled == 0 and dup == {"k1": "", "k2": "", "k3": "k2", "k9": ""}
+
+
+def test_tiled_components_equal_the_groups_of_the_full_similarity_graph():
+    """Groups from tiles (with the pairs inside an already-formed group skipped) equal the
+    connected components of the full cosine graph: a dense group of 300 copies, chains, noise."""
+    from scipy.sparse.csgraph import connected_components
+
+    from tessera.filters.dedup import components, normalized
+
+    rng = np.random.default_rng(5)
+    dim = 12
+    emb = rng.normal(size=(700, dim))
+    emb[:300] = rng.normal(size=dim) + rng.normal(scale=0.01, size=(300, dim))  # one placeholder
+    base = rng.normal(size=dim)
+    for i in range(300, 340):  # a chain: each step joins the next, the ends are far apart
+        emb[i] = base + (i - 300) * 0.12 * np.eye(dim)[0]
+    emb = emb[rng.permutation(len(emb))]
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    t = 0.99
+    sims = normalized(unit) @ normalized(unit).T
+    _, comp = connected_components(sims.numpy() >= t, directed=False)
+    lowest = np.full(comp.max() + 1, len(emb))
+    np.minimum.at(lowest, comp, np.arange(len(emb)))
+    for block in (7, 64, 1024):
+        got = components(normalized(unit), t, block)
+        assert (got == lowest[comp]).all()
+    assert np.bincount(lowest[comp]).max() >= 300
+
+
+def skewed_shards(store: ShardStore, rng, shards: int, per_shard: int, dim: int = 16) -> None:
+    """Zipf-sized clusters, one placeholder group of many near-identical copies, 1 in 50 rows an
+    exact copy (same sha256, same embedding) of a row of another shard, planted near-duplicate
+    pairs; keys in random order over the shards."""
+    n = shards * per_shard
+    centers = rng.normal(size=(8, dim))
+    sizes = 1.0 / np.arange(1, 9) ** 1.2
+    cluster = rng.choice(8, size=n, p=sizes / sizes.sum())
+    emb = centers[cluster] + rng.normal(scale=0.5, size=(n, dim))
+    placeholder = rng.permutation(n)[: n // 4]
+    emb[placeholder] = centers[0] + rng.normal(scale=0.002, size=(len(placeholder), dim))
+    rest = np.setdiff1d(np.arange(n), placeholder)
+    pairs = rng.permutation(rest)[:40].reshape(20, 2)
+    emb[pairs[:, 1]] = emb[pairs[:, 0]] + rng.normal(scale=0.01, size=(20, dim))
+    sha = np.array([f"{i:064x}" for i in range(n)], dtype=object)
+    copies = rng.permutation(rest)[: n // 50 * 2].reshape(-1, 2)
+    emb[copies[:, 1]] = emb[copies[:, 0]]
+    sha[copies[:, 1]] = sha[copies[:, 0]]
+    sha[rng.permutation(n)[:5]] = None  # no hash: never an exact copy
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    keys = rng.permutation(n)
+    for s in range(shards):
+        rows = range(s * per_shard, (s + 1) * per_shard)
+        table = [row(f"k{keys[i]:06d}", clip=round(rng.uniform(0.25, 0.5), 2), sha256=sha[i]) for i in rows]
+        order = np.argsort([r["key"] for r in table])
+        write_scores(store, f"{s:05d}", [table[j] for j in order], embeddings=emb[list(rows)][order])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_skewed_dedup_with_exact_copies_and_a_split_cluster_equals_the_exact_one(tmp_path):
+    store = ShardStore(str(tmp_path))
+    skewed_shards(store, np.random.default_rng(11), shards=6, per_shard=150)
+    c = cfg(clip_score={"min": 0.3},
+            dedup={"enabled": True, "min_similarity": 0.99, "n_clusters": 3, "partitions": 2, "spill_margin": 0.3,
+                   "max_cluster_size": 120, "block": 32, "shards_per_task": 4},
+            target={"count": 300, "rank_by": "clip_score"})
+    shards = store.done_shards("score")
+    exact, expected = select_reference.exact_reference(c, store)
+    result = select.run(c, store)
+    got = decisions(store, shards)
+    pd.testing.assert_frame_equal(got, exact[["shard", "key", "keep", "reason", "duplicate_of"]]
+                                  .reset_index(drop=True).astype(got.dtypes.to_dict()))
+    assert result.dropped == expected["dropped"]
+    dedup = result.thresholds["dedup"]
+    assert dedup["split"] >= 1 and dedup["largest_cluster"] > 120 and dedup["tasks"] == 2
+    assert expected["dropped"]["exact_duplicate"] >= 10 and expected["dropped"]["near_duplicate"] >= 150
+    copies = got[got["reason"] == "exact_duplicate"]
+    assert (copies["duplicate_of"] < copies["key"]).all()
+    # Two exchange tasks and two partitions: a handful of files per pass, not one per shard and partition.
+    assert dedup["files_written"] <= 2 + 2 + 2 + 2 * 2 + 2

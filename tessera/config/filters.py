@@ -102,22 +102,48 @@ class CaptionRulesConfig(Section):
 
 
 class DedupConfig(Section):
+    # Exact copies: samples with the same image bytes (the download's sha256) keep the lowest key;
+    # the others are dropped as exact_duplicate before the semantic search. Hash-partitioned.
+    exact: bool = True
+    # Semantic dedup (near-duplicates) on or off.
     enabled: bool = True
     # Two images are near-duplicates when the cosine of their CLIP embeddings reaches this.
     min_similarity: float = 0.95
     # Semantic dedup (SemDeDup): spherical k-means over a sample of the survivors' embeddings,
-    # then an exact search within each cluster. A cluster must fit in one task's memory:
-    # aim for survivors / n_clusters of at most ~100k. Fewer clusters find more pairs that lie
-    # near a cluster boundary; one cluster is the exact all-pairs search.
-    n_clusters: int = 1
+    # then an exact search within each cluster. Unset: one cluster per `rows_per_cluster`
+    # survivors (as SemDeDup does). Fewer clusters find more pairs that lie near a cluster
+    # boundary; one cluster is the exact all-pairs search.
+    n_clusters: int | None = None
+    rows_per_cluster: int = 50_000  # survivors per cluster when n_clusters is unset
+    # A cluster larger than this is split by a second k-means level before the search (its
+    # members near a sub-cluster boundary are searched in both), so no search grows without bound.
+    max_cluster_size: int = 100_000
+    # The search compares embeddings in tiles of block x block.
+    block: int = 1024
     # At most this many embeddings train the k-means (sampled evenly from the shards).
     sample_size: int = 100_000
     niter: int = 20  # k-means iterations
     # An embedding whose second-nearest centroid is within this cosine of its nearest is also
     # searched in that second cluster, so pairs split by a boundary are still found.
     spill_margin: float = 0.05
-    # Cluster-search tasks; clusters are spread over them (each shard writes one file per partition).
+    # Search tasks (hash partitions of the content hashes, and of the clusters).
     partitions: int = 16
+    # Shards read by one exchange task; each such task writes one file per pass.
+    shards_per_task: int = 64
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for name in ("rows_per_cluster", "max_cluster_size", "block", "partitions", "shards_per_task"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"dedup.{name} must be at least 1")
+        if self.n_clusters is not None and self.n_clusters < 1:
+            raise ValueError("dedup.n_clusters must be at least 1 (or unset: from the row count)")
+        return self
+
+    def clusters_for(self, survivors: int) -> int:
+        if self.n_clusters is not None:
+            return self.n_clusters
+        return max(1, round(survivors / self.rows_per_cluster))
 
 
 class TargetConfig(Section):
@@ -163,7 +189,7 @@ class FiltersConfig(Section):
     watermark: WatermarkConfig = WatermarkConfig()
     # LAION's CLIP-based NSFW detector.
     nsfw: NsfwConfig = NsfwConfig()
-    # Near-duplicates by the cosine of CLIP image embeddings.
+    # Exact copies by content hash, then near-duplicates by the cosine of CLIP image embeddings.
     dedup: DedupConfig = DedupConfig()
     # Keep an exact number of the samples that pass every filter.
     target: TargetConfig = TargetConfig()

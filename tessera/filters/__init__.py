@@ -1,7 +1,8 @@
 """The filters, built from the `filters` config section, in the order that names drop reasons.
 
-A sample failing several filters is dropped for the first one in ORDER. Near-duplicates are
-looked for among the samples every earlier filter kept, and the target count applies last.
+A sample failing several filters is dropped for the first one in ORDER. Exact copies, then
+near-duplicates, are looked for among the samples every earlier filter kept, and the target count
+applies last.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tessera.filters.aesthetic import AestheticFilter
 from tessera.filters.base import Batch, Filter, Needs, ThresholdFilter
 from tessera.filters.caption import CaptionFilter
 from tessera.filters.clip_score import ClipScoreFilter
-from tessera.filters.dedup import NearDuplicateFilter
+from tessera.filters.dedup import ExactDuplicateFilter, NearDuplicateFilter
 from tessera.filters.image import ImageFilter
 from tessera.filters.nsfw import NsfwFilter
 from tessera.filters.size import SizeFilter
@@ -20,7 +21,8 @@ from tessera.filters.watermark import WatermarkFilter
 
 log = logging.getLogger(__name__)
 
-ORDER = ("image", "caption", "size", "clip_score", "aesthetic", "watermark", "nsfw", "near_duplicate")
+ORDER = ("image", "caption", "size", "clip_score", "aesthetic", "watermark", "nsfw", "exact_duplicate",
+         "near_duplicate")
 BELOW_TARGET = "below_target"
 SCORE_FILTERS = {"clip_score": ClipScoreFilter, "aesthetic": AestheticFilter,
                  "watermark": WatermarkFilter, "nsfw": NsfwFilter}
@@ -77,6 +79,8 @@ def build_filters(cfg: FiltersConfig, sources: dict[str, dict], models: dict | N
             kwargs.update(model=models.get("watermark"), image_size=cfg.watermark.image_size,
                           autocast=models.get("autocast", False))
         filters.append(SCORE_FILTERS[name](**kwargs))
+    if cfg.dedup.exact:
+        filters.append(ExactDuplicateFilter())
     if cfg.dedup.enabled:
         filters.append(NearDuplicateFilter(cfg.dedup.min_similarity))
     return filters

@@ -24,16 +24,11 @@ from tessera.core.runtime import map_shards
 from tessera.core.store import ShardStore
 from tessera.filters import SCORE_FILTERS
 from tessera.pipelines import score, select_work
+from tessera.pipelines.select_work import HISTOGRAMS, histogram_marks
 
 log = logging.getLogger(__name__)
 REPORT = ("reports", "report.html")
 THUMB = 128
-# Score columns with a histogram, and their titles.
-HISTOGRAMS = {
-    "clip_score": "CLIP image-text score", "aesthetic": "Aesthetic score", "pwatermark": "Watermark probability",
-    "punsafe": "NSFW probability", "short_side": "Original short side (px)", "aspect_ratio": "Aspect ratio",
-    "caption_words": "Caption words", "caption_letter_fraction": "Caption letter fraction",
-}
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d2430;padding:0 16px}
 h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;margin-top:34px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
@@ -106,25 +101,6 @@ def histogram_svg(edges: list[float], n_keep: list[int], n_drop: list[int], titl
                    f"fill='#111'>{_e(label)} {_fmt(t)}</text>")
     out.append("</svg>")
     return "".join(out)
-
-
-def histogram_marks(summary: dict) -> dict[str, list[tuple[float, str]]]:
-    """The thresholds to draw on each histogram column, as (value, label)."""
-    marks: dict[str, list] = {}
-    for name, desc in summary["filters"].items():
-        if desc.get("threshold") is not None:
-            marks.setdefault(desc["score"], []).append((desc["threshold"], "threshold"))
-    if summary["filters"].get("size"):
-        marks.setdefault("short_side", []).append((summary["filters"]["size"]["min_side"], "min"))
-        marks.setdefault("aspect_ratio", []).append((summary["filters"]["size"]["max_aspect_ratio"], "max"))
-    if summary["filters"].get("caption"):
-        marks.setdefault("caption_words", []).append((summary["filters"]["caption"]["min_words"], "min"))
-        marks.setdefault("caption_letter_fraction", []).append(
-            (summary["filters"]["caption"]["min_letter_fraction"], "min"))
-    target = summary.get("target") or {}
-    if target.get("threshold") is not None and not np.isnan(target["threshold"]):
-        marks.setdefault(target["rank_by"], []).append((target["threshold"], "target"))
-    return marks
 
 
 def previews(store: ShardStore, wanted: pd.DataFrame) -> dict[str, tuple[str | None, str]]:
@@ -225,7 +201,7 @@ def build(store: ShardStore, funnel: list[dict], examples: int = 6, sections: li
     shards = store.done_shards(select_work.STAGE)
     summary = store.read_json("reports", "thresholds.json")
     histograms = store.read_json("reports", "histograms.json") if store.exists("reports", "histograms.json") else {}
-    score_infos = {s: store.done_info(score.STAGE, s) for s in store.done_shards(score.STAGE)}
+    score_infos = store.markers(score.STAGE)  # one batched read, not one request per shard
     parts = [header_html(summary, len(shards)), funnel_html(summary, funnel), *sections,
              sources_html(summary, score_infos), thresholds_html(summary), histograms_html(summary, histograms),
              examples_html(store, shards, summary, examples), "</body></html>"]

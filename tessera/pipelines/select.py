@@ -2,16 +2,17 @@
 
 1. Thresholds: absolute (`min`/`max`) or chosen from the score's distribution (`keep_fraction`).
 2. Each filter in ORDER decides; a sample is dropped for the first filter it fails.
-3. Near-duplicates among the survivors, over all shards at once (lowest key kept per group).
+3. Exact copies (same sha256), then near-duplicates, among the survivors, over all shards at once
+   (lowest key kept per group; semdedup.py).
 4. `target`: the survivors ranked by one score (ties by key), exactly `count` kept.
 5. keep, reason and duplicate_of are written into scores/{shard}.parquet, then select/{shard}.done,
    then reports/thresholds.json (the run's thresholds, counts and a fingerprint of its inputs) and
    reports/histograms.json (each score's kept and dropped counts over fixed bins, for the report).
 
-The work is spread over Ray tasks, one per shard (select_work.py, semdedup.py), and the driver only
-merges what they return, in memory that does not grow with the number of rows: quantile sketches
+The work is spread over Ray tasks, one per shard or group of shards (select_work.py, semdedup.py),
+and the driver only merges what they return, in memory that does not grow with the number of rows: quantile sketches
 locate each keep_fraction threshold and the target boundary, and the few rows near a boundary
-settle it exactly (quantiles.py), so the result equals the in-memory selection (select_exact.py).
+settle it exactly (quantiles.py), so the result equals the in-memory selection (select_reference.py).
 
 Selection is global (distributions, duplicates and the target span every shard), so it is redone
 as a whole whenever the scored shards or the config change, and skipped when neither did.
@@ -35,8 +36,7 @@ from tessera.core.stage import Stage
 from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
 from tessera.pipelines import score, select_work, semdedup
-from tessera.pipelines.filter_report import HISTOGRAMS, histogram_marks
-from tessera.pipelines.select_work import STAGE, Plan
+from tessera.pipelines.select_work import HISTOGRAMS, STAGE, Plan, histogram_marks
 
 log = logging.getLogger(__name__)
 KEPT = "kept"
@@ -119,37 +119,51 @@ def settle(problems: dict[str, quantiles.Problem], specs: dict[str, dict], plan:
 
 
 def find_duplicates(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str]) -> dict:
-    """Semantic dedup over the survivors of every filter so far; leaves semdedup/ for the decisions."""
+    """Exact copies, then near-duplicates, among the survivors of every filter so far (semdedup.py);
+    leaves semdedup/decided/ for the decisions."""
     d = cfg.dedup
     if store.exists(semdedup.DEDUP):
         store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
-    quota = max(1, math.ceil(d.sample_size / len(shards)))
-    samples, info = [], Counter()
+    groups = select_work.dedup_tasks(shards, d.shards_per_task)
+    tasks = max(1, math.ceil(len(shards) / d.shards_per_task))
+    writers = list(groups)
+    partitions = [semdedup.name(p) for p in range(d.partitions)]
+    quota = max(1, math.ceil(d.sample_size / len(shards))) if d.enabled else 0
+    samples, info, largest = [], Counter(), {"largest_cluster": 0, "task_peak_mb": 0.0}
 
     def count(_name: str, summary: dict) -> None:
-        info.update({k: v for k, v in summary.items() if k != "sample"})
+        for k in largest:
+            largest[k] = max(largest[k], summary.get(k, 0))
+        info.update({k: v for k, v in summary.items() if k not in ("sample", *largest)})
         if summary.get("sample") is not None:
             samples.append(summary["sample"])
 
-    map_shards(f"{STAGE}:dedup-sample", store, shards, semdedup.sample, kwargs={"plan": plan, "quota": quota},
-               fold=count)
+    by_task = {"shard_kwargs": lambda t: {"shards": groups[t]}, "fold": count}
+    map_shards(f"{STAGE}:dedup-scan", store, writers, select_work.dedup_scan,
+               kwargs={"plan": plan, "partitions": d.partitions, "quota": quota, "exact": d.exact}, **by_task)
+    if d.exact:
+        map_shards(f"{STAGE}:dedup-exact", store, partitions, semdedup.exact_search,
+                   kwargs={"writers": writers, "tasks": tasks}, fold=count)
     if samples:
-        centroids = semdedup.train(samples, d.n_clusters, d.niter)
+        centroids = semdedup.train(samples, d.clusters_for(info["survivors"]), d.niter)
         samples.clear()
-        map_shards(f"{STAGE}:dedup-assign", store, shards, semdedup.assign, fold=count,
+        map_shards(f"{STAGE}:dedup-assign", store, writers, select_work.dedup_assign,
                    kwargs={"plan": plan, "centroids": centroids, "spill_margin": d.spill_margin,
-                           "partitions": d.partitions})
-        partitions = [f"{p:05d}" for p in range(min(d.partitions, len(centroids)))]
-        map_shards(f"{STAGE}:dedup-search", store, partitions, semdedup.search,
-                   kwargs={"min_similarity": d.min_similarity}, fold=count)
-        map_shards(f"{STAGE}:dedup-merge", store, ["all"], _merge, fold=count)
+                           "partitions": d.partitions}, **by_task)
+        searched = partitions[:min(d.partitions, len(centroids))]
+        map_shards(f"{STAGE}:dedup-search", store, searched, semdedup.search, fold=count,
+                   kwargs={"writers": writers, "tasks": tasks, "min_similarity": d.min_similarity,
+                           "max_cluster_size": d.max_cluster_size, "block": d.block,
+                           "spill_margin": d.spill_margin, "niter": d.niter})
+        map_shards(f"{STAGE}:dedup-merge", store, ["all"], semdedup.merge, kwargs={"partitions": searched},
+                   fold=count)
         info["clusters"] = len(centroids)
-    plan.dedup_done = True
-    return dict(info)
-
-
-def _merge(store: ShardStore, _name: str) -> dict:
-    return semdedup.merge(store)
+    map_shards(f"{STAGE}:dedup-resolve", store, writers, semdedup.resolve,
+               kwargs={"partitions": partitions, "tasks": tasks},
+               fold=count)
+    plan.dedup_done, plan.dedup_tasks = True, tasks
+    return {**info, "largest_cluster": largest["largest_cluster"], "task_peak_mb": round(largest["task_peak_mb"]),
+            "tasks": len(writers)}
 
 
 def choose_target(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str], samples: int) -> dict:
@@ -186,7 +200,6 @@ def choose_target(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: lis
 
 def histogram_edges(summary: dict, ranges: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
     """Fixed bins per histogram column: its value range, widened to show every threshold mark."""
-
     marks = histogram_marks(summary)
     edges = {}
     for column in HISTOGRAMS:
@@ -204,7 +217,6 @@ def histogram_edges(summary: dict, ranges: dict[str, tuple[float, float]]) -> di
 
 def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     """Select over every scored shard; skipped when nothing changed since the last selection."""
-
     shards = store.done_shards(score.STAGE)
     if not shards:
         raise ValueError(f"{store.root}: no scored shards to select from (run the score stage first)")
@@ -256,7 +268,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
                          f"(is filters.{cfg.target.rank_by} off?)")
     thresholds = choose_thresholds(cfg, plan, store, shards, sketches)
 
-    dedup = find_duplicates(cfg, plan, store, shards) if cfg.dedup.enabled else {}
+    dedup = find_duplicates(cfg, plan, store, shards) if cfg.dedup.enabled or cfg.dedup.exact else {}
     target = choose_target(cfg, plan, store, shards, samples)
 
     summary = {"fingerprint": stamp, "samples": int(samples), "filters": thresholds, "target": target,

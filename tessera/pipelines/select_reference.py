@@ -16,18 +16,18 @@ import pandas as pd
 from tessera.config.filters import FiltersConfig
 from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters, score_configs
-from tessera.filters.dedup import NearDuplicateFilter
+from tessera.filters.dedup import ExactDuplicateFilter, NearDuplicateFilter, exact_duplicate_of
 from tessera.pipelines import score
 
 log = logging.getLogger(__name__)
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
-TEXT_COLUMNS = ("url", "caption", "sha256")
+TEXT_COLUMNS = ("url", "caption")
 
 
 def load_scores(store: ShardStore, shards: list[str], decisions: bool = False, text: bool = True) -> pd.DataFrame:
     """Every scored sample, in shard then key order, with a `shard` column (and the last
-    selection's keep, reason and duplicate_of with `decisions`). `text=False` leaves out the url,
-    caption and sha256 columns, which no decision reads and which take most of the memory."""
+    selection's keep, reason and duplicate_of with `decisions`). `text=False` leaves out the url
+    and caption columns, which no decision reads and which take most of the memory."""
     unwanted = ([] if decisions else list(DECISION_COLUMNS)) + ([] if text else list(TEXT_COLUMNS))
     frames = []
     for shard in shards:
@@ -81,9 +81,16 @@ def decide(cfg: FiltersConfig, filters: list, frame: pd.DataFrame, embeddings: n
     """The reason per sample ("" when kept), and what the target step chose."""
     reasons = np.full(len(frame), "", dtype=object)
     frame["duplicate_of"] = ""
+    frame["exact_duplicate_of"] = ""
     for f in filters:
-        if isinstance(f, NearDuplicateFilter):
+        if isinstance(f, ExactDuplicateFilter) and "sha256" in frame:
             alive = np.flatnonzero(reasons == "")
+            exact = np.full(len(frame), "", dtype=object)
+            exact[alive] = exact_duplicate_of(frame["key"].to_numpy(dtype=object)[alive],
+                                              frame["sha256"].to_numpy(dtype=object)[alive])
+            frame["exact_duplicate_of"] = exact
+        if isinstance(f, NearDuplicateFilter):
+            alive = np.flatnonzero(reasons == "")  # exact copies already have their reason
             dup = np.full(len(frame), "", dtype=object)
             dup[alive] = f.duplicate_of(frame["key"].to_numpy(dtype=object)[alive].tolist(), embeddings[alive])
             frame["duplicate_of"] = dup
@@ -121,8 +128,10 @@ def exact_reference(cfg: FiltersConfig, store: ShardStore, shards: list[str] | N
     rows = Counter(frame["shard"])
     embeddings = load_embeddings(store, shards, rows) if cfg.dedup.enabled else None
     reasons, target = decide(cfg, filters, frame, embeddings)
+    exact = frame["exact_duplicate_of"].to_numpy(dtype=object)
+    dup = np.where(exact != "", exact, frame["duplicate_of"].to_numpy(dtype=object))
     out = pd.DataFrame({"shard": frame["shard"], "key": frame["key"], "keep": reasons == "",
-                        "reason": reasons, "duplicate_of": frame["duplicate_of"]})
+                        "reason": reasons, "duplicate_of": dup})
     dropped = Counter(r for r in reasons if r)
     summary = {"samples": int(len(frame)), "kept": int(out["keep"].sum()), "dropped": dict(sorted(dropped.items())),
                "filters": thresholds, "target": target}

@@ -4,24 +4,33 @@ They run as Ray tasks; the driver (select.py) only merges what they return.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tessera.config.filters import FiltersConfig
 from tessera.core import quantiles
 from tessera.core.lineage import selection_summary
 from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters
-from tessera.filters.dedup import NearDuplicateFilter
-from tessera.pipelines import score
+from tessera.filters.dedup import ExactDuplicateFilter, NearDuplicateFilter
+from tessera.pipelines import exchange, score, semdedup
 
 STAGE = "select"
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
 TEXT_COLUMNS = ("url", "caption", "sha256")
+
+# Score columns with a histogram, and their titles.
+HISTOGRAMS = {
+    "clip_score": "CLIP image-text score", "aesthetic": "Aesthetic score", "pwatermark": "Watermark probability",
+    "punsafe": "NSFW probability", "short_side": "Original short side (px)", "aspect_ratio": "Aspect ratio",
+    "caption_words": "Caption words", "caption_letter_fraction": "Caption letter fraction",
+}
 
 
 @dataclass
@@ -32,6 +41,7 @@ class Plan:
     sources: dict
     thresholds: dict[str, float | None] = field(default_factory=dict)  # per threshold filter
     dedup_done: bool = False                # duplicate_of can be read from the dedup files
+    dedup_tasks: int = 0                    # the dedup passes' shard tasks (semdedup.task_of)
     boundary: tuple[float, str] | None = None  # the last kept (badness, key) of the target
     target_empty: bool = False              # the target keeps nothing
 
@@ -55,11 +65,16 @@ def badness(values: np.ndarray, higher: bool) -> np.ndarray:
     return b
 
 
-def read_frame(store: ShardStore, shard: str, decisions: bool = False) -> pd.DataFrame:
-    """One shard's scores without the text columns (and without the last decisions unless asked)."""
-    table = store.read_table(score.SCORES, f"{shard}.parquet")
-    unwanted = list(TEXT_COLUMNS) + ([] if decisions else list(DECISION_COLUMNS))
-    frame = table.drop_columns([c for c in unwanted if c in table.column_names]).to_pandas()
+def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: bool = False) -> pd.DataFrame:
+    """One shard's scores without the text columns (and without the last decisions unless asked;
+    with the content hash, sha256, when asked)."""
+    unwanted = {c for c in TEXT_COLUMNS if not (hashes and c == "sha256")}
+    unwanted |= set() if decisions else set(DECISION_COLUMNS)
+    with store.fs.open(store.path(score.SCORES, f"{shard}.parquet"), "rb") as f:
+        names = pq.read_schema(f).names
+    # Column projection: the text columns are most of a shard's bytes and are never read here.
+    wanted = [c for c in names if c not in unwanted]
+    frame = store.read_table(score.SCORES, f"{shard}.parquet", columns=wanted).to_pandas()
     if "error" not in frame:
         frame["error"] = ""
     frame["error"] = frame["error"].fillna("")
@@ -67,14 +82,16 @@ def read_frame(store: ShardStore, shard: str, decisions: bool = False) -> pd.Dat
     return frame
 
 
-def reasons(frame: pd.DataFrame, plan: Plan, duplicate_of: np.ndarray | None = None) -> np.ndarray:
+def reasons(frame: pd.DataFrame, plan: Plan, dups: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The reason per row ("" when kept) after every filter the plan has settled so far, in ORDER:
-    the first failing filter names it. Near-duplicates count when `duplicate_of` is given; the
-    target applies once its boundary is settled."""
+    the first failing filter names it. Exact copies and near-duplicates count when `dups`
+    (exact_of, near_of) is given; the target applies once its boundary is settled."""
     out = np.full(len(frame), "", dtype=object)
-    frame["duplicate_of"] = duplicate_of if duplicate_of is not None else ""
+    exact_of, near_of = dups if dups is not None else ("", "")
+    frame["exact_duplicate_of"] = exact_of
+    frame["duplicate_of"] = near_of
     for f in plan.filters():
-        if isinstance(f, NearDuplicateFilter) and duplicate_of is None:
+        if isinstance(f, (ExactDuplicateFilter, NearDuplicateFilter)) and dups is None:
             continue
         fresh = f.decide(frame)
         out = np.where(out == "", fresh, out)
@@ -91,12 +108,81 @@ def reasons(frame: pd.DataFrame, plan: Plan, duplicate_of: np.ndarray | None = N
 
 
 def decided(store: ShardStore, shard: str, plan: Plan) -> tuple[pd.DataFrame, np.ndarray]:
-    """The shard's frame (with duplicate_of) and its reasons under the plan."""
-    from tessera.pipelines import semdedup
-
+    """The shard's frame (with exact_duplicate_of and duplicate_of) and its reasons under the plan."""
     frame = read_frame(store, shard)
-    dup = semdedup.duplicates(store, shard, frame["key"].to_numpy(dtype=object)) if plan.dedup_done else None
-    return frame, reasons(frame, plan, dup)
+    dups = None
+    if plan.dedup_done:
+        dups = semdedup.duplicates(store, shard, frame["key"].to_numpy(dtype=object), plan.dedup_tasks)
+    return frame, reasons(frame, plan, dups)
+
+
+def duplicate_of(frame: pd.DataFrame) -> np.ndarray:
+    """The key each row is a copy or a near-duplicate of ("" for neither)."""
+    exact = frame["exact_duplicate_of"].to_numpy(dtype=object)
+    return np.where(exact != "", exact, frame["duplicate_of"].to_numpy(dtype=object)).astype(object)
+
+
+# Dedup: one task per group of shards (semdedup.py) -------------------------------------------------
+def survivors(store: ShardStore, shard: str, plan: Plan, hashes: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
+    """The shard's frame and the rows that pass every filter before the duplicate filters."""
+    frame = read_frame(store, shard, hashes=hashes)
+    return frame, np.flatnonzero(reasons(frame, plan) == "")
+
+
+def dedup_scan(store: ShardStore, task: str, plan: Plan, shards: list[str], partitions: int, quota: int,
+               exact: bool) -> dict:
+    """Send the survivors' content hashes to their partitions (exact pass) and return their count
+    and a deterministic sample of their embeddings (for the k-means; none when quota is 0)."""
+    keys, hashes, sids, samples = [], [], [], []
+    count = 0
+    for shard in shards:
+        frame, alive = survivors(store, shard, plan, hashes=True)
+        count += len(alive)
+        if not len(alive):
+            continue
+        k = frame["key"].to_numpy(dtype=object)[alive]
+        if exact and "sha256" in frame:
+            keys.append(k)
+            hashes.append(frame["sha256"].to_numpy(dtype=object)[alive])
+            sids.append(np.full(len(alive), semdedup.shard_id(shard), np.int64))
+        if quota:
+            samples.append(semdedup.read_embeddings(store, shard)[alive[semdedup.sample_rows(k, quota)]])
+    files = 0
+    if keys:
+        files = semdedup.send_hashes(store, task, np.concatenate(keys), np.concatenate(hashes),
+                                     np.concatenate(sids), partitions)
+    return {"survivors": count, "files_written": files, "sample": np.concatenate(samples) if samples else None,
+            "task_peak_mb": semdedup.peak_mb()}
+
+
+def dedup_assign(store: ShardStore, task: str, plan: Plan, shards: list[str], centroids: np.ndarray,
+                 spill_margin: float, partitions: int) -> dict:
+    """Send the survivors that are not exact copies to their clusters' partitions."""
+    copies = exchange.receive(store, semdedup.EXACT_OUT, [semdedup.name(p) for p in range(partitions)], int(task))
+    copied = np.asarray(copies.column("key").to_pylist() if copies is not None else [], dtype=str)
+    keys, sids, embs = [], [], []
+    for shard in shards:
+        frame, alive = survivors(store, shard, plan)
+        k = frame["key"].to_numpy(dtype=object)[alive]
+        searched = ~np.isin(k.astype(str), copied)
+        if not searched.any():
+            continue
+        keys.append(k[searched])
+        sids.append(np.full(int(searched.sum()), semdedup.shard_id(shard), np.int64))
+        embs.append(semdedup.read_embeddings(store, shard)[alive[searched]])
+    if not keys:
+        return {"assigned": 0, "spilled": 0, "files_written": 0}
+    return semdedup.send_embeddings(store, task, np.concatenate(keys), np.concatenate(sids), np.concatenate(embs),
+                                    centroids, spill_margin, partitions)
+
+
+def dedup_tasks(shards: list[str], shards_per_task: int) -> dict[str, list[str]]:
+    """The dedup passes' tasks: name -> its shards (a shard's task is semdedup.task_of)."""
+    tasks = max(1, math.ceil(len(shards) / shards_per_task))
+    groups: dict[str, list[str]] = {}
+    for shard in shards:
+        groups.setdefault(semdedup.name(semdedup.task_of(shard, tasks)), []).append(shard)
+    return dict(sorted(groups.items()))
 
 
 # Pass 1 --------------------------------------------------------------------------------------------
@@ -167,8 +253,8 @@ def apply(store: ShardStore, shard: str, plan: Plan, edges: dict[str, list[float
     decisions (its lineage for caption and tokenize) and its kept/dropped histogram over the bin edges."""
     frame, why = decided(store, shard, plan)
     keys = frame["key"].to_numpy(dtype=object)
-    duplicate_of = frame["duplicate_of"].to_numpy(dtype=object)
-    write_decisions(store, shard, keys, why, duplicate_of)
+    dup = duplicate_of(frame)
+    write_decisions(store, shard, keys, why, dup)
     kept = why == ""
     hist = {}
     for column, e in edges.items():
@@ -176,5 +262,24 @@ def apply(store: ShardStore, shard: str, plan: Plan, edges: dict[str, list[float
             v = frame[column].to_numpy(dtype=np.float64)
             ok = ~np.isnan(v)
             hist[column] = [np.histogram(v[ok & kept], e)[0].tolist(), np.histogram(v[ok & ~kept], e)[0].tolist()]
-    return {**selection_summary(keys, kept, why, duplicate_of), "rows_in": int(len(keys)),
+    return {**selection_summary(keys, kept, why, dup), "rows_in": int(len(keys)),
             "reasons": dict(Counter(r for r in why if r)), "hist": hist}
+
+
+def histogram_marks(summary: dict) -> dict[str, list[tuple[float, str]]]:
+    """The thresholds to draw on each histogram column, as (value, label)."""
+    marks: dict[str, list] = {}
+    for name, desc in summary["filters"].items():
+        if desc.get("threshold") is not None:
+            marks.setdefault(desc["score"], []).append((desc["threshold"], "threshold"))
+    if summary["filters"].get("size"):
+        marks.setdefault("short_side", []).append((summary["filters"]["size"]["min_side"], "min"))
+        marks.setdefault("aspect_ratio", []).append((summary["filters"]["size"]["max_aspect_ratio"], "max"))
+    if summary["filters"].get("caption"):
+        marks.setdefault("caption_words", []).append((summary["filters"]["caption"]["min_words"], "min"))
+        marks.setdefault("caption_letter_fraction", []).append(
+            (summary["filters"]["caption"]["min_letter_fraction"], "min"))
+    target = summary.get("target") or {}
+    if target.get("threshold") is not None and not np.isnan(target["threshold"]):
+        marks.setdefault(target["rank_by"], []).append((target["threshold"], "target"))
+    return marks
