@@ -60,8 +60,8 @@ CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || comman
 bench-score: setup
 	$(PY) -m bench.score
 
-# Select and the filter report at three sizes of synthetic score shards (SCALE_BENCH to change,
-# e.g. SCALE_BENCH="--sizes 100000:100,1000000:1000 --dim 64").
+# Select and the filter report on synthetic score shards at LAION's shape (SCALE_BENCH to change,
+# e.g. SCALE_BENCH="--sizes 100000:500,100000:2000"; docs/scale.md).
 SCALE_BENCH ?=
 bench-scale: setup
 	$(PY) -m bench.scale $(SCALE_BENCH)
