@@ -38,7 +38,8 @@ def init_ray(cfg: RayConfig) -> None:
         # No cloud-metadata probe, and every listener on 127.0.0.1 (docs/configs.md, "Ray's listeners").
         prepare_local_ray()
         # The dashboard serves the state API, which Ray Train uses to clean up after a crashed
-        # run; it and the node address stay on loopback.
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        # run; it and the node address stay on loopback. address="local": a Ray of our own, never a
+        # cluster that a `ray start` on this machine left its address for.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
                  _node_ip_address="127.0.0.1")
