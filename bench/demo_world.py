@@ -17,7 +17,7 @@ import time
 
 def main() -> None:
     from tessera.config import load_config
-    from tessera.pipelines import caption, download, score, select, tokenize
+    from tessera.pipelines import caption, score, select, sources, tokenize
     from tessera.demo import truth
     from tessera.core.store import ShardStore
     from tessera.demo.synthetic import SyntheticSource, truth_path
@@ -35,8 +35,8 @@ def main() -> None:
     seconds = {}
     with SyntheticSource(cfg.source.synthetic, cfg.source.path, cfg.download.timeout):
         t = time.time()
-        download.prepare(cfg.source, cfg.download, store)
-        download.run(cfg.source, cfg.download, cfg.ray, store)
+        sources.prepare(cfg.source, cfg.download, store, cfg.ray)
+        sources.run(cfg.source, cfg.download, cfg.ray, store)
         seconds["download"] = time.time() - t
     print("seconds per stage:", json.dumps({k: round(v, 1) for k, v in seconds.items()}), flush=True)
     if args.download_only:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from tessera.config.download import DownloadConfig, SourceConfig, SyntheticConfig, UrlPolicy
 from tessera.config.ray import RayConfig
-from tessera.pipelines import download
+from tessera.pipelines import download, intake
 from tessera.core.store import ShardStore
 from tessera.demo.synthetic import SyntheticServer, laion_row, make_rows, write_parquet
 
@@ -47,7 +47,7 @@ def outcomes(store: ShardStore) -> dict[int, tuple[str, str]]:
     for name in store.list("download", ".tar"):
         shard = name[:-4]
         for row in pq.read_table(store.path("download", f"{shard}.parquet")).to_pylist():
-            outcome = "downloaded" if row["status"] == "success" else download.reason_for(row["error_message"])
+            outcome = "downloaded" if row["status"] == "success" else intake.reason_for(row["error_message"])
             assert row["row_index"] not in result
             result[row["row_index"]] = (row["url"], outcome)
         for row in pq.read_table(store.path("download", f"{shard}_rejected.parquet")).to_pylist():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tessera.config.ray import RayConfig
-from tessera.pipelines import download, prepare
+from tessera.pipelines import download, intake, prepare
 from tessera.demo.synthetic import SERVED_ODD, SyntheticServer, expected_outcomes
 
 from .download_helpers import outcomes, run_download, sample_meta, tar_samples, url_path, write_source
@@ -78,11 +78,15 @@ def test_images_come_out_as_upright_rgb(downloaded):
 
 
 def test_caption_trouble_does_not_stop_a_download(downloaded):
-    _, _, store = downloaded
+    _, result, store = downloaded
     captions = [files["txt"].decode() for files in tar_samples(store).values()]
+    limit = download.DownloadConfig().caption_limits.max_bytes
     assert "" in captions
-    assert any(len(c) > 5000 for c in captions)
+    # A 6000-byte caption is cut to the limit at a character boundary, and counted.
+    assert any(c.startswith("a very long caption") and len(c.encode()) <= limit < 6000 for c in captions)
+    assert all(len(c.encode()) <= limit for c in captions)
     assert any("\ufffd" in c for c in captions), "a non-UTF-8 caption is repaired, not fatal"
+    assert result.repaired == {"caption_cut": 1, "caption_encoding": 1}
 
 
 def test_rerun_skips_done_shards(downloaded, ray_local):
@@ -98,7 +102,7 @@ def test_missing_url_column_is_a_clear_error(tmp_path, server):
     source = source.model_copy(update={"columns": source.columns.model_copy(update={"url": "url_link"})})
     from tessera.core.store import ShardStore
 
-    with pytest.raises(download.InputError, match="no column 'url_link'.*source.columns.url"):
+    with pytest.raises(intake.InputError, match="no column 'url_link'.*source.columns.url"):
         download.prepare(source, download.DownloadConfig(), ShardStore(str(tmp_path / "data")), RayConfig())
 
 
@@ -123,7 +127,7 @@ def test_missing_url_column_is_a_clear_error(tmp_path, server):
     (None, "download_error"),
 ])
 def test_reason_for(message, reason):
-    assert download.reason_for(message) == reason
+    assert intake.reason_for(message) == reason
 
 
 KILL_SCRIPT = """

@@ -1,5 +1,5 @@
 """Every stage's result yields its funnel rows the same way: its outcomes, then its failed shards' rows."""
-from tessera.pipelines.download import DownloadResult
+from tessera.pipelines.intake import DownloadResult
 from tessera.pipelines.tokenize import TokenizeResult
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tessera.config.download import DownloadConfig, SourceConfig
-from tessera.pipelines import download, ingest
+from tessera.pipelines import ingest, intake, sources
 from tessera.core.store import ShardStore
 from tessera.demo.synthetic import draw, encode, picture, png_bomb
 
@@ -121,7 +121,7 @@ def test_image_folder_reads_sidecars_and_counts_bad_files(image_folder, tmp_path
     by_url = {os.path.relpath(r["url"], image_folder): r for r in status + rejected}
     assert by_url["README.md"]["reason"] == "not_an_image" and by_url["orphan.txt"]["reason"] == "missing_image"
     assert ".hidden.jpg" not in by_url
-    assert ingest.reason_of(by_url["corrupt.jpg"]["error_message"]) == "corrupt_image"
+    assert intake.reason_for(by_url["corrupt.jpg"]["error_message"]) == "corrupt_image"
     captions = {os.path.relpath(r["url"], image_folder): r["caption"] for r in status if r["status"] == "success"}
     assert captions == {"a/one.jpg": caption(1), "a/b/two.png": caption(2), "three.jpg": "from the txt",
                         "four.webp": caption(4)}
@@ -154,7 +154,7 @@ def test_image_folder_mapping_with_a_wrong_column_is_a_clear_error(image_folder,
     (image_folder / "metadata.csv").write_text("file_name,caption\na/one.jpg,x\n")
     source = SourceConfig.model_validate({"kind": "image_folder", "path": str(image_folder),
                                           "image_folder": {"mapping": "metadata.csv"}})
-    with pytest.raises(download.InputError, match=r"no column 'text' \(set source.image_folder.caption_column\)"):
+    with pytest.raises(intake.InputError, match=r"no column 'text' \(set source.image_folder.caption_column\)"):
         run_shards(source, tmp_path / "data")
 
 
@@ -279,7 +279,7 @@ def test_webdataset_tar_larger_than_a_shard_is_a_clear_error(tmp_path):
             tar.write({"__key__": f"s{i:03d}", "png": encode(draw(picture(i, 0)), "PNG"),
                        "json": json.dumps({"caption": caption(i)})})
     source = SourceConfig(kind="webdataset", path=str(tmp_path / "big.tar"))
-    with pytest.raises(download.InputError, match="set download.shard_size"):
+    with pytest.raises(intake.InputError, match="set download.shard_size"):
         run_shards(source, tmp_path / "data", shard_size=10)  # keys of one digit: at most 10 samples
     store, totals = run_shards(source, tmp_path / "data2", shard_size=11)
     assert totals == {"rows_in": 11, "downloaded": 11, "dropped": {}}
@@ -320,17 +320,17 @@ def test_hf_parquet_struct_and_binary_image_columns(tmp_path):
 def test_hf_parquet_without_image_bytes_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"image": ["a.jpg"], "text": ["x"]}), tmp_path / "paths.parquet")
     source = SourceConfig(kind="hf_parquet", path=str(tmp_path / "paths.parquet"))
-    with pytest.raises(download.InputError, match="hf_parquet needs image bytes"):
+    with pytest.raises(intake.InputError, match="hf_parquet needs image bytes"):
         run_shards(source, tmp_path / "data")
     source = SourceConfig.model_validate({"kind": "hf_parquet", "path": str(tmp_path / "paths.parquet"),
                                           "hf_parquet": {"caption_column": "caption"}})
-    with pytest.raises(download.InputError, match="no column 'caption'"):
+    with pytest.raises(intake.InputError, match="no column 'caption'"):
         run_shards(source, tmp_path / "data2")
 
 
 def test_prepared_store_refuses_another_kind(image_folder, tmp_path):
     run_shards(SourceConfig(kind="image_folder", path=str(image_folder)), tmp_path / "data")
-    with pytest.raises(download.InputError, match="prepared from a image_folder source"):
+    with pytest.raises(intake.InputError, match="prepared from a image_folder source"):
         run_shards(SourceConfig(kind="hf_parquet", path=str(image_folder)), tmp_path / "data")
 
 
@@ -365,7 +365,7 @@ def test_each_kind_reaches_token_shards_and_a_training_step(kind, fixture, good,
         "stage1": {"model": "GPT-nano", "vocab_size": 512, "global_batch": 2, "max_steps": 1, "use_ray": False,
                    "text_encoder": "tiny:t5", "checkpoint_every": 1, "log_every": 1}})
     store = ShardStore(cfg.data_root)
-    downloaded = download.run(cfg.source, cfg.download, cfg.ray, store)  # through Ray, as the flow runs it
+    downloaded = sources.run(cfg.source, cfg.download, cfg.ray, store)  # through Ray, as the flow runs it
     assert downloaded.downloaded == good
     assert downloaded.downloaded + sum(downloaded.dropped.values()) == downloaded.rows_in
     assert score.run(cfg.filters, cfg.ray, store, cfg.models_root).samples == good

@@ -110,7 +110,7 @@ def test_policy_flags_open_only_their_own_range():
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
-from tessera.pipelines.download import reason_for  # noqa: E402
+from tessera.pipelines.intake import reason_for  # noqa: E402
 from tessera.demo.synthetic import SyntheticServer  # noqa: E402
 from tessera.core.urlcheck import BlockedAddress, install_guard, make_opener  # noqa: E402
 

@@ -106,6 +106,18 @@ class UrlPolicy(Section):
     allow_link_local: bool = False  # link-local ranges; metadata addresses are never fetched
 
 
+class CaptionLimits(Section):
+    """Applied where a caption enters (downloaded or read), before any later stage or tokenizer."""
+
+    # UTF-8 bytes. A longer caption is cut at a character boundary (`cut`, counted as a repair)
+    # or dropped with the reason `caption_too_long` (`drop`).
+    max_bytes: int = 4096
+    too_long: Literal["cut", "drop"] = "cut"
+    # A caption that is not valid UTF-8: bad bytes replaced by U+FFFD (`repair`, counted) or
+    # dropped with the reason `bad_caption_encoding` (`drop`).
+    bad_encoding: Literal["repair", "drop"] = "repair"
+
+
 class DownloadConfig(Section):
     shard_size: int = 10_000  # input rows per shard: one Ray task and one output tar each
     # img2dataset settings.
@@ -118,6 +130,11 @@ class DownloadConfig(Section):
     max_aspect_ratio: float = 3.0  # largest long side / short side kept
     # Decompression-bomb guard: pixels of the original, checked from the header before decoding.
     max_image_area: int = 89_478_485
+    # Bytes of one image as fetched or read (a response body, a file, a tar member, a parquet
+    # cell); a larger one is dropped as `too_large` without being read whole. Also caps every
+    # member of every tar read.
+    max_image_bytes: int = 32 << 20
+    caption_limits: CaptionLimits = CaptionLimits()
     thread_count: int = 64  # download threads per shard task
     # Wall-clock seconds per download: connecting, TLS, redirects and the whole body together.
     timeout: float = 10.0

@@ -137,6 +137,66 @@ def resolve_checked(host: str, port: int, policy: UrlPolicy) -> list[tuple]:
     return infos
 
 
+# The body cap --------------------------------------------------------------------------------
+class TooLarge(Exception):
+    """A response body over the cap: refused by its Content-Length, or cut off while read. The
+    message starts with the drop reason. Not an OSError, so urllib lets it through unwrapped."""
+
+    drop_reason = "too_large"
+
+    def __init__(self, detail: str):
+        super().__init__(f"{self.drop_reason}: {detail}")
+
+
+class BodyCapHandler(urllib.request.BaseHandler):
+    """Refuse a successful response whose Content-Length is over `cap` before reading it, and make
+    its `read` stop (and raise) as soon as more than `cap` bytes have come, whatever the headers
+    said (a missing, chunked or false length)."""
+
+    handler_order = 900  # after the other processors have seen the response, before error handling
+
+    def __init__(self, cap: int):
+        self.cap = cap
+
+    def http_response(self, req, response):
+        if not 200 <= response.status < 300:
+            return response
+        declared = (response.getheader("Content-Length") or "").strip()
+        if declared.isdigit() and int(declared) > self.cap:
+            response.close()
+            raise TooLarge(f"{req.full_url} declares {declared} bytes (at most {self.cap})")
+        response.read = _capped_read(response, self.cap, req.full_url)
+        return response
+
+    https_response = http_response
+
+
+def _capped_read(response, cap: int, url: str):
+    """`response.read` that never holds more than `cap` + 1 bytes of the body."""
+    read, got = response.read, 0
+
+    def capped(amt: int | None = None) -> bytes:
+        nonlocal got
+        whole = amt is None or amt < 0
+        want = cap + 1 - got if whole else min(amt, cap + 1 - got)
+        parts = []
+        while want > 0:
+            chunk = read(min(want, 1 << 16))
+            if not chunk:
+                break
+            parts.append(chunk)
+            want -= len(chunk)
+            got += len(chunk)
+            if not whole:
+                break
+        if got > cap:
+            response.close()
+            raise TooLarge(f"{url}: the body passed {cap} bytes")
+        return b"".join(parts)
+
+    return capped
+
+
 # The wall-clock deadline --------------------------------------------------------------------
 class DeadlinePassed(TimeoutError):
     def __init__(self, seconds: float):
@@ -209,13 +269,15 @@ def _connect(infos: list[tuple], deadline: float | None, seconds: float) -> sock
 
 
 # The opener ---------------------------------------------------------------------------------
-def make_opener(policy: UrlPolicy, proxy: str | None = None) -> urllib.request.OpenerDirector:
+def make_opener(policy: UrlPolicy, proxy: str | None = None,
+                max_body_bytes: int | None = None) -> urllib.request.OpenerDirector:
     """A urllib opener for http(s) only that applies `policy` at every connection and redirect.
 
     `timeout` given to `open` is a wall-clock deadline for the whole download: connecting, TLS,
     every redirect and every read of the body. Proxy variables of the environment are ignored;
     with `proxy` requests go through that proxy (except to hosts in no_proxy), and the target's
-    resolved addresses are checked before the request is sent (the proxy itself is trusted)."""
+    resolved addresses are checked before the request is sent (the proxy itself is trusted).
+    With `max_body_bytes`, a successful response's body is capped (`BodyCapHandler`)."""
     # urllib points a proxied request's `host` at the proxy's host:port, as written in its URL.
     proxy_hostport = urlsplit(proxy).netloc.rsplit("@", 1)[-1] if proxy else None
 
@@ -285,9 +347,12 @@ def make_opener(policy: UrlPolicy, proxy: str | None = None) -> urllib.request.O
                     urllib.request.HTTPDefaultErrorHandler(), GuardedRedirectHandler(),
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
+    if max_body_bytes is not None:
+        opener.add_handler(BodyCapHandler(max_body_bytes))
     return opener
 
 
-def install_guard(policy: UrlPolicy, proxy: str | None = None) -> None:
-    """Make every `urllib.request.urlopen` in this process (img2dataset's included) guarded."""
-    urllib.request.install_opener(make_opener(policy, proxy))
+def install_guard(policy: UrlPolicy, proxy: str | None = None, max_body_bytes: int | None = None) -> None:
+    """Make every `urllib.request.urlopen` in this process (img2dataset's included) guarded, with
+    bodies capped at `max_body_bytes`."""
+    urllib.request.install_opener(make_opener(policy, proxy, max_body_bytes))

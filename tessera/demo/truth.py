@@ -38,7 +38,7 @@ from tessera.demo.world import (
     WATERMARK,
 )
 from tessera.models.vq import load_vq
-from tessera.pipelines.download import read_samples
+from tessera.pipelines.intake import read_samples
 from tessera.pipelines.tokenize import centre_crop
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from tessera.flows.caption_tasks import caption_task
 from tessera.flows.common import ShardProgress, logger, publish_table
 from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.flows.tokenize_tasks import tokenize_task
-from tessera.pipelines import download
+from tessera.pipelines import sources
+from tessera.pipelines.intake import DownloadResult
 from tessera.core.funnel import write_funnel
 from tessera.core.runtime import ShardFailures
 from tessera.core.store import ShardStore
@@ -18,10 +19,10 @@ RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 
 
 @task(name="download", **RETRIES)
-def download_task(cfg: RunConfig, store: ShardStore) -> download.DownloadResult:
-    shards = download.prepare(cfg.source, cfg.download, store, cfg.ray)
-    result = download.run(cfg.source, cfg.download, cfg.ray, store,
-                          on_shard=ShardProgress("download", len(shards)))
+def download_task(cfg: RunConfig, store: ShardStore) -> DownloadResult:
+    shards = sources.prepare(cfg.source, cfg.download, store, cfg.ray)
+    result = sources.run(cfg.source, cfg.download, cfg.ray, store,
+                         on_shard=ShardProgress("download", len(shards)))
     logger().info("Downloaded %d of %d rows; dropped %s.", result.downloaded, result.rows_in,
                   ", ".join(f"{n} {r}" for r, n in sorted(result.dropped.items())) or "none")
     return result

@@ -38,7 +38,7 @@ from tessera.core.store import ShardStore
 from tessera.models.llava import load_llava, prompt_text
 from tessera.models.refs import build_of, resolve
 from tessera.pipelines.caption_checks import check, first_sentence
-from tessera.pipelines.download import read_samples
+from tessera.pipelines.intake import read_samples
 from tessera.pipelines.score import decode_image
 from tessera.pipelines.vllm_backend import VllmCaptioner, require_vllm
 

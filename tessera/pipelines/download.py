@@ -15,120 +15,35 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-import tarfile
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
-from tessera.core.funnel import DROPPED, StageResult, by_reason
+from tessera.core import runtime
+from tessera.core.raytools import init_ray
 from tessera.core.stage import Stage
 from tessera.core.store import ShardStore
-from tessera.core.urlcheck import check_url
-from tessera.pipelines.prepare import INPUT, duplicate_rows
+from tessera.core.urlcheck import check_url, install_guard
+from tessera.pipelines import prepare as cut
+from tessera.pipelines.imagecheck import SafeResizer
+from tessera.pipelines.intake import (INPUT, STAGE, DownloadResult, InputError, clean_caption, list_files,
+                                      prepared_shards, reason_for, summarize)
 
 log = logging.getLogger(__name__)
-STAGE = "download"
-KEPT = "downloaded"
-
-
-class InputError(ValueError):
-    """The input parquet cannot be used as configured."""
-
-
-@dataclass
-class DownloadResult(StageResult):
-    rows_in: int
-    downloaded: int
-    dropped: dict[str, int]
-    shards: int
-
-    def outcomes(self) -> list[tuple[str, str, str, int]]:
-        return [(STAGE, KEPT, "", self.downloaded), *by_reason(STAGE, DROPPED, self.dropped)]
-
-
-# Reasons ----------------------------------------------------------------------------------
-_REASONS = [
-    # Refused while under way (urlcheck.BlockedAddress): a blocked address or a refused redirect.
-    (re.compile(r"(?:^|urlopen error )(blocked_\w+|bad_scheme|url_too_long|malformed_url|empty_url): "), None),
-    (re.compile(r"HTTP Error 30\d: .*infinite loop", re.S), "redirect_loop"),
-    (re.compile(r"HTTP Error 30\d: .*redirection to url .* is not allowed", re.S | re.I), "bad_scheme"),
-    (re.compile(r"HTTP Error (\d{3})"), "http_{}"),
-    (re.compile(r"timed out|timeout", re.I), "timeout"),
-    (re.compile(r"X-Robots-Tag"), "disallowed_by_site"),
-    (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo|Temporary failure in name"), "dns_error"),
-    (re.compile(r"Connection refused|Connection reset|Network is unreachable|Remote end closed"), "connection_error"),
-    (re.compile(r"^empty image"), "empty_image"),
-    (re.compile(r"^not an image|Image decoding error"), "not_an_image"),
-    (re.compile(r"^corrupt image"), "corrupt_image"),
-    (re.compile(r"^decompression bomb"), "decompression_bomb"),
-    (re.compile(r"image too small"), "image_too_small"),
-    (re.compile(r"aspect ratio too large"), "aspect_ratio"),
-    (re.compile(r"image area too large"), "decompression_bomb"),
-    (re.compile(r"hash mismatch"), "hash_mismatch"),
-]
-
-
-def reason_for(error_message: str | None) -> str:
-    """Map img2dataset's free-text error to one of our drop reasons."""
-    msg = error_message or ""
-    for pattern, template in _REASONS:
-        m = pattern.search(msg)
-        if m:
-            return m.group(1) if template is None else template.format(*m.groups())
-    return "download_error"
-
-
-# Prepare ----------------------------------------------------------------------------------
-def _input_files(store_fs_url: str) -> tuple[object, list[str]]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(store_fs_url)
-    if any(c in path for c in "*?["):
-        files = sorted(fs.glob(path))
-    elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    else:
-        files = [path] if fs.exists(path) else []
-    if not files:
-        raise InputError(f"no input parquet found at {store_fs_url}")
-    return fs, files
-
-
-def prepared_shards(store: ShardStore, source: SourceConfig) -> list[str] | None:
-    """The shards an earlier run cut the input into (None when it was not cut yet); an input of
-    another kind than the store was prepared from is an error."""
-    if not store.exists(INPUT, "_prepared.json"):
-        return None
-    prepared = store.read_json(INPUT, "_prepared.json")
-    kind = prepared.get("kind", "laion_parquet")
-    if kind != source.kind:
-        raise InputError(f"{store.url(INPUT)} was prepared from a {kind} source, not {source.kind}: "
-                         "use a new data_root")
-    return prepared["shards"]
 
 
 def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cfg: RayConfig) -> list[str]:
-    """Cut the input into shards on Ray and find its duplicate URLs (once; a rerun reuses them, and
-    finishes what an interrupted one left). Returns the shard names."""
-    from tessera.core import runtime
-    from tessera.core.raytools import init_ray
-    from tessera.pipelines import prepare as cut
-
-    if source.kind != "laion_parquet":  # read, not downloaded
-        from tessera.pipelines import ingest
-
-        return ingest.prepare(source, cfg, store)
+    """Cut a laion_parquet input into shards on Ray and find its duplicate URLs (once; a rerun
+    reuses them, and finishes what an interrupted one left). Returns the shard names."""
     shards = prepared_shards(store, source)
     if shards is not None:
         return shards
-    fs, files = _input_files(source.path)
+    fs, files = list_files(source.path, (".parquet",))
     schema = pq.read_schema(fs.open(files[0], "rb"))
     for need, key in ((source.columns.url, "url"), (source.columns.caption, "caption")):
         if need not in schema.names:
@@ -162,29 +77,23 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cf
 
 
 # One shard ------------------------------------------------------------------------------
-def _decode_caption(raw: bytes | None) -> str:
-    return "" if raw is None else raw.decode("utf-8", errors="replace")
-
-
 def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: list[str]) -> dict:
     """Download one input shard into `download/`; returns the shard's counts."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from tessera.core.urlcheck import install_guard
-    from tessera.pipelines.imagecheck import SafeResizer
-
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    install_guard(cfg.urls, proxy=cfg.proxy)
+    install_guard(cfg.urls, proxy=cfg.proxy, max_body_bytes=cfg.max_image_bytes)
     rows = store.read_table(INPUT, f"{name}.parquet").to_pylist()
-    duplicates = duplicate_rows(store, rows[0]["row_index"], rows[-1]["row_index"]) if rows else set()
-    accepted, rejected = [], []
+    duplicates = cut.duplicate_rows(store, rows[0]["row_index"], rows[-1]["row_index"]) if rows else set()
+    accepted, rejected, repaired = [], [], Counter()
     for row in rows:
+        caption = clean_caption(row.pop("caption_bytes"), cfg.caption_limits)
         reason = "duplicate_url" if row["row_index"] in duplicates else check_url(row["url"], cfg.urls)
-        if reason:
-            rejected.append({"row_index": row["row_index"], "url": row["url"], "reason": reason})
+        if reason or caption.dropped:
+            rejected.append({"row_index": row["row_index"], "url": row["url"], "reason": reason or caption.dropped})
         else:
-            row["caption"] = _decode_caption(row.pop("caption_bytes"))
+            row["caption"] = caption.text or ""
+            repaired.update(caption.repairs)
             accepted.append(row)
 
     columns = ["url", "caption", "row_index", *carried]
@@ -224,6 +133,7 @@ def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: l
             "rows_in": len(rows),
             "downloaded": sum(s["status"] == "success" for s in status),
             "dropped": dict(reasons),
+            "repaired": dict(repaired),
         }
         store.write_table(pa.Table.from_pylist(rejected, schema=_REJECTED_SCHEMA), STAGE, f"{name}_rejected.parquet")
         for suffix in (".tar", ".parquet", "_stats.json"):
@@ -242,34 +152,10 @@ def _accepted_schema(rows: list[dict], carried: list[str]) -> pa.Schema:
     return pa.schema(fields + [sample.schema.field(c) for c in carried])
 
 
-# Reading a finished shard ----------------------------------------------------------------------
-def read_samples(store: ShardStore, shard: str, wanted: set[str] | None = None) -> dict[str, dict[str, bytes]]:
-    """The files of a download tar by sample, {key: {ext: bytes}}: every sample, or the wanted keys.
-    An unreadable tar is an error naming the shard (the stage runtime records the shard as failed)."""
-    members: dict[str, dict[str, bytes]] = {}
-    try:
-        with store.fs.open(store.path(STAGE, f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if member.isfile() and (wanted is None or key in wanted):
-                    members.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    except (OSError, tarfile.TarError, EOFError) as e:
-        raise RuntimeError(f"{store.url(STAGE, shard + '.tar')} cannot be read ({e}); remove "
-                           f"download/{shard}.done to download that shard again") from e
-    return members
-
-
 # The stage --------------------------------------------------------------------------------
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
-    """Download every shard not yet done; return the stage's counts over all shards."""
-    if source.kind != "laion_parquet":  # read, not downloaded
-        from tessera.pipelines import ingest
-
-        return ingest.run(source, cfg, ray_cfg, store, on_shard)
-    from tessera.core import runtime
-    from tessera.core.raytools import init_ray
-
+    """Download every shard of a laion_parquet input not yet done; return the stage's counts."""
     shards = prepare(source, cfg, store, ray_cfg)
     prepared = store.read_json(INPUT, "_prepared.json")
     if len(store.done_shards(STAGE)) < len(shards):
@@ -281,21 +167,3 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
 
 
 STEP = Stage(STAGE, inputs=(INPUT,), outputs=(STAGE,), work=download_shard, result=DownloadResult)
-
-
-def summarize(store: ShardStore, shards: list[str], failed: dict[str, str],
-              rows_per_shard: dict[str, int] | None = None) -> DownloadResult:
-    markers = store.markers(STAGE)
-    infos = [markers[s] for s in shards if s not in failed]
-    dropped: Counter = Counter()
-    for info in infos:
-        dropped.update(info["dropped"])
-    lost = sum((rows_per_shard or {}).get(s, 0) for s in failed)
-    return DownloadResult(
-        rows_in=sum(i["rows_in"] for i in infos) + lost,
-        downloaded=sum(i["downloaded"] for i in infos),
-        dropped=dict(dropped),
-        shards=len(infos),
-        failed=failed,
-        failed_rows=lost,
-    )

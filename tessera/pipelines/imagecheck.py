@@ -9,9 +9,11 @@ an animation, alpha composited on white) before the resizer sees it.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
-from img2dataset.resizer import Resizer
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (under img2dataset) asks the network
+from img2dataset.resizer import Resizer  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Result tuple of img2dataset's Resizer: img, width, height, original_width, original_height, err

@@ -38,57 +38,34 @@ import pyarrow.parquet as pq
 
 from tessera.config.download import CaptionFiles, DownloadConfig, SourceConfig
 from tessera.config.ray import RayConfig
+from tessera.core import runtime
+from tessera.core.raytools import init_ray
 from tessera.core.stage import Stage
 from tessera.core.store import ShardStore, shard_name
-from tessera.pipelines.download import (
-    INPUT,
-    STAGE,
-    DownloadResult,
-    InputError,
-    prepared_shards,
-    reason_for,
-    summarize,
-)
+from tessera.core.tars import TarProblem, split_name, tar_members
+from tessera.pipelines.imagecheck import resizer_for
+from tessera.pipelines.intake import (INPUT, STAGE, DownloadResult, InputError, clean_caption, full_url, list_files,
+                                      prepared_shards, reason_for, summarize)
 
 log = logging.getLogger(__name__)
 
 # A sample to read: where it came from, its input position, and how to load
-# (image bytes or None, caption or None, carried metadata).
-Loaded = tuple[bytes | None, str | None, dict]
+# (image bytes or None, raw caption or None, carried metadata).
+Loaded = tuple[bytes | None, bytes | str | None, dict]
 Sample = tuple[str, int, Callable[[], Loaded]]
 
-# Errors of our own, before img2dataset's vocabulary (download.reason_for) is consulted.
-_OWN_REASONS = {"missing caption": "missing_caption", "missing image": "missing_image", "read error": "read_error"}
+
+class Refused(Exception):
+    """A sample refused while read; the message starts with the drop reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
-def reason_of(error_message: str | None) -> str:
-    for prefix, reason in _OWN_REASONS.items():
-        if (error_message or "").startswith(prefix):
-            return reason
-    return reason_for(error_message)
-
-
-# Listing ----------------------------------------------------------------------------------
-def list_files(url: str, suffixes: tuple[str, ...]) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """A file, a folder (searched recursively for `suffixes`) or a glob; local or fsspec."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if any(c in path for c in "*?["):
-        files = sorted(fs.glob(path))
-    elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.lower().endswith(suffixes))
-    else:
-        files = [path] if fs.exists(path) else []
-    if not files:
-        raise InputError(f"no {' or '.join(suffixes)} files found at {url}")
-    return fs, files
-
-
-def _full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if "file" in fs.protocol or "local" in fs.protocol else fs.unstrip_protocol(path)
-
-
-def caption_and_meta(files: dict[str, bytes], captions: CaptionFiles) -> tuple[str | None, dict]:
-    """The caption from a sample's `txt`/`json` files in the configured order, and its JSON fields."""
+def caption_and_meta(files: dict[str, bytes], captions: CaptionFiles) -> tuple[bytes | str | None, dict]:
+    """The raw caption from a sample's `txt`/`json` files in the configured order, and its JSON
+    fields. The caption is checked and decoded later, by `intake.clean_caption`."""
     meta: dict = {}
     if files.get("json") is not None:
         try:
@@ -97,14 +74,12 @@ def caption_and_meta(files: dict[str, bytes], captions: CaptionFiles) -> tuple[s
         except (ValueError, UnicodeDecodeError):
             meta = {}
     for sidecar in captions.sidecars:
-        if sidecar == "txt" and files.get("txt") is not None:
-            text = files["txt"].decode("utf-8", errors="replace").strip()
-            if text:
-                return text, meta
+        if sidecar == "txt" and files.get("txt") is not None and files["txt"].strip():
+            return files["txt"], meta
         if sidecar == "json":
             for name in captions.json_fields:
                 if isinstance(meta.get(name), str) and meta[name].strip():
-                    return meta[name].strip(), meta
+                    return meta[name], meta
     return None, meta
 
 
@@ -114,12 +89,13 @@ def _carried(meta: dict, carry: list[str]) -> dict:
 
 class ImageFolder:
     """Image files under a folder (nested), each with a caption from a mapping file, or from a
-    `.txt` or `.json` file of the same name beside it."""
+    `.txt` or `.json` file of the same name beside it. Symlinked folders are followed, each real
+    folder once (a link back to a folder already listed is not followed again)."""
 
-    def __init__(self, source: SourceConfig):
-        self.source, self.opts = source, source.image_folder
+    def __init__(self, source: SourceConfig, cfg: DownloadConfig):
+        self.source, self.opts, self.cfg = source, source.image_folder, cfg
         self.fs, self.root = fsspec.core.url_to_fs(source.path)
-        self.root = self.root.rstrip("/")
+        self.root = self.root.rstrip("/") or "/"
 
     def _mapping(self) -> tuple[str | None, dict[str, str]]:
         if not self.opts.mapping:
@@ -150,13 +126,28 @@ class ImageFolder:
             mapping[rel] = caption.strip() if isinstance(caption, str) and caption.strip() else None
         return path, mapping
 
+    def _files(self) -> list[str]:
+        """Every file under the root; on a local disk through symlinked folders, each real folder once."""
+        if "file" not in self.fs.protocol and "local" not in self.fs.protocol:
+            return self.fs.find(self.root)
+        seen, files = set(), []
+        for folder, subfolders, names in os.walk(self.root, followlinks=True):
+            real = os.stat(folder)
+            if (real.st_dev, real.st_ino) in seen:  # a second way into a folder already listed
+                log.info("%s leads to a folder already listed; not listed again.", folder)
+                subfolders[:] = []
+                continue
+            seen.add((real.st_dev, real.st_ino))
+            files += [posixpath.join(folder, n) for n in names]
+        return sorted(files)
+
     def rows(self) -> list[dict]:
         if not self.fs.isdir(self.root):
             raise InputError(f"{self.source.path}: not a folder (source.kind is image_folder)")
         mapping_path, mapping = self._mapping()
         extensions = {e.lower().lstrip(".") for e in self.opts.extensions}
         groups: dict[str, dict[str, str]] = {}
-        for path in self.fs.find(self.root):
+        for path in self._files():
             name = posixpath.basename(path)
             if path == mapping_path or name.startswith(".") or ".tmp-" in name:
                 continue
@@ -165,7 +156,7 @@ class ImageFolder:
         rows = []
 
         def row(path, reason=None, **files):
-            rows.append({"url": _full_url(self.fs, path), "image": files.get("image"), "txt": files.get("txt"),
+            rows.append({"url": full_url(self.fs, path), "image": files.get("image"), "txt": files.get("txt"),
                          "json": files.get("json"), "caption": files.get("caption"), "reason": reason})
 
         for stem in sorted(groups):
@@ -183,19 +174,30 @@ class ImageFolder:
             row(posixpath.join(self.root, rel), "missing_image")
         return rows
 
-    def shards(self, shard_size: int) -> Iterator[list[dict]]:
+    def samples_in(self, part: list[dict]) -> int:
+        return len(part)
+
+    def shards(self) -> Iterator[list[dict]]:
         rows = self.rows()
         for i, r in enumerate(rows):
             r["row_index"] = i
-        for start in range(0, len(rows), shard_size):
-            yield rows[start:start + shard_size]
+        for start in range(0, len(rows), self.cfg.shard_size):
+            yield rows[start:start + self.cfg.shard_size]
+
+    def _read(self, path: str) -> bytes:
+        """A file's bytes, its size checked before it is read."""
+        size = self.fs.size(path)
+        if size is not None and size > self.cfg.max_image_bytes:
+            raise Refused("too_large", f"{path} holds {size} bytes (download.max_image_bytes is "
+                                       f"{self.cfg.max_image_bytes})")
+        return self.fs.cat_file(path)
 
     def samples(self, rows: list[dict]) -> Iterator[Sample]:
         carry = self.source.columns.carry
 
         def load(r: dict) -> Loaded:
-            image = self.fs.cat_file(r["image"])
-            sidecars = {e: self.fs.cat_file(r[e]) for e in ("txt", "json") if r[e]}
+            image = self._read(r["image"])
+            sidecars = {e: self._read(r[e]) for e in ("txt", "json") if r[e]}
             caption, meta = caption_and_meta(sidecars, self.source.captions)
             return image, r["caption"] or caption, _carried(meta, carry)
 
@@ -205,40 +207,88 @@ class ImageFolder:
 
 class WebDatasetTars:
     """Tars of samples in the WebDataset layout ({key}.jpg + {key}.txt/.json), such as img2dataset's
-    output. One input tar is one shard."""
+    output. One input tar is one shard; its samples are counted while listing (headers only).
 
-    def __init__(self, source: SourceConfig):
-        self.source = source
+    Members over `download.max_image_bytes` and sparse members drop their sample (`too_large`,
+    `sparse_member`). A tar cut short keeps every sample before the cut; the sample the cut
+    falls in is recorded as `truncated_tar`, and a tar that is no tar as one `corrupt_tar` row."""
 
-    def shards(self, shard_size: int) -> Iterator[list[dict]]:
+    def __init__(self, source: SourceConfig, cfg: DownloadConfig):
+        self.source, self.cfg = source, cfg
+
+    def shards(self) -> Iterator[list[dict]]:
         fs, files = list_files(self.source.path, (".tar",))
         for path in files:
-            yield [{"tar": path}]
+            yield [{"tar": path, "samples": self._count(fs, path)}]
+
+    def samples_in(self, part: list[dict]) -> int:
+        return sum(r["samples"] for r in part)
+
+    def _count(self, fs, path: str) -> int:
+        """Samples in a tar, from its headers; a cut or corrupt tar counts one more for its cut."""
+        keys, last = 0, None
+        try:
+            with fs.open(path, "rb") as f:
+                for member in tar_members(f, full_url(fs, path), self.cfg.max_image_bytes, wanted=lambda _: False):
+                    key = split_name(member.name)[0]
+                    keys, last = keys + (key != last), key
+        except TarProblem:
+            keys += 1
+        return keys
+
+    def _grouped(self, fs, path: str, url: str) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+        """(key, {ext: bytes}, refusal reason or None) per sample, in tar order; a cut or corrupt
+        tar ends with one (key, {}, reason) for the sample the cut falls in."""
+        key, files, refused = None, {}, None
+        try:
+            with fs.open(path, "rb") as f:
+                for member in tar_members(f, url, self.cfg.max_image_bytes):
+                    name_key, ext = split_name(member.name)
+                    if name_key != key:
+                        if key is not None:
+                            yield key, files, refused
+                        key, files, refused = name_key, {}, None
+                    refused = refused or member.refused
+                    if member.data is not None:
+                        files[ext] = member.data
+        except TarProblem as e:
+            yield key or "(start)", {}, str(e)
+            return
+        if key is not None:
+            yield key, files, refused
 
     def samples(self, rows: list[dict]) -> Iterator[Sample]:
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
         fs, _ = fsspec.core.url_to_fs(self.source.path)
         extensions = [e.lower().lstrip(".") for e in self.source.webdataset.extensions]
         carry = self.source.columns.carry
         for r in rows:
-            url = _full_url(fs, r["tar"])
-            with fs.open(r["tar"], "rb") as f:
-                members = ({**m, "__url__": url} for m in tar_file_iterator(f))
-                for sample in group_by_keys(members):
-                    image = next((sample[e] for e in extensions if e in sample), None)
-                    caption, meta = caption_and_meta(sample, self.source.captions)
-                    origin = meta.get("url") if isinstance(meta.get("url"), str) else f"{url}#{sample['__key__']}"
-                    loaded = (image, caption, _carried(meta, carry))
-                    yield origin, -1, (lambda loaded=loaded: loaded)
+            url = full_url(fs, r["tar"])
+            for key, files, problem in self._grouped(fs, r["tar"], url):
+                if problem:
+                    reason, _, detail = problem.partition(": ")
+                    error = Refused(reason, detail or f"{url}#{key}")
+                    yield f"{url}#{key}", -1, (lambda error=error: _raise(error))
+                    continue
+                image = next((files[e] for e in extensions if e in files), None)
+                caption, meta = caption_and_meta(files, self.source.captions)
+                origin = meta.get("url") if isinstance(meta.get("url"), str) else f"{url}#{key}"
+                loaded = (image, caption, _carried(meta, carry))
+                yield origin, -1, (lambda loaded=loaded: loaded)
+
+
+def _raise(error: Exception):
+    raise error
 
 
 class HfParquet:
     """Parquet as Hugging Face datasets writes it: an image column of {bytes, path} structs (or
-    plain bytes) and a caption column. Shards are cut along row groups, read from the metadata."""
+    plain bytes) and a caption column. Shards are planned along row groups from the metadata; a
+    shard reads its rows in small batches, so a large row group is never held whole."""
 
-    def __init__(self, source: SourceConfig):
-        self.source, self.opts = source, source.hf_parquet
+    BATCH_ROWS = 16
+
+    def __init__(self, source: SourceConfig, cfg: DownloadConfig):
+        self.source, self.opts, self.cfg = source, source.hf_parquet, cfg
 
     def _check(self, fs, path: str) -> list[str]:
         with fs.open(path, "rb") as f:
@@ -254,7 +304,8 @@ class HfParquet:
                              "bytes (a binary column, or a struct with a `bytes` field)")
         return [c for c in self.source.columns.carry if c in schema.names]
 
-    def shards(self, shard_size: int) -> Iterator[list[dict]]:
+    def shards(self) -> Iterator[list[dict]]:
+        shard_size = self.cfg.shard_size
         fs, files = list_files(self.source.path, (".parquet",))
         self._check(fs, files[0])
         part: list[dict] = []
@@ -274,29 +325,53 @@ class HfParquet:
         if part:
             yield part
 
+    def samples_in(self, part: list[dict]) -> int:
+        return sum(r["count"] for r in part)
+
+    def _rows(self, fs, r: dict, columns: list[str]) -> Iterator[dict]:
+        """The rows of one slice of a row group, read a few at a time."""
+        with fs.open(r["file"], "rb") as f:
+            skip, left = r["offset"], r["count"]
+            for batch in pq.ParquetFile(f).iter_batches(self.BATCH_ROWS, row_groups=[r["group"]], columns=columns):
+                if skip >= len(batch):
+                    skip -= len(batch)
+                    continue
+                batch = batch.slice(skip, left)
+                skip, left = 0, left - len(batch)
+                for i in range(len(batch)):
+                    yield batch.slice(i, 1).to_pylist()[0]
+                if left == 0:
+                    return
+
     def samples(self, rows: list[dict]) -> Iterator[Sample]:
         fs, _ = fsspec.core.url_to_fs(self.source.path)
         image_col, caption_col = self.opts.image_column, self.opts.caption_column
         for r in rows:
             carry = self._check(fs, r["file"])
-            with fs.open(r["file"], "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(r["group"], columns=[image_col, caption_col, *carry])
-            url = _full_url(fs, r["file"])
-            for i, rec in enumerate(table.slice(r["offset"], r["count"]).to_pylist()):
+            url = full_url(fs, r["file"])
+            rows = self._rows(fs, r, [image_col, caption_col, *carry])
+            for i in range(r["count"]):
+                try:
+                    rec = next(rows)
+                except (OSError, pa.ArrowException, StopIteration) as e:  # the rest of this slice is unreadable
+                    for j in range(i, r["count"]):
+                        error = Refused("read_error", f"{url}: row group {r['group']}: {type(e).__name__}: {e}")
+                        yield f"{url}#{r['row_index'] + j}", r["row_index"] + j, (lambda error=error: _raise(error))
+                    break
                 image = rec[image_col]
                 image = image.get("bytes") if isinstance(image, dict) else image
-                caption = rec[caption_col].strip() if isinstance(rec[caption_col], str) else None
-                loaded = (image, caption or None, {c: rec[c] for c in carry})
+                caption = rec[caption_col] if isinstance(rec[caption_col], str) else None
+                loaded = (image, caption, {c: rec[c] for c in carry})
                 yield f"{url}#{r['row_index'] + i}", r["row_index"] + i, (lambda loaded=loaded: loaded)
 
 
 KINDS = {"image_folder": ImageFolder, "webdataset": WebDatasetTars, "hf_parquet": HfParquet}
 
 
-def reader_for(source: SourceConfig):
+def reader_for(source: SourceConfig, cfg: DownloadConfig):
     if source.kind not in KINDS:
         raise InputError(f"source.kind {source.kind!r} is not read by the ingest stage")
-    return KINDS[source.kind](source)
+    return KINDS[source.kind](source, cfg)
 
 
 # Prepare ----------------------------------------------------------------------------------
@@ -306,11 +381,12 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore) -> lis
     if done is not None:
         return done
     shards, rows = [], {}
-    for part in reader_for(source).shards(cfg.shard_size):
+    reader = reader_for(source, cfg)
+    for part in reader.shards():
         name = shard_name(len(shards))
         store.write_table(pa.Table.from_pylist(part), INPUT, f"{name}.parquet")
         shards.append(name)
-        rows[name] = len(part)
+        rows[name] = reader.samples_in(part)
     if not shards:
         raise InputError(f"{source.path}: nothing to read (source.kind is {source.kind})")
     store.write_json({"shards": shards, "kind": source.kind, "path": source.path, "carried": [],
@@ -337,28 +413,41 @@ def _load(sample: Sample) -> tuple[str, int, Loaded | Exception]:
         return url, row_index, e
 
 
-def _check(url: str, row_index: int, loaded: Loaded | Exception, resizer) -> tuple[bytes | None, dict]:
-    """Put a loaded sample's image through the resizer: (encoded image or None, metadata).
+def _check(url: str, row_index: int, loaded: Loaded | Exception, resizer,
+           cfg: DownloadConfig) -> tuple[bytes | None, dict, tuple[str, ...]]:
+    """Put a loaded sample's image through the resizer: (encoded image or None, metadata, the
+    caption's repairs).
 
     In the calling thread only: img2dataset's resizer silences stdout and stderr around OpenCV
     by swapping file descriptors, which is not safe from several threads at once."""
     meta = {"url": url, "caption": None, "row_index": row_index}
     status = {name: None for name, _ in _STATUS_FIELDS}
+
+    def failed(message: str, how: str = "failed_to_download"):
+        return None, {**meta, **status, "status": how, "error_message": message[:500]}, ()
+
     if isinstance(loaded, Exception):
-        return None, {**meta, **status, "status": "failed_to_download",
-                      "error_message": f"read error: {type(loaded).__name__}: {loaded}"[:500]}
-    image, caption, carried = loaded
-    meta = {**meta, "caption": caption, **{k: v for k, v in carried.items() if k not in meta and k not in status}}
+        reason = getattr(loaded, "reason", None)
+        return failed(str(loaded) if reason else f"read error: {type(loaded).__name__}: {loaded}")
+    image, raw_caption, carried = loaded
+    caption = clean_caption(raw_caption, cfg.caption_limits)
+    meta = {**meta, "caption": caption.text,
+            **{k: v for k, v in carried.items() if k not in meta and k not in status}}
     if image is None:
-        return None, {**meta, **status, "status": "failed_to_download", "error_message": "missing image"}
-    if not caption:
-        return None, {**meta, **status, "status": "failed_to_download", "error_message": "missing caption"}
+        return failed("missing image")
+    if len(image) > cfg.max_image_bytes:
+        return failed(f"too_large: {len(image)} bytes (download.max_image_bytes is {cfg.max_image_bytes})")
+    if caption.dropped:
+        return failed(f"{caption.dropped}: the caption is over {cfg.caption_limits.max_bytes} bytes"
+                      if caption.dropped == "caption_too_long" else f"{caption.dropped}: not UTF-8")
+    if not caption.text:
+        return failed("missing caption")
     img, width, height, original_width, original_height, error = resizer(io.BytesIO(image))
     if error is not None:
-        return None, {**meta, **status, "status": "failed_to_resize", "error_message": error}
+        return failed(error, "failed_to_resize")
     return img, {**meta, **status, "status": "success", "width": width, "height": height,
                  "original_width": original_width, "original_height": original_height,
-                 "sha256": hashlib.sha256(image).hexdigest()}
+                 "sha256": hashlib.sha256(image).hexdigest()}, caption.repairs
 
 
 def _ordered_map(fn: Callable, items: Iterable, threads: int) -> Iterator:
@@ -396,8 +485,6 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
     from img2dataset.downloader import compute_key
     from img2dataset.logger import CappedCounter, write_stats
 
-    from tessera.pipelines.imagecheck import resizer_for
-
     start = time.time()
     rows = store.read_table(INPUT, f"{shard}.parquet").to_pylist()
     rejected = [{"row_index": r.get("row_index"), "url": r.get("url"), "reason": r["reason"]}
@@ -406,12 +493,13 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
     resizer = resizer_for(cfg)
     digits = math.ceil(math.log10(max(cfg.shard_size, 10)))
     status_rows: list[dict] = []
+    repaired: Counter = Counter()
     errors = CappedCounter()
     workdir = tempfile.mkdtemp(prefix=f"tessera-ingest-{shard}-")
     try:
         with open(os.path.join(workdir, f"{shard}.tar"), "wb") as f, wds.TarWriter(f) as tar:
-            loaded = _ordered_map(_load, reader_for(source).samples(todo), cfg.thread_count)
-            for i, (img, meta) in enumerate(_check(*item, resizer) for item in loaded):
+            loaded = _ordered_map(_load, reader_for(source, cfg).samples(todo), cfg.thread_count)
+            for i, (img, meta, repairs) in enumerate(_check(*item, resizer, cfg) for item in loaded):
                 if i >= 10 ** digits:
                     raise InputError(f"shard {shard} holds more than {10 ** digits} samples; set download.shard_size "
                                      "to at least the number of samples in the largest input tar")
@@ -419,6 +507,7 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
                 if meta["row_index"] == -1:  # a tar member: its position in the input is its key
                     meta["row_index"] = int(meta["key"])
                 errors.increment(meta["error_message"] or "success")
+                repaired.update(repairs)
                 if img is not None:
                     tar.write({"__key__": meta["key"], cfg.encode_format: img, "txt": meta["caption"],
                                "json": json.dumps(meta, indent=4, default=str)})
@@ -428,11 +517,12 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
         write_stats(workdir, int(shard), len(status_rows), count["success"], count["failed_to_download"],
                     count["failed_to_resize"], start, time.time(), errors, len(shard))
         dropped = Counter(r["reason"] for r in rejected)
-        dropped.update(reason_of(r["error_message"]) for r in status_rows if r["status"] != "success")
+        dropped.update(reason_for(r["error_message"]) for r in status_rows if r["status"] != "success")
         store.write_table(pa.Table.from_pylist(rejected, schema=_REJECTED_SCHEMA), STAGE, f"{shard}_rejected.parquet")
         for suffix in (".tar", ".parquet", "_stats.json"):
             store.move_in(os.path.join(workdir, f"{shard}{suffix}"), STAGE, f"{shard}{suffix}")
-        return {"rows_in": len(rejected) + len(status_rows), "downloaded": count["success"], "dropped": dict(dropped)}
+        return {"rows_in": len(rejected) + len(status_rows), "downloaded": count["success"], "dropped": dict(dropped),
+                "repaired": dict(repaired)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -444,9 +534,6 @@ STEP = Stage(STAGE, inputs=(INPUT,), outputs=(STAGE,), work=ingest_shard, result
 def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: ShardStore,
         on_shard=None) -> DownloadResult:
     """Read every input shard not yet done; return the download stage's counts over all shards."""
-    from tessera.core import runtime
-    from tessera.core.raytools import init_ray
-
     shards = prepare(source, cfg, store)
     if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)

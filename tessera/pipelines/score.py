@@ -46,7 +46,7 @@ from tessera.models.refs import build_of
 from tessera.models.watermark import load_watermark
 from tessera.models.watermark import preprocess as watermark_preprocess
 from tessera.models.weights import weights_file
-from tessera.pipelines.download import read_samples
+from tessera.pipelines.intake import read_samples
 
 log = logging.getLogger(__name__)
 STAGE = "score"

@@ -56,7 +56,7 @@ from tessera.core.token_shards import (
 from tessera.models.refs import build_of, resolve
 from tessera.models.text_encoder import TextEncoder
 from tessera.models.vq import CONFIG_FILE, VQ_CONFIGS, load_vq
-from tessera.pipelines.download import read_samples
+from tessera.pipelines.intake import read_samples
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize"
