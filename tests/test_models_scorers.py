@@ -57,6 +57,17 @@ def test_tiny_clip_is_an_open_clip_checkpoint_loaded_by_name(models_root):
     np.testing.assert_allclose(again.encode_images(pixels), images, atol=1e-5)
 
 
+def test_the_tokenizer_cache_of_a_long_lived_scorer_is_bounded(models_root):
+    model = clip.Clip(clip.TINY_ARCH, refs.resolve("tiny:clip", models_root))
+    before = model.encode_texts(["a red square"])
+    model.tokenizer_cache_words = 200
+    for batch in range(10):  # 1000 made-up words, 100 a call
+        model.encode_texts([" ".join(f"w{batch}x{i}q" for i in range(100))])
+        assert len(model.tokenizer.cache) <= 200
+    assert "<start_of_text>" in model.tokenizer.cache
+    np.testing.assert_allclose(model.encode_texts(["a red square"]), before, atol=1e-6)  # same tokens after
+
+
 def test_clip_errors_name_the_problem(tmp_path, models_root):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         clip.Clip("ViT-B-32", str(tmp_path / "nope.bin"))

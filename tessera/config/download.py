@@ -62,6 +62,10 @@ class HfParquetOptions(Section):
     # The image column: a struct {bytes, path} (the datasets `Image` feature) or binary.
     image_column: str = "image"
     caption_column: str = "text"  # the caption column
+    # A row group whose columns read take more bytes than this (uncompressed, from the file's
+    # metadata) has its rows dropped as `row_group_too_large`: a data page, which may hold the
+    # whole row group, is always decoded whole.
+    max_row_group_bytes: int = 1 << 30
 
 
 SourceKind = Literal["laion_parquet", "image_folder", "webdataset", "hf_parquet"]

@@ -18,11 +18,12 @@ MAX_HEADER_BYTES = 1 << 20
 
 class TarProblem(Exception):
     """A tar that cannot be read further. The message starts with the reason: `truncated_tar`
-    (it ends before its end marker) or `corrupt_tar` (a header is not a tar header)."""
+    (it ends before its end marker) or `corrupt_tar` (a header is not a tar header). `member`
+    names the member whose data the cut falls in (None when it falls in a header)."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, member: str | None = None):
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail, self.member = reason, detail, member
 
 
 @dataclass
@@ -68,11 +69,11 @@ def tar_members(fileobj: IO[bytes], label: str, max_member_bytes: int,
     try:
         tar = tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_BoundedInfo)
     except TarProblem as e:
-        raise TarProblem(e.reason, f"{label}: {e}") from None
+        raise TarProblem(e.reason, f"{label}: {e.detail}") from None
     except (tarfile.TarError, EOFError) as e:
         raise TarProblem("corrupt_tar", f"{label}: not a readable tar ({e})") from None
     with tar:
-        name = "(start)"
+        name = None  # the last member whose header was read
         try:
             for info in tar:
                 name = info.name
@@ -86,10 +87,10 @@ def tar_members(fileobj: IO[bytes], label: str, max_member_bytes: int,
                     yield Member(info.name, info.size, tar.extractfile(info).read())
                 else:
                     yield Member(info.name, info.size, None)
-        except TarProblem as e:
-            raise TarProblem(e.reason, f"{label}: after member {name}: {str(e).partition(': ')[2]}") from None
-        except (tarfile.TarError, EOFError) as e:
-            raise TarProblem("truncated_tar", f"{label}: cut in or after member {name} ({e})") from None
+        except TarProblem as e:  # in a header
+            raise TarProblem(e.reason, f"{label}: after member {name}: {e.detail}") from None
+        except (tarfile.TarError, EOFError) as e:  # in the data of the member last named
+            raise TarProblem("truncated_tar", f"{label}: cut in member {name} ({e})", member=name) from None
 
 
 def _seekable(fileobj) -> bool:

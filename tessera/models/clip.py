@@ -100,6 +100,19 @@ def preprocess_for(arch: str, checkpoint: str) -> ClipPreprocess:
                           tuple(pre.get("mean", OPENAI_MEAN)), tuple(pre.get("std", OPENAI_STD)))
 
 
+# Words open_clip's BPE tokenizer may keep in its cache. It caches every word it has seen, without
+# bound, and a scorer lives across shards: one long caption of made-up words adds a word per word.
+TOKENIZER_CACHE_WORDS = 50_000
+
+
+def bound_tokenizer_cache(tokenizer, limit: int = TOKENIZER_CACHE_WORDS) -> None:
+    """Empty a BPE tokenizer's word cache (keeping its special tokens) once it holds over `limit`."""
+    cache = getattr(tokenizer, "cache", None)
+    if isinstance(cache, dict) and len(cache) > limit:
+        special = [tokenizer.decoder[i] for i in getattr(tokenizer, "all_special_ids", [])]
+        tokenizer.cache = {t: t for t in special}
+
+
 class Clip:
     """An open_clip model that embeds images and texts, L2-normalised."""
 
@@ -122,6 +135,7 @@ class Clip:
         self.device = device
         self.autocast = precision == "bf16" and device.startswith("cuda")
         self.tokenizer = open_clip.get_tokenizer(arch)
+        self.tokenizer_cache_words = TOKENIZER_CACHE_WORDS
         self.preprocess = preprocess_for(arch, checkpoint)
         self.embed_dim = int(open_clip.get_model_config(arch)["embed_dim"])
 
@@ -135,6 +149,7 @@ class Clip:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer(texts).to(self.device)
+        bound_tokenizer_cache(self.tokenizer, self.tokenizer_cache_words)
         with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
             emb = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()

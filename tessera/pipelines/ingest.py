@@ -225,7 +225,8 @@ class WebDatasetTars:
         return sum(r["samples"] for r in part)
 
     def _count(self, fs, path: str) -> int:
-        """Samples in a tar, from its headers; a cut or corrupt tar counts one more for its cut."""
+        """Samples in a tar, from its headers: the rows `samples` will give (in a cut tar, the
+        sample the cut falls in is one; a tar cut before its first member is one)."""
         keys, last = 0, None
         try:
             with fs.open(path, "rb") as f:
@@ -233,12 +234,13 @@ class WebDatasetTars:
                     key = split_name(member.name)[0]
                     keys, last = keys + (key != last), key
         except TarProblem:
-            keys += 1
+            keys = max(keys, 1)
         return keys
 
     def _grouped(self, fs, path: str, url: str) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
         """(key, {ext: bytes}, refusal reason or None) per sample, in tar order; a cut or corrupt
-        tar ends with one (key, {}, reason) for the sample the cut falls in."""
+        tar ends with one (key, {}, problem) for the sample the cut falls in. A sample is known
+        complete once the next one starts: a cut in a header takes the sample before it along."""
         key, files, refused = None, {}, None
         try:
             with fs.open(path, "rb") as f:
@@ -252,7 +254,11 @@ class WebDatasetTars:
                     if member.data is not None:
                         files[ext] = member.data
         except TarProblem as e:
-            yield key or "(start)", {}, str(e)
+            cut_key = split_name(e.member)[0] if e.member else None
+            if key is not None and cut_key is not None and cut_key != key:
+                yield key, files, refused
+                key = cut_key
+            yield key or cut_key or "(start)", {}, str(e)
             return
         if key is not None:
             yield key, files, refused
@@ -283,9 +289,8 @@ def _raise(error: Exception):
 class HfParquet:
     """Parquet as Hugging Face datasets writes it: an image column of {bytes, path} structs (or
     plain bytes) and a caption column. Shards are planned along row groups from the metadata; a
-    shard reads its rows in small batches, so a large row group is never held whole."""
-
-    BATCH_ROWS = 16
+    shard reads its slice a row at a time and stops at its end. Memory is bounded by the largest
+    data page read (a page can hold a whole row group: see `max_row_group_bytes`)."""
 
     def __init__(self, source: SourceConfig, cfg: DownloadConfig):
         self.source, self.opts, self.cfg = source, source.hf_parquet, cfg
@@ -332,7 +337,7 @@ class HfParquet:
         """The rows of one slice of a row group, read a few at a time."""
         with fs.open(r["file"], "rb") as f:
             skip, left = r["offset"], r["count"]
-            for batch in pq.ParquetFile(f).iter_batches(self.BATCH_ROWS, row_groups=[r["group"]], columns=columns):
+            for batch in pq.ParquetFile(f).iter_batches(1, row_groups=[r["group"]], columns=columns):
                 if skip >= len(batch):
                     skip -= len(batch)
                     continue
@@ -343,20 +348,38 @@ class HfParquet:
                 if left == 0:
                     return
 
+    @staticmethod
+    def _group_bytes(fs, r: dict, columns: list[str]) -> int:
+        with fs.open(r["file"], "rb") as f:
+            group = pq.ParquetFile(f).metadata.row_group(r["group"])
+        chunks = (group.column(i) for i in range(group.num_columns))
+        return sum(c.total_uncompressed_size for c in chunks if c.path_in_schema.split(".")[0] in columns)
+
+    @staticmethod
+    def _refused(url: str, r: dict, start: int, error: Exception) -> Iterator[Sample]:
+        for j in range(start, r["count"]):
+            yield f"{url}#{r['row_index'] + j}", r["row_index"] + j, (lambda: _raise(error))
+
     def samples(self, rows: list[dict]) -> Iterator[Sample]:
         fs, _ = fsspec.core.url_to_fs(self.source.path)
         image_col, caption_col = self.opts.image_column, self.opts.caption_column
         for r in rows:
             carry = self._check(fs, r["file"])
             url = full_url(fs, r["file"])
-            rows = self._rows(fs, r, [image_col, caption_col, *carry])
+            columns = [image_col, caption_col, *carry]
+            size = self._group_bytes(fs, r, columns)
+            if size > self.opts.max_row_group_bytes:
+                error = Refused("row_group_too_large", f"{url}: row group {r['group']} reads {size} bytes "
+                                f"(source.hf_parquet.max_row_group_bytes is {self.opts.max_row_group_bytes})")
+                yield from self._refused(url, r, 0, error)
+                continue
+            rows = self._rows(fs, r, columns)
             for i in range(r["count"]):
                 try:
                     rec = next(rows)
                 except (OSError, pa.ArrowException, StopIteration) as e:  # the rest of this slice is unreadable
-                    for j in range(i, r["count"]):
-                        error = Refused("read_error", f"{url}: row group {r['group']}: {type(e).__name__}: {e}")
-                        yield f"{url}#{r['row_index'] + j}", r["row_index"] + j, (lambda error=error: _raise(error))
+                    error = Refused("read_error", f"{url}: row group {r['group']}: {type(e).__name__}: {e}")
+                    yield from self._refused(url, r, i, error)
                     break
                 image = rec[image_col]
                 image = image.get("bytes") if isinstance(image, dict) else image

@@ -65,8 +65,8 @@ def summarize(store: ShardStore, shards: list[str], failed: dict[str, str],
 
 # Reasons ----------------------------------------------------------------------------------
 # Errors raised by our own readers and guards: the message starts with the reason.
-OWN_REASONS = ("too_large", "truncated_tar", "corrupt_tar", "sparse_member", "caption_too_long",
-               "bad_caption_encoding", "read_error")
+OWN_REASONS = ("too_large", "row_group_too_large", "truncated_tar", "corrupt_tar", "sparse_member",
+               "caption_too_long", "bad_caption_encoding", "read_error")
 _REASONS = [
     (re.compile(r"^(" + "|".join(OWN_REASONS) + r"): "), None),
     (re.compile(r"^missing caption"), "missing_caption"),
