@@ -14,6 +14,8 @@ from typing import IO, Callable, Iterator
 
 # A pax or GNU long-name header is a member too; nothing legitimate needs more than this.
 MAX_HEADER_BYTES = 1 << 20
+# The cap on a member of the tars the project writes itself (images, codes, text features).
+MAX_OWN_MEMBER_BYTES = 64 << 20
 
 
 class TarProblem(Exception):
@@ -31,6 +33,7 @@ class Member:
     name: str
     size: int
     data: bytes | None  # None when refused or not wanted
+    offset: int = -1  # where its data starts in the file
     refused: str | None = None  # `too_large` or `sparse_member`
 
 
@@ -80,13 +83,13 @@ def tar_members(fileobj: IO[bytes], label: str, max_member_bytes: int,
                 if not info.isfile():
                     continue
                 if info.issparse():
-                    yield Member(info.name, info.size, None, "sparse_member")
+                    yield Member(info.name, info.size, None, refused="sparse_member", offset=info.offset_data)
                 elif info.size > max_member_bytes:
-                    yield Member(info.name, info.size, None, "too_large")
+                    yield Member(info.name, info.size, None, refused="too_large", offset=info.offset_data)
                 elif wanted is None or wanted(info.name):
-                    yield Member(info.name, info.size, tar.extractfile(info).read())
+                    yield Member(info.name, info.size, tar.extractfile(info).read(), offset=info.offset_data)
                 else:
-                    yield Member(info.name, info.size, None)
+                    yield Member(info.name, info.size, None, offset=info.offset_data)
         except TarProblem as e:  # in a header
             raise TarProblem(e.reason, f"{label}: after member {name}: {e.detail}") from None
         except (tarfile.TarError, EOFError) as e:  # in the data of the member last named

@@ -14,6 +14,7 @@ import numpy as np
 import webdataset as wds
 
 from tessera.core.store import ShardStore
+from tessera.core.tars import MAX_OWN_MEMBER_BYTES, TarProblem, tar_members
 
 CODES, CODES_FLIP, META, FEATURES = "codes.npy", "codes_flip.npy", "json", "t5.npy"
 
@@ -71,13 +72,12 @@ class ShardIndex:
         self.path = store.path(folder, f"{shard}.tar")
         self.file = store.fs.open(self.path, "rb")
         self.members: dict[str, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(fileobj=self.file) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                self.members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+        for member in tar_members(self.file, store.url(folder, f"{shard}.tar"), MAX_OWN_MEMBER_BYTES,
+                                  wanted=lambda _: False):
+            if member.refused:
+                raise TarProblem(member.refused, f"{self.path}: member {member.name} ({member.size} bytes)")
+            key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+            self.members.setdefault(key, {})[ext] = (member.offset, member.size)
         self.keys = list(self.members)
 
     def read(self, key: str, ext: str) -> bytes | None:

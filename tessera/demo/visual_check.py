@@ -14,15 +14,16 @@ import io
 import logging
 import os
 import sys
-import tarfile
 
 import numpy as np
 
 from tessera.config import load_config
 from tessera.core.store import ShardStore
+from tessera.core.tars import MAX_OWN_MEMBER_BYTES, tar_members
 from tessera.core.token_shards import tokens_folder
 from tessera.models.refs import resolve
 from tessera.models.vq import load_vq
+from tessera.pipelines import intake
 from tessera.pipelines.tokenize import centre_crop
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,11 @@ def read_samples(store: ShardStore, res: int, count: int) -> list[tuple[str, str
     """The first `count` (shard, key, codes) of the finished code shards at `res`."""
     out: list[tuple[str, str, np.ndarray]] = []
     for shard in store.done_shards(tokens_folder(res)):
-        with store.fs.open(store.path(tokens_folder(res), f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
-            for m in tar:
-                if m.name.endswith(".codes.npy"):
-                    out.append((shard, m.name[: -len(".codes.npy")], np.load(io.BytesIO(tar.extractfile(m).read()))))
+        url = store.url(tokens_folder(res), f"{shard}.tar")
+        with store.fs.open(store.path(tokens_folder(res), f"{shard}.tar"), "rb") as f:
+            for m in tar_members(f, url, MAX_OWN_MEMBER_BYTES, wanted=lambda name: name.endswith(".codes.npy")):
+                if m.data is not None:
+                    out.append((shard, m.name[: -len(".codes.npy")], np.load(io.BytesIO(m.data))))
                     if len(out) == count:
                         return out
     return out
@@ -47,11 +49,10 @@ def original_images(store: ShardStore, keys: list[tuple[str, str]]) -> dict[str,
     found: dict[str, bytes] = {}
     wanted = {k for _, k in keys}
     for shard in sorted({s for s, _ in keys}):
-        with store.fs.open(store.path("download", f"{shard}.tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
-            for m in tar:
-                key, _, ext = m.name.partition(".")
-                if key in wanted and ext in ("jpg", "png", "webp"):
-                    found[key] = tar.extractfile(m).read()
+        for key, files in intake.read_samples(store, shard, wanted).items():
+            image = next((files[e] for e in ("jpg", "png", "webp") if e in files), None)
+            if image is not None:
+                found[key] = image
     return found
 
 

@@ -17,7 +17,7 @@ import fsspec
 from tessera.config.download import CaptionLimits, SourceConfig
 from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.store import ShardStore
-from tessera.core.tars import TarProblem, tar_members
+from tessera.core.tars import MAX_OWN_MEMBER_BYTES, TarProblem, tar_members
 from tessera.pipelines.prepare import INPUT
 
 STAGE = "download"
@@ -172,7 +172,7 @@ def prepared_shards(store: ShardStore, source: SourceConfig) -> list[str] | None
 
 # Reading a finished shard ----------------------------------------------------------------------
 def read_samples(store: ShardStore, shard: str, wanted: set[str] | None = None,
-                 max_member_bytes: int = 64 << 20) -> dict[str, dict[str, bytes]]:
+                 max_member_bytes: int = MAX_OWN_MEMBER_BYTES) -> dict[str, dict[str, bytes]]:
     """The files of a download tar by sample, {key: {ext: bytes}}: every sample, or the wanted keys.
     An unreadable tar, or a member over `max_member_bytes`, is an error naming the shard (the
     stage runtime records the shard as failed)."""
