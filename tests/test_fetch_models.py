@@ -19,6 +19,9 @@ from tessera.fetch_models import fetch_models, named_models
 from tests.conftest import REPO
 
 WEIGHTS = os.urandom(300_000)
+# The test servers speak plain http on loopback: allowed by name, as a private mirror would be.
+LOCAL_MIRROR = {"allow_http": True, "allow_private": True}
+LOCAL = fetch.url_policy(**LOCAL_MIRROR)
 
 
 class FileServer:
@@ -77,7 +80,7 @@ def test_partial_download_resumes_with_only_the_remainder_requested(tmp_path):
     with open(dest + ".part", "wb") as f:  # what an interrupted fetch left
         f.write(WEIGHTS[:123_456])
     with FileServer({"/head.pth": WEIGHTS}) as server:
-        got = fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS))
+        got = fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS), policy=LOCAL)
     assert got == sha(WEIGHTS) and open(dest, "rb").read() == WEIGHTS
     assert server.requests == [("/head.pth", "bytes=123456-", len(WEIGHTS) - 123_456)]
     assert not os.path.exists(dest + ".part")
@@ -87,12 +90,12 @@ def test_server_without_ranges_restarts_and_a_complete_part_is_only_verified(tmp
     dest = str(tmp_path / "head.pth")
     open(dest + ".part", "wb").write(b"stale bytes")
     with FileServer({"/head.pth": WEIGHTS}, ranges=False) as server:
-        fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS))
+        fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS), policy=LOCAL)
     assert open(dest, "rb").read() == WEIGHTS and server.requests[0][2] == len(WEIGHTS)
     # Everything already in the .part file: the server answers 416, nothing is sent, the file is checked.
     os.replace(dest, dest + ".part")
     with FileServer({"/head.pth": WEIGHTS}) as server:
-        fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS))
+        fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS), policy=LOCAL)
     assert server.requests == [("/head.pth", f"bytes={len(WEIGHTS)}-", 0)] and open(dest, "rb").read() == WEIGHTS
 
 
@@ -100,11 +103,11 @@ def test_sha256_mismatch_is_refused_and_deleted(tmp_path):
     dest = str(tmp_path / "head.pth")
     with FileServer({"/head.pth": WEIGHTS}) as server:
         with pytest.raises(fetch.FetchError, match="does not match the pinned .* the download was deleted"):
-            fetch.download_url(f"{server.base}/head.pth", dest, sha(b"something else"))
+            fetch.download_url(f"{server.base}/head.pth", dest, sha(b"something else"), policy=LOCAL)
         # A corrupt .part (bytes that are not the start of the file) is caught the same way.
         open(dest + ".part", "wb").write(b"x" * 1000)
         with pytest.raises(fetch.FetchError, match="does not match"):
-            fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS))
+            fetch.download_url(f"{server.base}/head.pth", dest, sha(WEIGHTS), policy=LOCAL)
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
 
 
@@ -120,7 +123,7 @@ def test_a_present_file_is_checked_against_its_pin(tmp_path):
 def test_http_errors_name_the_url(tmp_path):
     with FileServer({}) as server:
         with pytest.raises(fetch.FetchError, match=r"/nope.pth: HTTP 404"):
-            fetch.download_url(f"{server.base}/nope.pth", str(tmp_path / "x.pth"))
+            fetch.download_url(f"{server.base}/nope.pth", str(tmp_path / "x.pth"), policy=LOCAL)
 
 
 def _config(tmp_path, sources: dict, **filters) -> RunConfig:
@@ -137,9 +140,9 @@ def test_fetch_models_fetches_what_the_config_names_then_runs_find_it(tmp_path):
         z.writestr("clip_autokeras_binary_nsfw.pth", b"nsfw weights")
     with FileServer({"/aes.pth": WEIGHTS, "/nsfw.zip": archive.getvalue()}) as server:
         cfg = _config(tmp_path, {
-            "heads/aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS)},
+            "heads/aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS), **LOCAL_MIRROR},
             "clip_autokeras_binary_nsfw.pth": {"url": f"{server.base}/nsfw.zip",
-                                               "member": "clip_autokeras_binary_nsfw.pth"}},
+                                               "member": "clip_autokeras_binary_nsfw.pth", **LOCAL_MIRROR}},
             aesthetic={"weights": "heads/aes.pth"}, nsfw={"source": "compute"})
         assert named_models(cfg) == [("filters.aesthetic.weights", "heads/aes.pth"),
                                      ("filters.nsfw.weights", "clip_autokeras_binary_nsfw.pth")]
@@ -160,7 +163,7 @@ def test_fetch_models_fetches_what_the_config_names_then_runs_find_it(tmp_path):
 
 def test_models_without_a_source_are_listed_after_fetching_the_others(tmp_path):
     with FileServer({"/aes.pth": WEIGHTS}) as server:
-        cfg = _config(tmp_path, {"aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS)}},
+        cfg = _config(tmp_path, {"aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS), **LOCAL_MIRROR}},
                       aesthetic={"weights": "aes.pth"}, watermark={"source": "compute", "weights": "mine/wm.pt"})
         with pytest.raises(fetch.FetchError, match=r"filters.watermark.weights: 'mine/wm.pt' .* no known source"):
             fetch_models(cfg)
@@ -218,6 +221,55 @@ def test_every_model_of_the_shipped_configs_has_a_source():
     assert fetch.source_for("clip-vit-l-14/open_clip_pytorch_model.bin").open_clip == "ViT-L-14/openai"
 
 
+def test_http_and_private_addresses_are_refused_unless_allowed_by_name(tmp_path):
+    with FileServer({"/aes.pth": WEIGHTS}) as server:
+        url = f"{server.base}/aes.pth"
+        with pytest.raises(fetch.FetchError, match=r"refused \(bad_scheme\)"):
+            fetch.download_url(url, str(tmp_path / "a.pth"))
+        with pytest.raises(fetch.FetchError, match=r"refused \(blocked_loopback\)"):
+            fetch.download_url(url, str(tmp_path / "a.pth"), policy=fetch.url_policy(allow_http=True))
+        assert server.requests == []  # refused before any connection
+        # Through the config: the entry that allows its mirror is fetched, the other is refused.
+        cfg = _config(tmp_path, {"aes.pth": {"url": url, "sha256": sha(WEIGHTS), **LOCAL_MIRROR},
+                                 "wm.pt": {"url": f"{server.base}/wm.pt", "allow_http": True}},
+                      aesthetic={"weights": "aes.pth"}, watermark={"source": "compute", "weights": "wm.pt"})
+        with pytest.raises(fetch.FetchError, match=r"filters.watermark.weights: 'wm.pt': .*blocked_loopback"):
+            fetch_models(cfg)
+    assert (tmp_path / "models" / "aes.pth").read_bytes() == WEIGHTS
+    assert [r[0] for r in server.requests] == ["/aes.pth"]
+
+
+class Redirector(FileServer):
+    """Answers every request with a redirect to `target`."""
+
+    def __init__(self, target: str):
+        super().__init__({})
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server.RequestHandlerClass = Handler
+
+
+@pytest.mark.parametrize("target, refusal", [
+    # By name: the guard refuses it before any lookup.
+    ("http://metadata.google.internal/computeMetadata/v1/", r"refused \(blocked_metadata: redirect to "),
+    ("file:///etc/passwd", r"Redirection to url 'file:///etc/passwd' is not allowed"),  # urllib's own check
+])
+def test_every_redirect_goes_through_the_guard(tmp_path, target, refusal):
+    with Redirector(target) as server:
+        with pytest.raises(fetch.FetchError, match=refusal):
+            fetch.download_url(f"{server.base}/x.pth", str(tmp_path / "x.pth"), policy=LOCAL)
+    assert not (tmp_path / "x.pth").exists()
+
+
 def test_model_source_needs_one_origin():
     with pytest.raises(ValueError, match="exactly one of url, hub, open_clip"):
         ModelSource(url="http://127.0.0.1/x", hub="a/b")
@@ -233,7 +285,7 @@ def test_cli_fetch_models_fetches_and_refuses_a_mismatch(tmp_path, monkeypatch, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the command turns it off for itself; restored after
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     with FileServer({"/aes.pth": WEIGHTS}) as server:
-        tree = _config(tmp_path, {"aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS)}},
+        tree = _config(tmp_path, {"aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS), **LOCAL_MIRROR}},
                        aesthetic={"weights": "aes.pth"}).model_dump(mode="json", exclude_unset=True)
         (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
         assert cli.main(["fetch-models", str(tmp_path / "run.yaml")]) == 0

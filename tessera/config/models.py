@@ -17,12 +17,19 @@ class ModelSource(Section):
     file: str | None = None  # one file of the hub repo; unset: the whole snapshot
     revision: str | None = None  # the hub repo's branch, tag or commit
     open_clip: str | None = None  # an open_clip pretrained tag ARCH/TAG
+    # A URL is fetched over https only, from a public address, checked at every connection and
+    # redirect. A mirror on plain http, or on a private network (loopback, RFC 1918), is allowed
+    # here by name, one model at a time. Metadata addresses are refused whatever is set.
+    allow_http: bool = False
+    allow_private: bool = False
 
     @model_validator(mode="after")
     def _one_origin(self):
         given = [k for k in ("url", "hub", "open_clip") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of url, hub, open_clip (got {', '.join(given) or 'none'})")
+        if (self.allow_http or self.allow_private) and not self.url:
+            raise ValueError("allow_http and allow_private are for a model fetched by url")
         if self.member and not self.url:
             raise ValueError("member is for a .zip fetched by url")
         if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())):

@@ -251,12 +251,15 @@ class DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
         return super().do_handshake(*args)
 
 
-def _connect(infos: list[tuple], deadline: float | None, seconds: float) -> socket.socket:
-    """Connect to the first address of `infos` that answers, under the deadline."""
+def _connect(infos: list[tuple], deadline: float | None, seconds: float, timeout=None) -> socket.socket:
+    """Connect to the first address of `infos` that answers, under the deadline (without one,
+    each connect and read waits at most `timeout`)."""
     last_error: Exception | None = None
     for family, socktype, proto, _, sockaddr in infos:
         sock = DeadlineSocket(family, socktype, proto)
         sock.deadline, sock.seconds = deadline, seconds
+        if deadline is None and isinstance(timeout, (int, float)):
+            sock.settimeout(timeout)
         try:
             sock.connect(sockaddr)
             return sock
@@ -269,15 +272,16 @@ def _connect(infos: list[tuple], deadline: float | None, seconds: float) -> sock
 
 
 # The opener ---------------------------------------------------------------------------------
-def make_opener(policy: UrlPolicy, proxy: str | None = None,
-                max_body_bytes: int | None = None) -> urllib.request.OpenerDirector:
+def make_opener(policy: UrlPolicy, proxy: str | None = None, max_body_bytes: int | None = None,
+                whole_deadline: bool = True) -> urllib.request.OpenerDirector:
     """A urllib opener for http(s) only that applies `policy` at every connection and redirect.
 
     `timeout` given to `open` is a wall-clock deadline for the whole download: connecting, TLS,
     every redirect and every read of the body. Proxy variables of the environment are ignored;
     with `proxy` requests go through that proxy (except to hosts in no_proxy), and the target's
     resolved addresses are checked before the request is sent (the proxy itself is trusted).
-    With `max_body_bytes`, a successful response's body is capped (`BodyCapHandler`)."""
+    With `max_body_bytes`, a successful response's body is capped (`BodyCapHandler`). With
+    `whole_deadline` False, `timeout` bounds each connect and read instead (a large file)."""
     # urllib points a proxied request's `host` at the proxy's host:port, as written in its URL.
     proxy_hostport = urlsplit(proxy).netloc.rsplit("@", 1)[-1] if proxy else None
 
@@ -293,7 +297,7 @@ def make_opener(policy: UrlPolicy, proxy: str | None = None,
             # target (the target was checked before the request was made).
             infos = (socket.getaddrinfo(host, port, type=socket.SOCK_STREAM) if self.via_proxy
                      else resolve_checked(host, port, policy))
-            return _connect(infos, self.deadline, self.seconds)
+            return _connect(infos, self.deadline, self.seconds, timeout)
 
     class GuardedHTTPSConnection(GuardedHTTPConnection, http.client.HTTPSConnection):
         def connect(self):
@@ -336,7 +340,7 @@ def make_opener(policy: UrlPolicy, proxy: str | None = None,
     class DeadlineOpener(urllib.request.OpenerDirector):
         def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
             req = fullurl if isinstance(fullurl, urllib.request.Request) else urllib.request.Request(fullurl, data)
-            if getattr(req, "deadline", None) is None and isinstance(timeout, (int, float)):
+            if whole_deadline and getattr(req, "deadline", None) is None and isinstance(timeout, (int, float)):
                 req.deadline, req.seconds = time.monotonic() + timeout, timeout
             return super().open(req, data, timeout)
 

@@ -2,8 +2,10 @@
 
 A config names each model as a path (relative ones are under models_root), a file name, or a
 Hugging Face hub id. `fetch(source, target)` downloads one model to `target` under models_root:
-a URL (resumed from a `.part` file with an HTTP Range request, checked against its pinned sha256,
-renamed into place only when it matches), a hub repo or one file of it (huggingface_hub, which
+a URL (https only unless its source allows http, from public addresses only unless it allows a
+private mirror, through the URL guard at every connection and redirect; resumed from a `.part` file
+with an HTTP Range request, checked against its pinned sha256, renamed into place only when it
+matches), a hub repo or one file of it (huggingface_hub, which
 resumes by itself), or an open_clip pretrained tag. `locate(ref, models_root)` is what a run uses:
 the model's place under models_root, else a clear error naming the model and the command that
 fetches it. Nothing here downloads during a run.
@@ -20,7 +22,9 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from tessera.config.download import UrlPolicy
 from tessera.config.models import ModelSource
+from tessera.core.urlcheck import BlockedAddress, check_url, make_opener
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +117,24 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def download_url(url: str, dest: str, sha256: str | None = None, timeout: float = 60.0) -> str:
-    """Download `url` to `dest` through `dest.part`, resuming a partial one with a Range request.
-    With `sha256`, a mismatch deletes the download and raises. Returns the file's sha256."""
+def url_policy(allow_http: bool = False, allow_private: bool = False) -> UrlPolicy:
+    """What a model download may reach: https (and http when allowed) on public addresses (and
+    loopback and private ones when allowed); never link-local or metadata addresses."""
+    return UrlPolicy(schemes=["https", "http"] if allow_http else ["https"],
+                     allow_loopback=allow_private, allow_private=allow_private)
+
+
+def download_url(url: str, dest: str, sha256: str | None = None, timeout: float = 60.0,
+                 policy: UrlPolicy | None = None) -> str:
+    """Download `url` to `dest` through `dest.part`, resuming a partial one with a Range request,
+    through the URL guard under `policy` (by default https to public addresses only). `timeout`
+    bounds each connect and read. With `sha256`, a mismatch deletes the download and raises.
+    Returns the file's sha256."""
+    policy = policy or url_policy()
+    refused = check_url(url, policy)
+    if refused:
+        raise FetchError(f"{url}: refused ({refused}); a model is fetched over https from a public address "
+                         "unless its model_sources entry sets allow_http or allow_private")
     part = f"{dest}.part"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -123,7 +142,8 @@ def download_url(url: str, dest: str, sha256: str | None = None, timeout: float 
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+        opener = make_opener(policy, whole_deadline=False)
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
             resumed = have and resp.status == 206 and (resp.headers.get("Content-Range") or "").startswith(
                 f"bytes {have}-")
             if have and not resumed:
@@ -133,6 +153,9 @@ def download_url(url: str, dest: str, sha256: str | None = None, timeout: float 
     except urllib.error.HTTPError as e:
         if not (have and e.code == 416):  # 416: nothing left to fetch past what we have
             raise FetchError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except BlockedAddress as e:
+        raise FetchError(f"{url}: refused ({e}); a model is fetched over https from a public address unless "
+                         "its model_sources entry sets allow_http or allow_private") from None
     except (urllib.error.URLError, OSError) as e:
         raise FetchError(f"{url}: {e} (rerun to resume from {os.path.getsize(part) if os.path.exists(part) else 0} "
                          "bytes)") from None
@@ -146,7 +169,7 @@ def download_url(url: str, dest: str, sha256: str | None = None, timeout: float 
 
 def _from_zip(source: ModelSource, target: str) -> str:
     archive = f"{target}.zip"
-    got = download_url(source.url, archive, source.sha256)
+    got = download_url(source.url, archive, source.sha256, policy=url_policy(source.allow_http, source.allow_private))
     with zipfile.ZipFile(archive) as z:
         names = [n for n in z.namelist() if os.path.basename(n) == source.member]
         if not names:
@@ -209,7 +232,8 @@ def fetch(ref: str, source: ModelSource, models_root: str) -> dict:
     if source.url and source.member:
         got, origin = _from_zip(source, target), source.url
     elif source.url:
-        got, origin = download_url(source.url, target, source.sha256), source.url
+        got, origin = download_url(source.url, target, source.sha256,
+                                   policy=url_policy(source.allow_http, source.allow_private)), source.url
     elif source.hub:
         got, origin = _hub_file(source.hub, source.file, source.revision, target, source.sha256), \
             f"hub {source.hub}/{source.file}"
