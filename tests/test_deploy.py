@@ -103,6 +103,10 @@ def test_make_deploy_registers_every_flow_with_the_work_pool(prefect_server, tmp
             assert d.parameters == {"config": "configs/demo.yaml", "overrides": overrides}
             assert d.entrypoint == deploy.FLOWS[name].replace(":", ".")
             assert d.job_variables["working_dir"] == str(REPO)
+        # A run cannot bring its own command for the worker to run: the pool refuses the variable.
+        d = client.read_deployment_by_name("curate/curate")
+        with pytest.raises(Exception, match="command"):
+            client.create_flow_run_from_deployment(d.id, job_variables={"command": "sh -c 'id > /tmp/owned'"})
     # Registering again updates in place: the same deployments, no second pool.
     register(prefect_server, tmp_path, "--only", "curate")
 

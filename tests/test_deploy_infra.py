@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,9 +75,24 @@ def test_image_installs_exactly_the_lock():
 
 def test_prefect_work_pool_template_is_a_process_template():
     template = json.loads((INFRA / "prefect" / "process-work-pool.json").read_text())
-    assert set(template["job_configuration"]) >= {"command", "env", "working_dir"}
+    assert set(template["job_configuration"]) >= {"env", "working_dir"}
     env = template["variables"]["properties"]["env"]["default"]
     assert env["HF_HUB_OFFLINE"] == "1" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_prefect_work_pool_template_takes_no_command_from_a_run():
+    """Whoever reaches the Prefect API must not choose what the worker runs: no `command`
+    variable, no place for one in the job, and variables not declared are refused."""
+    import jsonschema
+
+    template = json.loads((INFRA / "prefect" / "process-work-pool.json").read_text())
+    assert "command" not in template["job_configuration"]
+    assert "command" not in json.dumps(template["job_configuration"])
+    schema = template["variables"]
+    assert "command" not in schema["properties"] and schema["additionalProperties"] is False
+    jsonschema.validate({"working_dir": "/srv/tessera", "env": {"RAY_ADDRESS": "auto"}}, schema)
+    with pytest.raises(jsonschema.ValidationError, match="'command' was unexpected"):
+        jsonschema.validate({"command": "sh -c 'id > /tmp/owned'"}, schema)
 
 
 # Network hardening ---------------------------------------------------------------------------

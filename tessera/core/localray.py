@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from tessera.core.secretfile import secret_file
+
 log = logging.getLogger(__name__)
 
 LOCAL_RAY_ENV = {
@@ -43,10 +45,20 @@ def ensure_bootstrap_config(home: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def ensure_ray_token(home: str | os.PathLike | None = None) -> Path:
+    """`~/.ray/auth_token`, created 0600 when missing (Ray itself would create it readable by every
+    user of the machine), an existing one narrowed to 0600. Returns its path."""
+    path = Path(home if home is not None else os.path.expanduser("~")) / ".ray" / "auth_token"
+    secret_file(path)
+    return path
+
+
 def local_ray_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a process that starts a local Ray (`ray start --head`, a test's head)."""
     env = dict(os.environ if base is None else base)
     ensure_bootstrap_config(env.get("HOME") or None)
+    if env.get("RAY_AUTH_MODE", "token") == "token" and not (env.get("RAY_AUTH_TOKEN_PATH") or env.get("RAY_AUTH_TOKEN")):
+        ensure_ray_token(env.get("HOME") or None)
     env.update(LOCAL_RAY_ENV)
     return env
 
@@ -56,6 +68,9 @@ def prepare_local_ray() -> None:
     (inherited by every Ray process it starts), and single-machine mode in this process too, which
     Ray reads once at import."""
     ensure_bootstrap_config()
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not (
+            os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN")):
+        ensure_ray_token()
     os.environ.update(LOCAL_RAY_ENV)
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
