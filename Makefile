@@ -45,8 +45,17 @@ fetch-models: setup
 status: setup
 	$(PY) -m tessera.cli status $(CONFIG) $(foreach s,$(SET),--set $(s))
 
+# The Prefect server (`make ui`) asks every client for the auth string in PREFECT_HOME/api_auth_string
+# (created 0600 on first use; the browser UI asks for it once) and checks CSRF tokens; `make deploy`,
+# `make serve` and `make worker` present it. See docs/security.md.
+PREFECT_AUTH_FILE ?= $(PREFECT_HOME)/api_auth_string
+PREFECT_SERVER_ENV = PREFECT_SERVER_API_AUTH_STRING="$$(cat $(PREFECT_AUTH_FILE))" \
+	PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED=true PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS=http://127.0.0.1:4200
+PREFECT_CLIENT_ENV = PREFECT_API_AUTH_STRING="$$(cat $(PREFECT_AUTH_FILE))" PREFECT_CLIENT_CSRF_SUPPORT_ENABLED=true
+
 ui: setup
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	$(PY) -m tessera.core.secretfile $(PREFECT_AUTH_FILE)
+	$(PREFECT_SERVER_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
 bench-download: setup
 	$(PY) -m bench.download
@@ -162,13 +171,16 @@ RAY_API_SERVER_ADDRESS ?= http://127.0.0.1:8265
 FLOW_ARGS = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 .PHONY: deploy serve worker submit
 deploy: setup
-	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m tessera.flows.deploy --pool $(POOL) $(FLOW_ARGS)
+	$(PY) -m tessera.core.secretfile $(PREFECT_AUTH_FILE)
+	$(PREFECT_CLIENT_ENV) PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m tessera.flows.deploy --pool $(POOL) $(FLOW_ARGS)
 
 serve: setup
-	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m tessera.flows.deploy --serve $(FLOW_ARGS)
+	$(PY) -m tessera.core.secretfile $(PREFECT_AUTH_FILE)
+	$(PREFECT_CLIENT_ENV) PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m tessera.flows.deploy --serve $(FLOW_ARGS)
 
 worker: setup
-	PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/prefect worker start --pool $(POOL)
+	$(PY) -m tessera.core.secretfile $(PREFECT_AUTH_FILE)
+	$(PREFECT_CLIENT_ENV) PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/prefect worker start --pool $(POOL)
 
 submit: setup
 	$(PY) -m tessera.cli submit --address $(RAY_API_SERVER_ADDRESS) -- $(FLOW) $(FLOW_ARGS) $(if $(RUN),--run $(RUN))
