@@ -200,3 +200,61 @@ def test_kuberay_dashboard_is_reached_only_through_the_service_with_token_auth()
     submitter = job["spec"]["submitterPodTemplate"]["metadata"]["labels"]
     assert any(p.get("podSelector", {}).get("matchLabels", {}).items() <= submitter.items()
                and "namespaceSelector" not in p for p in outside[0]["from"])
+
+
+def nacl_decides(entries: list[dict], address: str, egress: bool, port: int, protocol: int = 6) -> str:
+    """What a network ACL does with a packet: its entries in rule-number order, first match wins,
+    and the implicit deny of every ACL at the end."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    for e in sorted((e for e in entries if e["Egress"] == egress), key=lambda e: e["RuleNumber"]):
+        block = e.get("CidrBlock") or e.get("Ipv6CidrBlock")
+        network = ipaddress.ip_network(block)
+        ports = e.get("PortRange")
+        if network.version == ip.version and ip in network and e["Protocol"] in (-1, protocol) \
+                and (ports is None or ports["From"] <= port <= ports["To"]):
+            return e["RuleAction"]
+    return "deny"
+
+
+def test_cluster_launcher_subnet_acl_denies_private_egress_after_the_clusters_own():
+    template = yaml.safe_load((INFRA / "ray" / "security-group.yaml").read_text())
+    values = {"ClusterCidr": "10.0.1.0/24", "VpcBaseResolverCidr": "10.0.0.2/32", "EndpointsCidr": "10.0.9.0/24",
+              "AdminCidr": "203.0.113.7/32"}
+    resources = template["Resources"]
+    entries = []
+    for r in resources.values():
+        if r["Type"] == "AWS::EC2::NetworkAclEntry":
+            e = dict(r["Properties"])
+            for key in ("CidrBlock", "Ipv6CidrBlock"):
+                if isinstance(e.get(key), dict):
+                    e[key] = values[e[key]["Ref"]]
+            assert e["NetworkAclId"] == {"Ref": "NodeAcl"}
+            entries.append(e)
+    assert resources["NodeAclAssociation"]["Properties"] == {"SubnetId": {"Ref": "SubnetId"},
+                                                              "NetworkAclId": {"Ref": "NodeAcl"}}
+    assert len({(e["Egress"], e["RuleNumber"]) for e in entries}) == len(entries)
+    out = lambda address, port=443, protocol=6: nacl_decides(entries, address, True, port, protocol)  # noqa: E731
+    # The cluster's own subnet, the resolver and the interface endpoints: allowed, ahead of the denies.
+    assert out("10.0.1.17", 6379) == "allow" and out("10.0.0.2", 53, 17) == "allow" and out("10.0.9.5") == "allow"
+    assert out("10.0.9.5", 22) == "deny" and out("10.0.0.2", 443) == "deny"
+    # Every other private, shared and link-local range: denied. The internet: allowed, any port.
+    for address in ("10.200.0.1", "172.16.5.4", "172.31.255.255", "192.168.1.1", "100.64.0.1", "169.254.170.2",
+                    "169.254.169.254", "fd00:ec2::254", "fe80::1"):
+        assert out(address) == "deny", address
+    for address in ("8.8.8.8", "52.216.0.1", "172.32.0.1", "2600:1f18::1"):
+        assert out(address, 8080) == "allow", address
+    # Stateless: replies come back on ephemeral ports; nothing else comes in from outside but SSH.
+    inbound = lambda address, port, protocol=6: nacl_decides(entries, address, False, port, protocol)  # noqa: E731
+    assert inbound("8.8.8.8", 40000) == "allow" and inbound("203.0.113.7", 22) == "allow"
+    assert inbound("8.8.8.8", 22) == "deny" and inbound("8.8.8.8", 40000, 17) == "deny"
+
+
+def test_kuberay_download_pods_request_and_limit_their_staging_disk():
+    cluster = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
+    group = next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "cpu-download")
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    request, limit = resources["requests"]["ephemeral-storage"], resources["limits"]["ephemeral-storage"]
+    gib = lambda q: int(q.removesuffix("Gi"))  # noqa: E731
+    assert 0 < gib(request) <= gib(limit)
