@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from tessera.core.crashpoints import crash_point
 from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def process_shard(work: Callable[..., dict], store: ShardStore, stage: str | Non
     if not isinstance(summary, dict):
         raise TypeError(f"{stage}: the work for shard {shard} returned {type(summary).__name__}, not a summary dict")
     summary = {**summary, **stamp, "fingerprint": fingerprint, "seconds": round(time.monotonic() - start, 3)}
+    crash_point("before_marker", stage, shard)
     store.mark_done(stage, shard, summary)
     _clear_failure(store, stage, shard)
     return summary

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import uuid
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ import fsspec
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+from tessera.core.crashpoints import crash_point
 
 
 def shard_name(index: int) -> str:
@@ -61,18 +64,31 @@ class ShardStore:
     # Atomic writes ------------------------------------------------------------------------
     @contextmanager
     def open_atomic(self, *parts: str, mode: str = "wb") -> Iterator[io.IOBase]:
-        """Write to a temporary name next to the target, rename into place on success only."""
+        """Write to a temporary name next to the target, rename into place on success only. On a
+        local disk the file is fsynced before the rename and its folder after: after a power cut
+        the file is there whole or not at all. (Object stores write whole objects.)"""
         final = self.path(*parts)
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         try:
             with self.fs.open(tmp, mode) as f:
                 yield f
+                if self._local:
+                    f.flush()
+                    os.fsync(f.fileno())
+            crash_point("mid_output", parts[0], posixpath.basename(final).split(".", 1)[0])
             self.fs.mv(tmp, final)
+            if self._local:
+                _fsync_folder(posixpath.dirname(final))
         except BaseException:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
             raise
+
+    @property
+    def _local(self) -> bool:
+        protocol = self.fs.protocol
+        return bool({"file", "local"} & set([protocol] if isinstance(protocol, str) else protocol))
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         with self.open_atomic(*parts) as f:
@@ -103,7 +119,12 @@ class ShardStore:
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         self.fs.put_file(local_path, tmp)
+        if self._local:
+            _fsync_file(tmp)
+        crash_point("mid_output", parts[0], posixpath.basename(final).split(".", 1)[0])
         self.fs.mv(tmp, final)
+        if self._local:
+            _fsync_folder(posixpath.dirname(final))
 
     # Completion markers -------------------------------------------------------------------
     def marker(self, stage: str, shard: str) -> tuple[str, str]:
@@ -113,6 +134,8 @@ class ShardStore:
         return self.exists(*self.marker(stage, shard))
 
     def mark_done(self, stage: str, shard: str, info: dict | None = None) -> None:
+        """Write a shard's marker, last: its outputs are on disk before it (each fsynced when
+        renamed into place), and a marker that survives a power cut is never empty."""
         self.write_json(info or {}, *self.marker(stage, shard))
 
     def done_info(self, stage: str, shard: str) -> dict:
@@ -143,3 +166,16 @@ class ShardStore:
         for p in stale:
             self.fs.rm(p, recursive=True)
         return len(stale)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: str) -> None:
+    """Make the renames in a local folder durable."""
+    _fsync_file(path)
