@@ -524,8 +524,9 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
             loaded = _ordered_map(_load, reader_for(source, cfg).samples(todo), cfg.thread_count)
             for i, (img, meta, repairs) in enumerate(_check(*item, resizer, cfg) for item in loaded):
                 if i >= 10 ** digits:
-                    raise InputError(f"shard {shard} holds more than {10 ** digits} samples; set download.shard_size "
-                                     "to at least the number of samples in the largest input tar")
+                    inputs = ", ".join(sorted({r.get("tar") or r.get("file") or r.get("url") or "" for r in todo}))
+                    raise InputError(f"shard {shard} ({inputs}) holds more than {10 ** digits} samples; set "
+                                     "download.shard_size to at least the number of samples in the largest input tar")
                 meta["key"] = compute_key(i, int(shard), digits, len(shard))
                 if meta["row_index"] == -1:  # a tar member: its position in the input is its key
                     meta["row_index"] = int(meta["key"])
