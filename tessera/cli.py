@@ -1,111 +1,210 @@
-"""`tessera` / `python -m tessera.cli`: run a flow from a config, or the whole demo."""
+"""`tessera` / `python -m tessera.cli`: run a flow from a config, or the whole demo.
+
+Every command takes the run config as its first argument or as --config, and --set KEY=VALUE
+overrides. Before Prefect or Ray starts, each command checks what it needs (tessera.preflight);
+a mistake is one line on stderr and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import subprocess
 import sys
+import warnings
+from importlib.resources import files
 
-from tessera.config import ConfigError, load_config
+from tessera.config import ConfigError, RunConfig, load_config
+
+# The same environment whether a run starts from make or from `tessera`: runs are offline (models
+# come from models_root), and Prefect keeps its state in its own default home (~/.prefect) unless
+# PREFECT_HOME says otherwise, so `make ui` shows every run.
+ENVIRONMENT = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# The demo's config ships inside the package, so `tessera demo` runs from any folder.
+DEMO_CONFIG = str(files("tessera") / "configs" / "demo.yaml")
 
 
-def _common(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    p.add_argument("--config", default=default_config, required=default_config is None,
-                   help="run config (YAML)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set download.shard_size=500 (repeatable)")
+class UsageError(Exception):
+    """A command line that cannot run; one line."""
+
+
+def config_of(args) -> str:
+    path = getattr(args, "config_file", None) or args.config
+    if not path:
+        raise UsageError(f"give the run config: tessera {args.command} CONFIG (or --config CONFIG)")
+    return path
+
+
+def load(args) -> RunConfig:
+    return load_config(config_of(args), args.overrides)
+
+
+def preflight_run(args, cfg: RunConfig, steps: list[str], run: str | None = None) -> bool:
+    """The checks of a run of `steps`; then whether to run it (not with --check) and, if so, the
+    resolved config saved beside its outputs."""
+    from tessera import preflight, resolved
+
+    preflight.check_run(cfg, steps, config_of(args))
+    if args.check:
+        print(f"preflight passed: {args.command} {config_of(args)} ({', '.join(steps)})")
+        return False
+    for url in resolved.save(cfg, args.command, steps, run):
+        logging.getLogger("tessera").info("Resolved config saved to %s.", url)
+    return True
 
 
 def demo(args) -> int:
-    from tessera.demo.flow import run_demo
+    from tessera.config.steps import runnable_steps
+    from tessera.demo.flow import demo_overrides, run_demo
 
-    return run_demo(args.config, args.dir, args.overrides)
+    cfg = load_config(config_of(args), demo_overrides(os.path.abspath(args.dir), args.overrides))
+    if not preflight_run(args, cfg, runnable_steps(cfg)[0]):
+        return 0
+    return run_demo(config_of(args), args.dir, args.overrides)
 
 
 def curate_cmd(args) -> int:
+    cfg = load(args)
+    if not preflight_run(args, cfg, ["curate"]):
+        return 0
     from tessera.flows.curate import curate
 
-    load_config(args.config, args.overrides)
-    curate(config=args.config, overrides=args.overrides)
+    curate(config=config_of(args), overrides=args.overrides)
     return 0
 
 
 def all_cmd(args) -> int:
+    from tessera.preflight import plan_steps
+
+    cfg = load(args)
+    plan = plan_steps(cfg, args.steps, config_of(args))
+    if plan.skipped:
+        print(f"note: skipping {', '.join(plan.skipped)}: {config_of(args)} has no section for "
+              f"{'it' if len(plan.skipped) == 1 else 'them'}", file=sys.stderr)
+    if not preflight_run(args, cfg, plan.steps, args.run):
+        return 0
     from tessera.flows.all import all_stages
 
-    load_config(args.config, args.overrides)
-    all_stages(config=args.config, overrides=args.overrides, run=args.run, steps=args.steps)
+    all_stages(config=config_of(args), overrides=args.overrides, run=args.run, steps=plan.steps)
     return 0
 
 
-def submit_cmd(args) -> int:
-    from tessera.submit import SubmitError, submit
-
-    try:
-        return submit(args)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 def train_cmd(args) -> int:
-    from tessera.flows import train as flows
+    from tessera.preflight import plan_steps
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load(args)
+    if not preflight_run(args, cfg, plan_steps(cfg, [args.command], config_of(args)).steps, args.run):
+        return 0
     if args.launcher == "torchrun":
         return torchrun_stage(args, getattr(cfg, args.command))
-    getattr(flows, args.command)(config=args.config, overrides=args.overrides, run=args.run)
+    from tessera.flows import train as flows
+
+    getattr(flows, args.command)(config=config_of(args), overrides=args.overrides, run=args.run)
     return 0
 
 
 def torchrun_stage(args, tcfg) -> int:
     """The stage's workers as torchrun processes on this machine (one per GPU: num_workers)."""
-    if tcfg is None:
-        print(f"error: the config {args.config} has no {args.command} section", file=sys.stderr)
-        return 2
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tcfg.num_workers),
-               "-m", "tessera.pipelines.train", args.config, "--stage", args.command,
+               "-m", "tessera.pipelines.train", config_of(args), "--stage", args.command,
                *(["--run-name", args.run] if args.run else []), *(x for o in args.overrides for x in ("--set", o))]
     return subprocess.run(command).returncode
 
 
 def sample_cmd(args) -> int:
+    from tessera.preflight import check_checkpoint
+
+    cfg = load(args)
+    if args.checkpoint:
+        check_checkpoint(args.checkpoint)
+    if not preflight_run(args, cfg, ["sample"], args.run):
+        return 0
     from tessera.flows.train import sample
 
-    load_config(args.config, args.overrides)
-    sample(config=args.config, overrides=args.overrides, run=args.run, checkpoint=args.checkpoint)
+    sample(config=config_of(args), overrides=args.overrides, run=args.run, checkpoint=args.checkpoint)
     return 0
 
 
 def eval_cmd(args) -> int:
+    from tessera.preflight import check_checkpoint, plan_steps
+
+    cfg = load(args)
+    steps = plan_steps(cfg, ["eval"], config_of(args)).steps
+    for checkpoint in args.checkpoints or []:
+        if checkpoint not in ("untrained", "stage1", "stage2"):
+            check_checkpoint(checkpoint)
+    if not preflight_run(args, cfg, steps, args.run):
+        return 0
     from tessera.flows.eval import eval_flow
 
-    load_config(args.config, args.overrides)
-    eval_flow(config=args.config, overrides=args.overrides, run=args.run, checkpoints=args.checkpoints or None,
+    eval_flow(config=config_of(args), overrides=args.overrides, run=args.run, checkpoints=args.checkpoints or None,
               tokenizer=not args.no_tokenizer)
     return 0
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config_file", nargs="?", metavar="CONFIG", help="run config (YAML)")
-    _common(p, "")
+def submit_cmd(args) -> int:
+    from tessera.preflight import PreflightError, check_cluster, check_model_names, plan_steps
+    from tessera.submit import SubmitError, submit
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("nothing to submit: give a tessera command after --, e.g. -- all configs/FILE.yaml")
+    inner = build_parser().parse_args(command)
+    if inner.command == "submit":
+        raise UsageError("a submitted command cannot itself be `submit`")
+    # The job's data, runs and models live where the cluster reaches them: checked there, by the
+    # job's own preflight. Here: the config, the steps' sections, and that the cluster answers.
+    skipped: list[str] = []
+    if getattr(inner, "config", None) is not None or getattr(inner, "config_file", None):
+        cfg = load(inner)
+        check_model_names(cfg)
+        if inner.command in ("stage1", "stage2", "eval"):
+            plan_steps(cfg, [inner.command], config_of(inner))
+        elif inner.command == "all":
+            skipped = plan_steps(cfg, inner.steps, config_of(inner)).skipped
+    check_cluster(args.address)
+    if skipped:
+        print(f"note: the job will skip {', '.join(skipped)}: {config_of(inner)} has no section "
+              f"for {'it' if len(skipped) == 1 else 'them'}", file=sys.stderr)
+    if args.check:
+        print(f"preflight passed: submit to {args.address}: {' '.join(command)}")
+        return 0
+    try:
+        return submit(args)
+    except SubmitError as e:
+        raise PreflightError(str(e)) from None
 
 
-def _config_of(args) -> str:
-    path = args.config_file or args.config
-    if not path:
-        raise ConfigError("give the run config: tessera %s CONFIG" % args.command)
-    return path
+def config_cmd(args) -> int:
+    from tessera.preflight import check_model_names
+    from tessera.resolved import as_yaml
+
+    cfg = load(args)
+    check_model_names(cfg)
+    sys.stdout.write(as_yaml(cfg))
+    return 0
 
 
 def fetch_models_cmd(args) -> int:
     # The one command that goes online: before huggingface_hub reads these.
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "0"
-    from tessera.models.fetch import FetchError
     from tessera.fetch_models import fetch_models
+    from tessera.models.fetch import FetchError
+    from tessera.preflight import check_model_names, check_writable
 
-    cfg = load_config(_config_of(args), args.overrides)
+    cfg = load(args)
+    check_model_names(cfg)
+    check_writable("models_root", cfg.models_root)
+    if args.check:
+        print(f"preflight passed: fetch-models {config_of(args)}")
+        return 0
     try:
         rows = fetch_models(cfg)
     except FetchError as e:
@@ -118,25 +217,30 @@ def fetch_models_cmd(args) -> int:
 
 
 def status_cmd(args) -> int:
+    cfg = load(args)
     from tessera.status import format_status, run_status
 
-    print(format_status(run_status(load_config(_config_of(args), args.overrides))))
+    print(format_status(run_status(cfg)))
     return 0
 
 
 def plan_cmd(args) -> int:
+    from tessera.preflight import check_model_names, plan_steps
     from tessera.training.plan import report
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load(args)
+    plan_steps(cfg, [args.stage], config_of(args))
+    check_model_names(cfg)
     tcfg = getattr(cfg, args.stage)
-    if tcfg is None:
-        print(f"error: the config {args.config} has no {args.stage} section", file=sys.stderr)
-        return 2
     print(report(tcfg, args.stage, args.gpu_gb or tcfg.gpu_memory_gib or 80.0))
     return 0
 
 
 def export_cmd(args) -> int:
+    from tessera.preflight import check_checkpoint, check_writable
+
+    check_checkpoint(args.checkpoint)
+    check_writable("the export's folder", os.path.dirname(args.out) or ".")
     import torch
 
     from tessera.training.checkpoint import ExportRefused, export
@@ -145,70 +249,80 @@ def export_cmd(args) -> int:
     try:
         print(export(args.checkpoint, args.out, dtype=dtype, optimizer=args.optimizer))
     except ExportRefused as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic set")
-    _common(p, "configs/demo.yaml")
-    p.add_argument("--dir", default=os.environ.get("DEMO_DIR", "demo-output"),
-                   help="where the demo writes everything (default: $DEMO_DIR or ./demo-output)")
-    p.set_defaults(fn=demo)
-    p = sub.add_parser("curate", help="download (and later stages) for a run config")
-    _common(p)
-    p.set_defaults(fn=curate_cmd)
-    p = sub.add_parser("all", help="curate, then train stage 1 and stage 2, then sample")
-    _common(p)
-    p.add_argument("--step", dest="steps", action="append",
-                   choices=["curate", "stage1", "stage2", "sample", "eval"],
-                   help="run only this step (repeatable; default: every step, in order)")
-    p.add_argument("--run", default=None, help="training run name under runs_root (default: the config's name)")
-    p.set_defaults(fn=all_cmd)
-    p = sub.add_parser("submit", help="run a tessera command as a Ray job on a cluster (ray job submit)")
+def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """CONFIG as the first argument or as --config, and --set overrides: the same on every command."""
+    p.add_argument("config_file", nargs="?", metavar="CONFIG", help="run config (YAML)")
+    p.add_argument("--config", default=default, help="run config (YAML), instead of CONFIG"
+                   + (" (default: the demo's, shipped with tessera)" if default else ""))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set download.shard_size=500 (repeatable)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true", help="run the preflight checks only, then exit")
+
+
+def _run_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tessera.config.steps import STEPS
+    from tessera.resolved import tessera_version
     from tessera.submit import add_arguments
 
-    add_arguments(p)
-    p.set_defaults(fn=submit_cmd)
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tessera {tessera_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every library's log lines and warnings (default: only tessera's and errors)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, fn, default_config: str | None = None, run: bool = True):
+        p = sub.add_parser(name, help=help)
+        _config_args(p, default_config)
+        if run:
+            _run_args(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("demo", "the whole pipeline on the embedded synthetic set", demo, DEMO_CONFIG)
+    p.add_argument("--dir", default=os.environ.get("DEMO_DIR", "demo-output"),
+                   help="where the demo writes everything (default: $DEMO_DIR or ./demo-output)")
+    command("curate", "download, score, select, caption and tokenize a data set", curate_cmd)
+    p = command("all", "curate, then train stage 1 and stage 2, then sample and evaluate: the steps the config "
+                       "has sections for", all_cmd)
+    p.add_argument("--step", dest="steps", action="append", choices=list(STEPS),
+                   help="run only this step (repeatable; default: every step the config has a section for)")
+    _run_name(p)
     for name, what in (("stage1", "train (or resume) stage 1, 256px"),
                        ("stage2", "train (or resume) stage 2, 512px, from the stage-1 weights")):
-        p = sub.add_parser(name, help=what)
-        _common(p)
-        p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+        p = command(name, what, train_cmd)
+        _run_name(p)
         p.add_argument("--launcher", choices=["flow", "torchrun"], default="flow",
                        help="flow: the Prefect flow, on Ray Train or in this process (use_ray); torchrun: "
                             "num_workers torchrun processes on this machine, without Ray")
-        p.set_defaults(fn=train_cmd)
-    p = sub.add_parser("sample", help="a PNG grid of prompts from a checkpoint (default: the run's newest)")
-    _common(p)
-    p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+    p = command("sample", "a PNG grid of prompts from a checkpoint (default: the run's newest)", sample_cmd)
+    _run_name(p)
     p.add_argument("--checkpoint", default=None, help="a checkpoint path, ours or LlamaGen's")
-    p.set_defaults(fn=sample_cmd)
-    p = sub.add_parser("eval", help="evaluate checkpoints (FID, CLIP score, prompt-following) and the tokenizer")
-    _common(p)
-    p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+    p = command("eval", "evaluate checkpoints (FID, CLIP score, prompt-following) and the tokenizer", eval_cmd)
+    _run_name(p)
     p.add_argument("--checkpoint", dest="checkpoints", action="append", metavar="NAME_OR_PATH",
                    help="untrained, stage1, stage2 or a checkpoint path (repeatable; default: eval.checkpoints)")
     p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer evaluation")
-    p.set_defaults(fn=eval_cmd)
-    p = sub.add_parser("fetch-models", help="download every model the config names into models_root, verified")
-    _config_arg(p)
-    p.set_defaults(fn=fetch_models_cmd)
-    p = sub.add_parser("status", help="per stage: shards done, failed and to do; the funnel; newest checkpoints")
-    _config_arg(p)
-    p.set_defaults(fn=status_cmd)
-    p = sub.add_parser("plan", help="per-GPU memory and tokens per step of a training stage, before it runs")
-    p.add_argument("config", help="run config (YAML)")
+    command("fetch-models", "download every model the config names into models_root, verified", fetch_models_cmd)
+    command("status", "per stage: shards done, failed and to do; the funnel; newest checkpoints", status_cmd,
+            run=False)
+    command("config", "print the resolved config (file, environment and --set applied)", config_cmd, run=False)
+    p = command("plan", "per-GPU memory and tokens per step of a training stage, before it runs", plan_cmd,
+                run=False)
     p.add_argument("--stage", choices=["stage1", "stage2"], default="stage2")
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="GPU memory in GiB (default: the stage's gpu_memory_gib, else 80)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(fn=plan_cmd)
     p = sub.add_parser("export", help="one LlamaGen-format file (weights under `model`) from a checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder (runs/RUN/STAGE/checkpoints/step-N) or file")
     p.add_argument("out", help="the .pt file to write (local or fsspec URL)")
@@ -216,11 +330,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", action="store_true",
                    help="include the optimizer state and step, as LlamaGen's trainer resumes from them")
     p.set_defaults(fn=export_cmd)
+    p = sub.add_parser("submit", help="run a tessera command as a Ray job on a cluster (ray job submit)")
+    add_arguments(p)
+    _run_args(p)
+    p.set_defaults(fn=submit_cmd)
+    return parser
+
+
+def quiet(verbose: bool) -> None:
+    """Log lines that read like failures but are not (faiss's AVX512 probe, HTTP requests,
+    torch.distributed's single-process notes) are left out unless --verbose."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    for name in ("httpx", "faiss", "faiss.loader", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # Ray workers inherit it
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    from tessera.preflight import PreflightError
+
+    parser = build_parser()
     args = parser.parse_args(argv)
+    quiet(args.verbose)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, PreflightError, UsageError) as e:
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
 
 

@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 _RUN_STAGE = re.compile(r"^([\w.-]+/)?stage[12]$")  # init_from naming a run's stage, not a file
 
 
-def named_models(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(config key, model name) for every model the config's enabled stages would load."""
+def named_models(cfg: RunConfig, with_tiny: bool = False) -> list[tuple[str, str]]:
+    """(config key, model name) for every model the config's enabled stages would load that can be
+    fetched; `with_tiny` adds the `tiny:` ones, which are built, not fetched."""
     f = cfg.filters
     named: list[tuple[str, str | None]] = []
     scores = {name: getattr(f, name) for name in ("clip_score", "aesthetic", "nsfw", "watermark")}
@@ -44,7 +45,8 @@ def named_models(cfg: RunConfig) -> list[tuple[str, str]]:
         e = cfg.eval
         named += [("eval.vq", e.vq), ("eval.text_encoder", e.text_encoder), ("eval.clip.checkpoint", e.clip.checkpoint),
                   ("eval.inception", e.inception), ("eval.tokenizer.vq", e.tokenizer.vq)]
-    return [(key, ref) for key, ref in named if ref and not ref.startswith(PREFIX) and "://" not in ref]
+    return [(key, ref) for key, ref in named
+            if ref and (with_tiny or not ref.startswith(PREFIX)) and "://" not in ref]
 
 
 def fetch_models(cfg: RunConfig) -> list[dict]:

@@ -95,10 +95,21 @@ def run_status(cfg: RunConfig) -> dict:
     else:
         funnel, origin = funnel_from_markers(store, cfg), "summed from the stage markers"
     return {"data_root": cfg.data_root, "stages": table, "funnel": funnel, "funnel_from": origin,
-            "checkpoints": checkpoints(cfg)}
+            "checkpoints": checkpoints(cfg), "runs_root": cfg.runs_root, "data_root_exists": store.exists()}
+
+
+def holds_nothing(status: dict) -> bool:
+    """Whether neither data_root nor runs_root holds anything Tessera wrote."""
+    return (not status["checkpoints"] and not status["funnel"]
+            and not any(s["shards"] or s["done"] or s["failed"] for s in status["stages"]))
 
 
 def format_status(status: dict) -> str:
+    if holds_nothing(status):
+        where = "does not exist" if not status["data_root_exists"] else "holds no Tessera data"
+        return (f"Data root {status['data_root']} {where}, and runs_root {status['runs_root']} holds no checkpoints: "
+                "nothing has run with this config yet, or data_root is not the one the runs used "
+                "(set it in the config, with --set data_root=..., or TESSERA_DATA_ROOT).")
     lines = [f"Data root: {status['data_root']}", "",
              f"{'stage':<14}{'done':>8}{'failed':>8}{'to do':>8}{'shards':>8}"]
     for s in status["stages"]:

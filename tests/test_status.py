@@ -64,9 +64,15 @@ def test_status_prefers_the_flows_funnel_and_prints(tmp_path, capsys):
     assert "r1/stage1: step 4" in out and "step-00000004" in out
 
 
-def test_status_of_an_empty_store(tmp_path, capsys):
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"name": "t", "data_root": str(tmp_path / "d"),
-                                                       "runs_root": str(tmp_path / "r"), "source": {"path": "x"}}))
+def test_status_says_when_a_folder_holds_no_tessera_data(tmp_path, capsys):
+    tree = {"name": "t", "data_root": str(tmp_path / "nothing-here"), "runs_root": str(tmp_path / "runs"),
+            "source": {"path": "unused"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    assert cli.main(["status", str(tmp_path / "run.yaml")]) == 0
+    assert "does not exist" in capsys.readouterr().out
+    (tmp_path / "nothing-here").mkdir()
     assert cli.main(["status", "--config", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "(nothing yet)" in out and "(none yet)" in out
+    assert "holds no Tessera data" in out and "data_root" in out and "stage" not in out
+    half_finished(tmp_path)  # and with data there, the table
+    assert "holds no Tessera data" not in (cli.main(["status", str(tmp_path / "run.yaml")]) or capsys.readouterr().out)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from types import UnionType
+from typing import Any, Iterable, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tessera.config.base import Section
 from tessera.config.caption import CaptionConfig
@@ -70,13 +71,51 @@ class RunConfig(Section):
     eval: EvalConfig | None = None
 
 
+def _is_text(annotation: Any) -> bool:
+    """A str field, a choice of strings (Literal), or either or None."""
+    kinds = [a for a in (get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,))
+             if a is not type(None)]
+    return bool(kinds) and all(k is str or (get_origin(k) is Literal and all(isinstance(v, str) for v in get_args(k)))
+                               for k in kinds)
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    kinds = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+
+
+def _takes_text(key: str) -> bool:
+    """Whether the dotted key names a text field of RunConfig: its value is kept as written
+    (`--set name=2024` is the name "2024", `--set filters.nsfw.source=off` the choice "off"),
+    except null, which still clears an optional one."""
+    model: type[BaseModel] | None = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        info = model.model_fields.get(part) if model else None
+        if info is None:
+            return False
+        if i == len(parts) - 1:
+            return _is_text(info.annotation)
+        model = _section_of(info.annotation)
+    return False
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value")
     key, raw = item.split("=", 1)
-    if not key.strip():
+    key = key.strip()
+    if not key:
         raise ConfigError(f"override {item!r} has an empty key")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key, ""
+    if _takes_text(key) and raw.strip() not in ("null", "~"):
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:

@@ -13,7 +13,8 @@ never sees a row, so its memory grows with the number of shards, never with the 
 
 The marker holds the summary, the shard's fingerprint (the lineage of its inputs) and any stamp
 the stage adds. A rerun skips a shard whose marker carries the current fingerprint, and redoes
-one whose inputs changed. A shard that still fails after its retries is written down as
+one whose inputs changed. An error that cannot succeed on a retry (bad input, a missing file:
+tessera.core.errors) is not retried. A shard that still fails after its retries is written down as
 {stage}/{shard}.failed; every other shard finishes, and the caller decides what a failure means
 (the flows finish the run, then end Failed with the list; a rerun redoes exactly those shards).
 """
@@ -28,6 +29,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from tessera.core.crashpoints import crash_point
+from tessera.core.errors import is_permanent
 from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -193,13 +195,14 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
                     summary = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - one shard never stops the others
                     pool.release(ready[0], e)
-                    if attempt < retries:
+                    if attempt < retries and not is_permanent(e):
                         log.warning("%s: %s failed (attempt %d of %d): %s", desc, name, attempt + 1, retries + 1,
                                     _describe(e))
                         queue.append((name, attempt + 1))
                         continue
                     failed[name] = _describe(e)
-                    log.error("%s: %s failed after %d attempts: %s", desc, name, attempt + 1, failed[name])
+                    log.error("%s: %s failed after %d attempt(s)%s: %s", desc, name, attempt + 1,
+                              " (not retried: it cannot succeed on a retry)" if is_permanent(e) else "", failed[name])
                     if stage is not None:
                         store.write_json({"stage": stage, "shard": name, "error": failed[name],
                                           "attempts": attempt + 1}, stage, name + FAILED)

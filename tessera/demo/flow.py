@@ -49,11 +49,16 @@ def demo_flow(config: str, overrides: list[str] | None = None, run: str | None =
     return results
 
 
+def demo_overrides(out: str, overrides: list[str]) -> list[str]:
+    """The demo's roots and source under `out` (an absolute path), then the user's overrides."""
+    return [f"data_root={out}/data", f"runs_root={out}/runs", f"models_root={out}/models",
+            f"source.path={out}/source/laion-synthetic.parquet", *overrides]
+
+
 def run_demo(config: str, out: str, overrides: list[str]) -> int:
     """The `tessera demo` command: everything under `out`, and a map of what was written."""
     out = os.path.abspath(out)
-    overrides = [f"data_root={out}/data", f"runs_root={out}/runs", f"models_root={out}/models",
-                 f"source.path={out}/source/laion-synthetic.parquet", *overrides]
+    overrides = demo_overrides(out, overrides)
     cfg = load_config(config, overrides)  # fail fast, before Prefect starts
     start = time.time()
     demo_flow(config=config, overrides=overrides)

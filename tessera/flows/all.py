@@ -14,12 +14,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from tessera.config import load_config
 from tessera.core.store import ShardStore
+from tessera.config.steps import STEPS, runnable_steps
 from tessera.flows.common import logger
 from tessera.flows.curate import curate
 from tessera.flows.eval import eval_flow
 from tessera.flows.train import sample, stage1, stage2
 
-STEPS = ("curate", "stage1", "stage2", "sample", "eval")
 # After which step `eval` evaluates which checkpoints (stage 2's run also shows the earlier figures).
 EVAL_AFTER = {"stage1": ["untrained", "stage1"], "stage2": ["stage2"]}
 
@@ -27,13 +27,16 @@ EVAL_AFTER = {"stage1": ["untrained", "stage1"], "stage2": ["stage2"]}
 @flow(name="all", log_prints=True)
 def all_stages(config: str, overrides: list[str] | None = None, run: str | None = None,
                steps: list[str] | None = None) -> dict:
-    """Run the steps in order (default: all); `run` names the training run. Returns each step's result."""
+    """Run the steps in order (default: every step whose section the config has); `run` names the
+    training run. Returns each step's result."""
     overrides = list(overrides or [])
-    steps = list(steps or STEPS)
-    unknown = [s for s in steps if s not in STEPS]
+    unknown = [s for s in steps or [] if s not in STEPS]
     if unknown:
         raise ValueError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
     cfg = load_config(config, overrides)  # a bad config fails here, before any step starts
+    steps, skipped = runnable_steps(cfg, steps)
+    if skipped:
+        logger().info("Skipping %s: the config has no section for them.", ", ".join(skipped))
     flows = {"curate": curate, "stage1": stage1, "stage2": stage2, "sample": sample}
     results = {}
     evaluating = "eval" in steps and cfg.eval is not None

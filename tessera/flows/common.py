@@ -1,4 +1,4 @@
-"""What every flow shares: logging and progress artifacts."""
+"""What every flow shares: logging, retries and progress artifacts."""
 from __future__ import annotations
 
 import logging
@@ -6,10 +6,27 @@ import os
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 
+from tessera.core.errors import is_permanent
+from tessera.core.runtime import ShardFailures
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry what may pass (a lost connection, a dead worker), never what
+    cannot (bad input, a missing file or model, a bad config), nor shards the runtime has already
+    retried (ShardFailures: a rerun redoes exactly those)."""
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return not (isinstance(error, BaseException) and (is_permanent(error) or isinstance(error, ShardFailures)))
+
+
+# The task options of every data stage (RETRIES) and of training and evaluation (RETRY_ONCE, which
+# resume from their own checkpoints and shards).
+RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+RETRY_ONCE = dict(retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 
 
 def logger() -> logging.Logger | logging.LoggerAdapter:

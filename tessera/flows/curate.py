@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig, load_config
 from tessera.flows.caption_tasks import caption_task
-from tessera.flows.common import ShardProgress, logger, publish_table
+from tessera.flows.common import RETRIES, ShardProgress, logger, publish_table
 from tessera.flows.filter_tasks import report_task, score_task, select_task
 from tessera.flows.tokenize_tasks import tokenize_task
 from tessera.pipelines import sources
@@ -14,8 +13,6 @@ from tessera.pipelines.intake import DownloadResult
 from tessera.core.funnel import write_funnel
 from tessera.core.runtime import ShardFailures
 from tessera.core.store import ShardStore
-
-RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 
 
 @task(name="download", **RETRIES)

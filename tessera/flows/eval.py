@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from tessera.config import load_config
-from tessera.flows.common import logger, publish_table
+from tessera.flows.common import RETRY_ONCE, logger, publish_table
 from tessera.pipelines import evaluate
 
 # Columns of the comparison table, in order (those a run does not have are left out).
@@ -39,7 +38,7 @@ def as_text(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE)
+@task(name="evaluate", **RETRY_ONCE)
 def evaluate_task(config: str, overrides: list[str], run: str | None, checkpoints: list[str] | None,
                   tokenizer: bool) -> evaluate.EvalResult:
     return evaluate.run(load_config(config, overrides), run_name=run, checkpoints=checkpoints, tokenizer=tokenizer)

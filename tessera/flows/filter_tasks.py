@@ -8,13 +8,10 @@ from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig
-from tessera.flows.common import ShardProgress, logger, publish_table
+from tessera.flows.common import RETRIES, ShardProgress, logger, publish_table
 from tessera.pipelines import filter_report, score, select
 from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
-
-RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
-
 
 @task(name="score", **RETRIES)
 def score_task(cfg: RunConfig, store: ShardStore) -> score.ScoreResult:

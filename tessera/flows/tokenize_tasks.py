@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tessera.config import RunConfig
-from tessera.flows.common import ShardProgress, logger, publish_table
+from tessera.flows.common import RETRIES, ShardProgress, logger, publish_table
 from tessera.pipelines import tokenize
 from tessera.core.store import ShardStore
 from tessera.core.token_shards import tokens_folder
-
-RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
-
 
 @task(name="tokenize", **RETRIES)
 def tokenize_task(cfg: RunConfig, store: ShardStore) -> tokenize.TokenizeResult:

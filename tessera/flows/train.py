@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from prefect import flow, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from tessera.config import load_config
-from tessera.flows.common import logger, publish_table
+from tessera.flows.common import RETRY_ONCE, logger, publish_table
 from tessera.pipelines import sample as sampling
 from tessera.pipelines import train
 
 
-@task(name="train", retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE)
+@task(name="train", **RETRY_ONCE)
 def train_task(config: str, overrides: list[str], stage: str, run: str | None) -> train.TrainResult:
     cfg = load_config(config, overrides)
     result = train.run(cfg, stage, run_name=run)
