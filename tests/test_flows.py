@@ -88,3 +88,38 @@ def test_all_refuses_an_unknown_step_or_a_bad_config_before_any_step(recorded):
     with pytest.raises(ConfigError, match="unknown key"):
         all_module.all_stages(config="configs/demo.yaml", overrides=["download.nope=1"])
     assert calls == []
+
+
+def test_all_skips_the_steps_a_config_has_no_section_for(recorded):
+    calls, tmp_path = recorded
+    no_later = overrides(tmp_path) + ["stage2=null", "eval=null"]
+    results = all_module.all_stages(config="configs/demo.yaml", overrides=no_later, run="r1")
+    assert [name for name, _ in calls] == ["curate", "stage1", "sample"]
+    assert list(results) == ["curate", "stage1", "sample"]
+
+
+def test_prefect_retries_what_may_pass_and_never_what_cannot():
+    from prefect import task
+
+    from tessera.core.runtime import ShardFailures
+    from tessera.flows.common import RETRIES
+
+    attempts: list[str] = []
+
+    @task(name="toy", **{**RETRIES, "retry_delay_seconds": 0})
+    def toy(error: Exception):
+        attempts.append(type(error).__name__)
+        raise error
+
+    @flow(name="retries")
+    def run(error: Exception):
+        toy(error)
+
+    cases = [(ConnectionError("connection reset"), 3), (TimeoutError("timed out"), 3),
+             (FileNotFoundError("no such file: input.parquet"), 1), (ValueError("bad input"), 1),
+             (PermissionError("read-only file system"), 1), (ShardFailures({"score": {"00001": "x"}}), 1)]
+    for error, tries in cases:
+        attempts.clear()
+        with pytest.raises(type(error)):
+            run(error)
+        assert len(attempts) == tries, (error, attempts)

@@ -71,7 +71,8 @@ def test_a_failing_shard_is_recorded_and_the_others_finish(ray_local, store, tmp
     run = runtime.run_stage("toy", store, SHARDS, copy_shard, kwargs={"fail": ("00001",)}, retries=1)
     assert sorted(run.done) == ["00000", "00002", "00003"]
     assert run.failed == {"00001": "ValueError: shard 00001 is broken"}
-    assert runtime.failures(store, "toy") == {"00001": {"stage": "toy", "shard": "00001", "attempts": 2,
+    # Bad input (a ValueError) cannot succeed on a retry: one attempt, though one retry was allowed.
+    assert runtime.failures(store, "toy") == {"00001": {"stage": "toy", "shard": "00001", "attempts": 1,
                                                          "error": "ValueError: shard 00001 is broken"}}
     assert not store.is_done("toy", "00001") and not store.exists("output", "00001.txt")
     # The rerun redoes exactly the failed shard, and its failure record goes.
