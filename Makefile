@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= $(CURDIR)/demo-output
 CONFIG ?= configs/demo.yaml
-export PREFECT_HOME ?= $(CURDIR)/.prefect
+# PREFECT_HOME is left to Prefect (~/.prefect) or to you, as `tessera` leaves it: `make ui` shows
+# the runs started from make and from `tessera` alike.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -29,7 +30,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@touch $@
 
 demo: setup
-	DEMO_DIR=$(DEMO_DIR) $(PY) -m tessera.cli demo --config $(CONFIG) --dir $(DEMO_DIR)
+	DEMO_DIR=$(DEMO_DIR) $(PY) -m tessera.cli demo --config $(CONFIG) --dir $(DEMO_DIR) $(SET_ARGS)
 
 test: setup
 	$(PY) -m pytest -q --durations=15
@@ -37,13 +38,19 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" -q
 
+# SET: overrides, as a shell would split them, e.g. SET='stage1.max_steps=10 sample.prompts=["a red circle"]'.
+# They reach the CLI as one argument (--sets), so values with spaces stay whole.
+SET ?=
+quote = '$(subst ','"'"',$(1))'
+SET_ARGS = $(if $(strip $(SET)),--sets $(call quote,$(SET)))
+
 # Models: every model CONFIG names, downloaded once into its models_root and verified; runs then
 # find them there offline. Status: shards done, failed and to do per stage, the funnel, checkpoints.
 fetch-models: setup
-	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) -m tessera.cli fetch-models $(CONFIG) $(foreach s,$(SET),--set $(s))
+	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) -m tessera.cli fetch-models $(CONFIG) $(SET_ARGS)
 
 status: setup
-	$(PY) -m tessera.cli status $(CONFIG) $(foreach s,$(SET),--set $(s))
+	$(PY) -m tessera.cli status $(CONFIG) $(SET_ARGS)
 
 # The Prefect server (`make ui`) asks every client for the auth string in PREFECT_HOME/api_auth_string
 # (created 0600 on first use; the browser UI asks for it once) and checks CSRF tokens; `make deploy`,
@@ -86,8 +93,7 @@ report-screenshot:
 # samples. RUN names the run under runs_root (default: the config's name); SET adds overrides,
 # e.g. make stage1 SET="stage1.max_steps=10". Rerunning a stage resumes from its newest checkpoint.
 RUN ?=
-SET ?=
-TRAIN_ARGS = --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
+TRAIN_ARGS = --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(SET_ARGS)
 stage1: setup
 	$(PY) -m tessera.cli stage1 $(TRAIN_ARGS)
 
@@ -138,7 +144,11 @@ CAPTION_BENCH ?=
 bench-caption: setup
 	$(PY) -m bench.caption $(CAPTION_BENCH)
 
-# The demo's scoring models and captioner, trained on its synthetic world (bit for bit reproducible).
+# The demo's scoring models and captioner, trained on its synthetic world. Bit for bit reproducible on
+# the CPU they were pinned on (tessera/models/world_weights/PINNED_CPU: an Intel Xeon, family 6
+# model 167, torch's AVX512 kernels, one thread); world-models-check retrains all four and compares
+# sha256, printing that CPU and this one. On another CPU the bits differ; the slow test in
+# tests/test_world_models.py checks that retrained models behave as the shipped ones.
 .PHONY: world-models world-models-check
 world-models: setup
 	$(PY) -m tessera.demo.world_models
@@ -163,12 +173,14 @@ clean:
 # sample, eval and all deployments with the process work pool POOL on the Prefect server at
 # PREFECT_API_URL (default: the `make ui` one), `make worker` runs their flow runs, `make serve` does
 # both in one process. `make submit` runs FLOW as a Ray job on the cluster whose job API is at
-# RAY_API_SERVER_ADDRESS, with Ray's token authentication (token in ~/.ray/auth_token).
+# RAY_API_SERVER_ADDRESS, with Ray's token authentication (token in ~/.ray/auth_token); with the
+# default FLOW=all, the job runs the steps CONFIG has sections for (FLOW=stage2 for stage 2 alone),
+# and nothing is submitted when the cluster does not answer.
 POOL ?= tessera
 FLOW ?= all
 PREFECT_API_URL ?= http://127.0.0.1:4200/api
 RAY_API_SERVER_ADDRESS ?= http://127.0.0.1:8265
-FLOW_ARGS = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+FLOW_ARGS = --config $(CONFIG) $(SET_ARGS)
 .PHONY: deploy serve worker submit
 deploy: setup
 	$(PY) -m tessera.core.secretfile $(PREFECT_AUTH_FILE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import warnings
 from importlib.resources import files
@@ -156,7 +157,7 @@ def submit_cmd(args) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("nothing to submit: give a tessera command after --, e.g. -- all configs/FILE.yaml")
-    inner = build_parser().parse_args(command)
+    inner = parse(command)
     if inner.command == "submit":
         raise UsageError("a submitted command cannot itself be `submit`")
     # The job's data, runs and models live where the cluster reaches them: checked there, by the
@@ -260,6 +261,8 @@ def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None
                    + (" (default: the demo's, shipped with tessera)" if default else ""))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set download.shard_size=500 (repeatable)")
+    p.add_argument("--sets", default="", metavar="'KEY=VALUE ...'",
+                   help="several overrides in one shell-quoted string, before those of --set (make's SET)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -268,6 +271,17 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _run_name(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default=None, help="run name under runs_root (default: the config's name)")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the overrides of --sets (split as a shell splits them) first."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "sets", ""):
+        try:
+            args.overrides = [*shlex.split(args.sets), *args.overrides]
+        except ValueError as e:
+            raise UsageError(f"--sets {args.sets!r}: {e}") from None
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,10 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     from tessera.preflight import PreflightError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet(args.verbose)
     try:
+        args = parse(argv)
+        quiet(args.verbose)
         return args.fn(args)
     except (ConfigError, PreflightError, UsageError) as e:
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)

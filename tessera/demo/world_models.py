@@ -10,7 +10,10 @@ ones low); the LAION-layout watermark detector (timm) trained to tell overlays a
 LLaVA (CLIP vision tower, Llama) trained to describe a picture in the captions' grammar. Each is
 saved where and how its loader reads it (open_clip folder, `.safetensors` state dicts, HF
 `save_pretrained`). Training is bit-for-bit reproducible on a CPU: fixed seeds, one thread,
-deterministic algorithms, so `--check` retrains and compares the files' sha256.
+deterministic algorithms, so `--check` retrains and compares the files' sha256. Bit for bit holds
+on the CPU the weights were trained on (PINNED_CPU beside them names it): another CPU's float
+kernels sum in another order and give other bits. On any CPU, tests/test_world_models.py retrains
+the models and checks that they do their jobs as the shipped ones do, within stated tolerances.
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ DEGRADED_CAPTIONS = {"noise": "a noisy picture", "blur": "a blurry picture", "bl
 AESTHETIC_GOOD, AESTHETIC_BAD = 7.0, 2.0
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "world_weights")
 SUMS = "SHA256SUMS"
+PINNED = "PINNED_CPU"  # the CPU (and torch build) the shipped weights' sha256 sums were made on
 
 
 def deterministic(seed: int) -> None:
@@ -460,6 +464,8 @@ def train_all(out: str, n: int = 3000, models: tuple[str, ...] = MODELS) -> dict
         processor.save_pretrained(os.path.join(out, "llava"))
         seconds["llava"] = time.time() - t
     write_sums(out)
+    with open(os.path.join(out, PINNED), "w") as f:
+        f.write(this_cpu() + "\n")
     return seconds
 
 
@@ -485,6 +491,25 @@ def read_sums(folder: str) -> dict[str, str]:
         return {name: digest for digest, name in (line.split("  ", 1) for line in f.read().splitlines())}
 
 
+def this_cpu() -> str:
+    """The CPU and the kernel path torch takes on it: what bit-for-bit reproduction depends on."""
+    name = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            lines = [line.split(":", 1) for line in f if ":" in line]
+        info = {k.strip(): v.strip() for k, v in reversed(lines)}
+        name = f"{info.get('model name', name)} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+    return f"{name}, torch {torch.__version__} CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def pinned_cpu(folder: str = DEFAULT_OUT) -> str:
+    path = os.path.join(folder, PINNED)
+    if not os.path.exists(path):
+        return "unknown"
+    with open(path) as f:
+        return f.read().strip()
+
+
 def check(shipped: str = DEFAULT_OUT, models: tuple[str, ...] = MODELS) -> list[str]:
     """Retrain `models` into a temporary folder; the names whose sha256 differs from the shipped ones."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -501,8 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="retrain and compare with the shipped sha256 sums")
     args = p.parse_args(argv)
     if args.check:
+        print(f"The shipped weights were pinned on: {pinned_cpu(args.out)}")
+        print(f"This machine:                      {this_cpu()}")
         differ = check(args.out)
         print("identical to the shipped weights" if not differ else f"differ: {', '.join(differ)}")
+        if differ and pinned_cpu(args.out) != this_cpu():
+            print("Another CPU gives other bits; `pytest -m slow tests/test_world_models.py` checks that the "
+                  "retrained models behave as the shipped ones do.")
         return 1 if differ else 0
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
