@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import warnings
 from importlib.resources import files

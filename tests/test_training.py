@@ -203,3 +203,13 @@ def test_flex_attention_is_refused_for_cpu_training_and_auto_picks_the_dense_mas
     with pytest.raises(ValueError, match="no CPU backward"):
         parallelize(build_gpt("GPT-nano"), TrainConfig(attention="flex"), Dist())
     assert parallelize(build_gpt("GPT-nano"), TrainConfig(), Dist()).attention == "sdpa"
+
+
+def test_each_logged_step_reaches_the_driver_once_and_a_rerun_goes_on_from_there(tmp_path, data):
+    rows: list[dict] = []
+    cfg = _config(tmp_path, {"max_steps": 2})
+    train.run(cfg, "stage1", on_step=rows.append)
+    assert [r["step"] for r in rows] == [1, 2] and all("loss" in r for r in rows)
+    train.run(_config(tmp_path, {"max_steps": 4}), "stage1", on_step=rows.append)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert train.step_line("stage1", 4, rows[-1]).startswith("stage1 step 4/4: loss ")

@@ -211,7 +211,9 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
                     rows += int(summary.get("rows_in", 0) or 0) if isinstance(summary, dict) else 0
                     if on_result:
                         on_result(name, summary)
-                bar.set_postfix({unit: rows, "failed": len(failed)}, refresh=False)
+                # Rows per second beside the shards' rate and ETA: a shard can hold 10,000 rows.
+                per_s = rows / max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix({unit: rows, f"{unit}/s": f"{per_s:.1f}", "failed": len(failed)}, refresh=False)
                 bar.update(1)
     finally:
         pool.close()

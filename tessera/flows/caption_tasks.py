@@ -15,7 +15,7 @@ def caption_task(cfg: RunConfig, store: ShardStore) -> caption.CaptionResult | N
         return None
     shards = caption.input_shards(store)
     result = caption.run(cfg.caption, cfg.ray, store, cfg.models_root,
-                         on_shard=ShardProgress("caption", len(shards)))
+                         on_shard=ShardProgress("caption", shards, store))
     publish_table("captions", result.funnel(), f"Captions by {cfg.caption.model}: generated, or the original "
                   "caption with the reason the generated one was not used.")
     logger().info("Captioned %d kept samples with %s; %d fell back to the original caption (%s).",

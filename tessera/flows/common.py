@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tessera.core.errors import is_permanent
 from tessera.core.runtime import ShardFailures
+from tessera.core.store import ShardStore
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -37,16 +38,21 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 class ShardProgress:
-    """A Prefect progress artifact that counts finished shards of one stage."""
+    """A Prefect progress artifact of one stage's shards done, those an earlier run finished
+    included: a rerun starts where the stage stands and ends at 100%."""
 
-    def __init__(self, stage: str, total: int):
-        self.stage, self.total, self.done = stage, max(total, 1), 0
-        self.artifact = create_progress_artifact(0.0, key=f"{stage.replace('_', '-')}-progress",
+    def __init__(self, stage: str, shards: list[str], store: ShardStore):
+        self.stage, self.total = stage, max(len(shards), 1)
+        self.done = len(set(store.done_shards(stage)) & set(shards))
+        self.artifact = create_progress_artifact(self._percent(), key=f"{stage.replace('_', '-')}-progress",
                                                  description=f"{stage}: shards finished")
+
+    def _percent(self) -> float:
+        return min(100.0, 100.0 * self.done / self.total)
 
     def __call__(self, shard: str, _result=None) -> None:
         self.done += 1
-        update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
+        update_progress_artifact(self.artifact, self._percent())
 
 
 def publish_table(key: str, rows: list[dict], description: str) -> None:

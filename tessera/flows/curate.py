@@ -19,7 +19,7 @@ from tessera.core.store import ShardStore
 def download_task(cfg: RunConfig, store: ShardStore) -> DownloadResult:
     shards = sources.prepare(cfg.source, cfg.download, store, cfg.ray)
     result = sources.run(cfg.source, cfg.download, cfg.ray, store,
-                         on_shard=ShardProgress("download", len(shards)))
+                         on_shard=ShardProgress("download", shards, store))
     logger().info("Downloaded %d of %d rows; dropped %s.", result.downloaded, result.rows_in,
                   ", ".join(f"{n} {r}" for r, n in sorted(result.dropped.items())) or "none")
     return result

@@ -16,7 +16,7 @@ from tessera.core.store import ShardStore
 @task(name="score", **RETRIES)
 def score_task(cfg: RunConfig, store: ShardStore) -> score.ScoreResult:
     shards = store.done_shards("download")
-    result = score.run(cfg.filters, cfg.ray, store, cfg.models_root, on_shard=ShardProgress("score", len(shards)))
+    result = score.run(cfg.filters, cfg.ray, store, cfg.models_root, on_shard=ShardProgress("score", shards, store))
     sources = ", ".join(f"{n} {'from ' + s['column'] if s['source'] == 'metadata' else s['source']}"
                         for n, s in sorted(result.sources.items()))
     logger().info("Scored %d samples in %d shards (%s); %d images unreadable.", result.samples, result.shards,
@@ -28,7 +28,7 @@ def score_task(cfg: RunConfig, store: ShardStore) -> score.ScoreResult:
 def select_task(cfg: RunConfig, store: ShardStore) -> select.SelectResult:
     shards = store.done_shards(score.STAGE)
     init_ray(cfg.ray)  # select and the report run their per-shard work as Ray tasks
-    result = select.run(cfg.filters, store, on_shard=ShardProgress("select", len(shards)))
+    result = select.run(cfg.filters, store, on_shard=ShardProgress("select", shards, store))
     rows = [{"filter": name, **{k: str(v) for k, v in desc.items()}} for name, desc in result.thresholds["filters"].items()]
     publish_table("thresholds", rows, "The threshold of each filter, as applied (reports/thresholds.json).")
     logger().info("Kept %d of %d samples; dropped %s.", result.kept, result.samples,

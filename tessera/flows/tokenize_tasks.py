@@ -13,7 +13,7 @@ from tessera.core.token_shards import tokens_folder
 def tokenize_task(cfg: RunConfig, store: ShardStore) -> tokenize.TokenizeResult:
     shards = tokenize.input_shards(store)
     result = tokenize.run(cfg.tokenize, cfg.ray, store, cfg.models_root,
-                          on_shard=ShardProgress("tokenize", len(shards)))
+                          on_shard=ShardProgress("tokenize", shards, store))
     rows = []
     for res in cfg.tokenize.resolutions:
         m = store.read_json(tokens_folder(res), "manifest.json")

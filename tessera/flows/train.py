@@ -6,7 +6,8 @@ newest checkpoint, so a retry never loses more than the steps since that checkpo
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.artifacts import (create_image_artifact, create_markdown_artifact, create_progress_artifact,
+                                update_progress_artifact)
 
 from tessera.config import load_config
 from tessera.flows.common import RETRY_ONCE, logger, publish_table
@@ -14,10 +15,25 @@ from tessera.pipelines import sample as sampling
 from tessera.pipelines import train
 
 
+class TrainingProgress:
+    """While a stage trains: each logged step (every log_every steps) as a line of the flow run's log
+    and as a progress artifact, step / max_steps, so the Prefect UI follows the run and a resumed
+    run starts where it stands."""
+
+    def __init__(self, stage: str, max_steps: int):
+        self.stage, self.max_steps, self.log = stage, max_steps, logger()
+        self.artifact = create_progress_artifact(0.0, key=f"{stage}-progress",
+                                                 description=f"{stage}: steps done of {max_steps}")
+
+    def __call__(self, row: dict) -> None:
+        self.log.info(train.step_line(self.stage, self.max_steps, row))
+        update_progress_artifact(self.artifact, min(100.0, 100.0 * row["step"] / self.max_steps))
+
+
 @task(name="train", **RETRY_ONCE)
 def train_task(config: str, overrides: list[str], stage: str, run: str | None) -> train.TrainResult:
     cfg = load_config(config, overrides)
-    result = train.run(cfg, stage, run_name=run)
+    result = train.run(cfg, stage, run_name=run, on_step=TrainingProgress(stage, getattr(cfg, stage).max_steps))
     logger().info("%s stands at step %d; loss %s -> %s; checkpoint %s.", stage, result.step,
                   _fmt(result.first_loss), _fmt(result.last_loss), result.checkpoint)
     return result

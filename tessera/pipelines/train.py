@@ -15,8 +15,11 @@ torchrun's environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.distributed as dist
 
@@ -29,7 +32,9 @@ from tessera.models.identity import settle
 from tessera.models.refs import resolve
 from tessera.training.checkpoint import latest_checkpoint, stage_dir, step_of
 from tessera.training.loop import TrainJob, starting_identity, train_worker
-from tessera.training.metrics import read_metrics
+from tessera.training.metrics import MetricsTail, read_metrics
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainJob", "TrainResult", "read_metrics", "run", "train_job", "train_worker"]
 
@@ -79,9 +84,25 @@ def train_job(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: 
                     vq=resolve(tcfg.vq, cfg.models_root) if tcfg.vq else None)
 
 
-def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None) -> TrainResult:
-    """Train (or resume) one stage of a run; returns where it ended."""
+def step_line(stage: str, max_steps: int, row: dict) -> str:
+    return (f"{stage} step {row['step']}/{max_steps}: loss {row['loss']:.4f}, grad norm {row['grad_norm']:.3f}, "
+            f"{row['tokens_per_s']:.0f} tokens/s, data wait {100 * row['data_wait']:.0f}%.")
+
+
+def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | None = None,
+        on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train (or resume) one stage of a run; returns where it ended. Each logged step's metrics go
+    to `on_step` while it trains (default: one log line each), from this process only (under
+    torchrun, from rank 0)."""
     job = train_job(cfg, stage, run_name, stop_at)
+    follow = on_step or (lambda row: log.info(step_line(stage, job.train.max_steps, row)))
+    tail = MetricsTail(job.run_dir, follow) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with tail:
+        step = _train(cfg, stage, run_name, job)
+    return _result(stage, job, step)
+
+
+def _train(cfg: RunConfig, stage: str, run_name: str | None, job: TrainJob) -> int | None:
     tcfg = job.train
     # Refuse a text_rope / rope_grid that contradicts the starting weights here, in one line,
     # before any worker starts (the workers settle the same way).
@@ -102,9 +123,11 @@ def run(cfg: RunConfig, stage: str, run_name: str | None = None, stop_at: int | 
                                     storage_path=job.run_dir + "/ray"),
         )
         trainer.fit()
-        step = None
-    else:
-        step = train_worker(job)["step"]
+        return None
+    return train_worker(job)["step"]
+
+
+def _result(stage: str, job: TrainJob, step: int | None) -> TrainResult:
     history = read_metrics(job.run_dir)
     ckpt = latest_checkpoint(ShardStore(job.run_dir))
     unusable = history[-1].get("skipped_samples", 0) if history else 0

@@ -239,15 +239,9 @@ class Worker:
         peak = peak_flops(cfg, d.device)
         if peak:
             values["mfu"] = mfu(self.model_cfg, n_tokens, cfg.global_batch / seconds, peak * d.world)
+        # The driver prints the step lines from metrics.jsonl (MetricsTail), once each: no line
+        # here, and no ray.train.report, whose own log line would double every step.
         self.metrics.write(self.step, values)
-        if d.in_ray:
-            import ray.train  # only under Ray Train; the loop runs without Ray installed
-
-            ray.train.report({"step": self.step, **values})
-        if d.rank == 0:
-            log.info("%s step %d/%d: loss %.4f, grad norm %.3f, %.0f tokens/s, data wait %.0f%%.",
-                     self.job.stage, self.step, cfg.max_steps, values["loss"], values["grad_norm"],
-                     tokens_per_s, 100 * values["data_wait"])
 
     def save(self) -> None:
         url = self.checkpointer.save(self.step, self.model, self.optimizer,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
+from typing import Callable
 
 from tessera.core.store import ShardStore
 
@@ -68,3 +70,42 @@ def read_tensorboard_scalars(run_dir: str, tag: str) -> list[tuple[int, float]]:
     events = EventAccumulator(ShardStore(run_dir).url("tensorboard"))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+class MetricsTail:
+    """Follows a run's metrics.jsonl while training writes it (on Ray workers or in this process),
+    from a thread of the driver: `on_step(row)` once for each step logged after it started. The
+    driver is where the step lines are printed, once each, and where a flow reports progress."""
+
+    def __init__(self, run_dir: str, on_step: Callable[[dict], None], every: float = 2.0):
+        self.run_dir, self.on_step, self.every = run_dir, on_step, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="metrics-tail", daemon=True)
+        self.seen = 0
+
+    def __enter__(self) -> "MetricsTail":
+        rows = self._rows()
+        self.seen = rows[-1]["step"] if rows else 0
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+
+    def _rows(self) -> list[dict]:
+        try:
+            return read_metrics(self.run_dir)
+        except (OSError, ValueError):  # the file is being rewritten: read it on the next poll
+            return []
+
+    def poll(self) -> None:
+        for row in self._rows():
+            if row["step"] > self.seen:
+                self.seen = row["step"]
+                self.on_step(row)
+
+    def _follow(self) -> None:
+        while not self.stop.wait(self.every):
+            self.poll()
