@@ -16,9 +16,17 @@ import uuid
 from dataclasses import dataclass, field
 
 import fsspec
+import pyarrow.parquet as pq
 
 from tessera.config import RunConfig
 from tessera.config.steps import SECTIONS, has_section, runnable_steps
+from tessera.config.train import SampleConfig
+from tessera.fetch_models import named_models
+from tessera.models.fetch import ModelMissing, locate
+from tessera.models.gpt_configs import GPT_CONFIGS
+from tessera.models.refs import BUILDERS, PREFIX
+from tessera.pipelines.download import InputError
+from tessera.pipelines.ingest import list_files
 
 # The models each step loads, by the config key prefix fetch_models.named_models gives them.
 MODEL_KEYS = {"curate": ("filters.", "caption.", "tokenize."), "stage1": ("stage1.",), "stage2": ("stage2.",),
@@ -32,7 +40,6 @@ class PreflightError(Exception):
 @dataclass
 class Plan:
     """What a command will do: the steps, and those left out for want of a config section."""
-
     steps: list[str]
     skipped: list[str] = field(default_factory=list)
 
@@ -45,8 +52,6 @@ def _first_line(error: BaseException) -> str:
 # The config ---------------------------------------------------------------------------------------
 def check_model_names(cfg: RunConfig) -> None:
     """Every generator name the config gives is one the model zoo builds (GPT-B, GPT-XL, ...)."""
-    from tessera.models.gpt_configs import GPT_CONFIGS
-
     named = [(f"{s}.model", getattr(cfg, s).model) for s in ("stage1", "stage2", "sample", "eval")
              if getattr(cfg, s) is not None]
     for key, name in named:
@@ -69,9 +74,6 @@ def plan_steps(cfg: RunConfig, asked: list[str] | None, config_path: str) -> Pla
 def check_source(cfg: RunConfig) -> list[str] | None:
     """The source exists and has the columns the config names (a synthetic one is made on the run).
     Returns the columns of a parquet source (None for the other kinds)."""
-    from tessera.pipelines.download import InputError
-    from tessera.pipelines.ingest import list_files
-
     src = cfg.source
     if src.synthetic is not None:
         return None
@@ -96,8 +98,6 @@ def check_source(cfg: RunConfig) -> list[str] | None:
                     (src.hf_parquet.caption_column, "source.hf_parquet.caption_column"))
         else:
             need = ((src.columns.url, "source.columns.url"), (src.columns.caption, "source.columns.caption"))
-        import pyarrow.parquet as pq
-
         with fs.open(files[0], "rb") as f:
             names = pq.read_schema(f).names
     except InputError as e:
@@ -132,9 +132,6 @@ def needed_models(cfg: RunConfig, steps: list[str], columns: list[str] | None = 
     read from the input's metadata needs its model only when the input lacks the column: when
     `columns` (a parquet source's) says so; a synthetic source carries every score column, and for
     the other kinds the score stage itself says when a model is missing."""
-    from tessera.config.train import SampleConfig
-    from tessera.fetch_models import named_models
-
     if "sample" in steps and cfg.sample is None:  # `tessera sample` without a section: the defaults
         cfg = cfg.model_copy(update={"sample": SampleConfig()})
     prefixes = tuple(p for s in steps for p in MODEL_KEYS[s])
@@ -148,9 +145,6 @@ def needed_models(cfg: RunConfig, steps: list[str], columns: list[str] | None = 
 
 def check_models(cfg: RunConfig, steps: list[str], config_path: str, columns: list[str] | None = None) -> None:
     """Every model the steps load is under models_root (or built on demand, for tiny ones)."""
-    from tessera.models.fetch import ModelMissing, locate
-    from tessera.models.refs import BUILDERS, PREFIX
-
     missing, tiny = [], False
     for key, ref in needed_models(cfg, steps, columns):
         if ref.startswith(PREFIX):
