@@ -153,11 +153,15 @@ def eval_cmd(args) -> int:
 
 def submit_cmd(args) -> int:
     from tessera.preflight import PreflightError, check_cluster, check_model_names, plan_steps
-    from tessera.submit import SubmitError, submit
+    from tessera.submit import SubmitError, parse_env, submit
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("nothing to submit: give a tessera command after --, e.g. -- all configs/FILE.yaml")
+    try:
+        parse_env(args.env)
+    except SubmitError as e:
+        raise UsageError(str(e)) from None
     inner = parse(command)
     if inner.command == "submit":
         raise UsageError("a submitted command cannot itself be `submit`")

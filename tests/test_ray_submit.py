@@ -62,10 +62,11 @@ def test_token_auth_stays_on_and_needs_a_token(tmp_path):
         submit.auth_environment({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}, home=tmp_path)
 
 
-def test_cli_reports_a_bad_env_item():
+def test_cli_reports_a_bad_env_item(capsys):
     from tessera.cli import main
 
     assert main(["submit", "--env", "NOVALUE", "--", "curate", "--config", "configs/demo.yaml"]) == 2
+    assert "--env 'NOVALUE' must look like NAME=VALUE" in capsys.readouterr().err  # before the cluster is asked
 
 
 # A real cluster -----------------------------------------------------------------------------
