@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= $(CURDIR)/demo-output
 CONFIG ?= configs/demo.yaml
-# PREFECT_HOME is left to Prefect (~/.prefect) or to you, as `tessera` leaves it: `make ui` shows
-# the runs started from make and from `tessera` alike.
+# PREFECT_HOME: Prefect's own default (~/.prefect) unless you set it, as `tessera` leaves it, so
+# `make ui` shows the runs started from make and from `tessera` alike.
+export PREFECT_HOME ?= $(HOME)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export NO_ALBUMENTATIONS_UPDATE := 1
