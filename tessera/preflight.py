@@ -25,8 +25,7 @@ from tessera.fetch_models import named_models
 from tessera.models.fetch import ModelMissing, locate
 from tessera.models.gpt_configs import GPT_CONFIGS
 from tessera.models.refs import BUILDERS, PREFIX
-from tessera.pipelines.download import InputError
-from tessera.pipelines.ingest import list_files
+from tessera.pipelines.intake import InputError, list_files
 
 # The models each step loads, by the config key prefix fetch_models.named_models gives them.
 MODEL_KEYS = {"curate": ("filters.", "caption.", "tokenize."), "stage1": ("stage1.",), "stage2": ("stage2.",),
