@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tessera.config import load_config
+from tessera.demo.synthetic import SyntheticSource
 from tessera.flows import deploy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,24 +117,27 @@ def test_make_deploy_registers_every_flow_with_the_work_pool(prefect_server, tmp
 def test_deployment_runs_to_completed_through_a_worker(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
 
-    register(prefect_server, tmp_path, "--only", "curate")
+    overrides = register(prefect_server, tmp_path, "--only", "curate")
     with api(prefect_server), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("curate/curate")
         run = client.create_flow_run_from_deployment(deployment.id)
 
-    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "tessera-test", "--type", "process"],
-                   {**prefect_server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")
-    try:
-        deadline = time.time() + 600
-        with api(prefect_server), get_client(sync_client=True) as client:
-            while True:
-                state = client.read_flow_run(run.id).state
-                if state.is_final() or time.time() > deadline:
-                    break
-                time.sleep(1)
-            artifacts = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
-    finally:
-        stop(worker)
+    # The synthetic source is generated and served here, as the demo serves it; the flow run only downloads.
+    cfg = load_config("configs/demo.yaml", overrides)
+    with SyntheticSource(cfg.source.synthetic, cfg.source.path, cfg.download.timeout):
+        worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "tessera-test", "--type", "process"],
+                       {**prefect_server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")
+        try:
+            deadline = time.time() + 600
+            with api(prefect_server), get_client(sync_client=True) as client:
+                while True:
+                    state = client.read_flow_run(run.id).state
+                    if state.is_final() or time.time() > deadline:
+                        break
+                    time.sleep(1)
+                artifacts = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
+        finally:
+            stop(worker)
     assert state.is_completed(), f"flow run ended {state.type}: {(tmp_path / 'worker.log').read_text()[-4000:]}"
     assert (tmp_path / "data" / "download" / "00001.done").exists()
     assert {"download-progress", "funnel"} <= artifacts
