@@ -21,6 +21,7 @@ from tessera.config.eval import EvalConfig
 from tessera.config.models import ModelSource
 from tessera.config.ray import RayConfig
 from tessera.config.filters import FiltersConfig
+from tessera.config.storage import StorageConfig, apply_storage
 from tessera.config.tokenize import TokenizeConfig
 from tessera.config.train import SampleConfig, TrainConfig
 
@@ -49,6 +50,8 @@ class RunConfig(Section):
     # Where `tessera fetch-models` gets the models this config names, keyed by the name as written
     # (path, file name or hub id); these add to and override the built-in sources.
     model_sources: dict[str, ModelSource] = {}
+    # Object storage (s3://, gs://): endpoint, region, anonymous access, extra fsspec options.
+    storage: StorageConfig = StorageConfig()
     # A local Ray, or the cluster to join.
     ray: RayConfig = RayConfig()
     # The input: its kind, path and columns.
@@ -165,9 +168,11 @@ def load_config(
         key, value = _parse_override(item)
         _set_dotted(tree, key, value, f"{path} (override {item!r})")
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(str(path), e)) from None
+    apply_storage(cfg.storage)  # every filesystem opened from here on, and Ray workers started after
+    return cfg
 
 
 __all__ = ["ConfigError", "RunConfig", "Section", "load_config"]

@@ -5,7 +5,9 @@ import logging
 import os
 
 from tessera.config.ray import RayConfig
+from tessera.config.storage import forwarded_env
 from tessera.core.localray import prepare_local_ray
+from tessera.core.runtime import set_stage_limits
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +23,22 @@ WORKER_ENV = {
 }
 
 
+def worker_env() -> dict[str, str]:
+    """Every Ray worker's environment: WORKER_ENV, and the driver's storage settings and
+    credentials (fsspec defaults, AWS_* and GOOGLE_* variables), so that workers open the same
+    filesystems the driver does."""
+    return {**forwarded_env(), **WORKER_ENV}
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join the cluster named by the config (or RAY_ADDRESS), else start a local Ray."""
     import ray
 
+    set_stage_limits(cfg.stages)
     if ray.is_initialized():
         return
     os.environ.update(WORKER_ENV)
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    runtime_env = {"env_vars": worker_env()}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("Connecting to the Ray cluster at %s.", address)

@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from tessera.config.ray import StageLimits
 from tessera.core.crashpoints import crash_point
 from tessera.core.errors import is_permanent
 from tessera.core.store import ShardStore
 
 log = logging.getLogger(__name__)
 FAILED = ".failed"
+# Tasks in flight when neither the stage nor the config says: every shard up to this many.
+DEFAULT_MAX_IN_FLIGHT = 1024
 
 
 @dataclass
@@ -71,9 +76,8 @@ def failures(store: ShardStore, stage: str) -> dict[str, dict]:
 
 
 def _clear_failure(store: ShardStore, stage: str, shard: str) -> None:
-    path = store.path(stage, shard + FAILED)
-    if store.fs.exists(path):
-        store.fs.rm(path)
+    if store.exists(stage, shard + FAILED):
+        store.fs.rm(store.path(stage, shard + FAILED))
 
 
 def _describe(error: BaseException) -> str:
@@ -82,12 +86,64 @@ def _describe(error: BaseException) -> str:
     return (text[0] if text else type(cause).__name__)[:500]
 
 
+# Limits: tasks in flight and time per shard, per stage ----------------------------------------------
+_stage_limits: dict[str, StageLimits] = {}
+
+
+def set_stage_limits(limits: dict[str, StageLimits]) -> None:
+    """The config's per-stage limits (`ray.stages`), for every stage this process runs from now on."""
+    _stage_limits.clear()
+    _stage_limits.update(limits)
+
+
+def stage_limits(desc: str) -> StageLimits:
+    """The limits of a stage, or of a pass named `stage:pass` (its own entry, else its stage's)."""
+    return _stage_limits.get(desc) or _stage_limits.get(desc.split(":", 1)[0]) or StageLimits()
+
+
+def in_flight_limit(shards: int, given: int | None, limits: StageLimits) -> int:
+    """Tasks submitted at once: the config's limit, else the stage's, else every shard (up to
+    DEFAULT_MAX_IN_FLIGHT). Never the CPUs present now: tasks waiting for resources are the demand
+    that makes an autoscaling cluster add nodes."""
+    return max(1, min(shards, limits.max_in_flight or given or DEFAULT_MAX_IN_FLIGHT))
+
+
+class _Watchdog:
+    """Ends the worker process when one shard takes longer than its timeout. A hung call cannot be
+    interrupted from inside; ending the process frees its resources, the driver sees the worker
+    die, and counts it as a failed attempt (retried, then written down as failed)."""
+
+    def __init__(self, what: str, timeout_s: float | None):
+        self.timer = None
+        if timeout_s:
+            self.timer = threading.Timer(timeout_s, self._expire, (what, timeout_s))
+            self.timer.daemon = True
+
+    @staticmethod
+    def _expire(what: str, timeout_s: float) -> None:
+        log.error("%s: no result after shard_timeout_s=%s; ending this worker so that the shard is retried.",
+                  what, timeout_s)
+        logging.shutdown()
+        os._exit(75)
+
+    def __enter__(self):
+        if self.timer:
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.timer:
+            self.timer.cancel()
+
+
 # The worker side --------------------------------------------------------------------------------
 def process_shard(work: Callable[..., dict], store: ShardStore, stage: str | None, shard: str,
-                  fingerprint: str | None, stamp: dict, kwargs: dict, shard_kwargs: dict) -> dict:
+                  fingerprint: str | None, stamp: dict, kwargs: dict, shard_kwargs: dict,
+                  timeout_s: float | None = None) -> dict:
     """Run one shard's work; for a stage, write its marker last. Returns the summary."""
     start = time.monotonic()
-    summary = work(store, shard, **kwargs, **shard_kwargs)
+    with _Watchdog(f"{stage or 'pass'} shard {shard}", timeout_s):
+        summary = work(store, shard, **kwargs, **shard_kwargs)
     if stage is None:  # a pass of a global decision: its small answer goes back as it is
         return summary
     if not isinstance(summary, dict):
@@ -110,11 +166,20 @@ class ShardActor:
         self.work = work_class(**kwargs)
 
     def process(self, store: ShardStore, stage: str | None, shard: str, fingerprint: str | None, stamp: dict,
-                shard_kwargs: dict) -> dict:
-        return process_shard(self.work, store, stage, shard, fingerprint, stamp, {}, shard_kwargs)
+                shard_kwargs: dict, timeout_s: float | None = None) -> dict:
+        return process_shard(self.work, store, stage, shard, fingerprint, stamp, {}, shard_kwargs, timeout_s)
 
 
 # The driver side --------------------------------------------------------------------------------
+def _timeout_note(error: BaseException, limits: StageLimits) -> str:
+    """A worker that died under a shard timeout was most likely ended by its watchdog: say so."""
+    import ray
+
+    died = isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError))
+    return f" (a shard still running after shard_timeout_s={limits.shard_timeout_s} ends its worker)" \
+        if died and limits.shard_timeout_s else ""
+
+
 class _Pool:
     """Submits shards to Ray tasks, or to a fixed pool of actors (replacing one that dies). The
     keyword arguments are put in Ray's object store once, not sent with every task."""
@@ -139,11 +204,12 @@ class _Pool:
     def can_submit(self, in_flight: int, max_in_flight: int) -> bool:
         return bool(self.idle) if self.is_class else in_flight < max_in_flight
 
-    def submit(self, store, stage, shard, fingerprint, stamp, shard_kwargs: dict):
+    def submit(self, store, stage, shard, fingerprint, stamp, shard_kwargs: dict, timeout_s: float | None):
         if not self.is_class:
-            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp, self.kwargs, shard_kwargs)
+            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp, self.kwargs, shard_kwargs,
+                                    timeout_s)
         actor = self.idle.pop()
-        ref = actor.process.remote(store, stage, shard, fingerprint, stamp, shard_kwargs)
+        ref = actor.process.remote(store, stage, shard, fingerprint, stamp, shard_kwargs, timeout_s)
         self.busy[ref] = actor
         return ref
 
@@ -174,8 +240,8 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
 
     if not ray.is_initialized():
         raise RuntimeError(f"{desc}: start Ray first (tessera.core.raytools.init_ray)")
-    if max_in_flight is None:
-        max_in_flight = max(1, int(2 * ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1)))
+    limits = stage_limits(stage or desc)
+    max_in_flight = in_flight_limit(len(names), max_in_flight, limits)
     pool = _Pool(work, kwargs, num_cpus, num_gpus, actors)
     queue = [(name, 0) for name in reversed(names)]  # popped from the end, in order
     pending: dict[Any, tuple[str, int]] = {}
@@ -188,19 +254,19 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
                     name, attempt = queue.pop()
                     fp = fingerprints.get(name) if fingerprints is not None else None
                     extra = shard_kwargs(name) if shard_kwargs else {}
-                    pending[pool.submit(store, stage, name, fp, stamp, extra)] = (name, attempt)
+                    pending[pool.submit(store, stage, name, fp, stamp, extra, limits.shard_timeout_s)] = (name, attempt)
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 name, attempt = pending.pop(ready[0])
                 try:
                     summary = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - one shard never stops the others
                     pool.release(ready[0], e)
+                    error = _describe(e) + _timeout_note(e, limits)
                     if attempt < retries and not is_permanent(e):
-                        log.warning("%s: %s failed (attempt %d of %d): %s", desc, name, attempt + 1, retries + 1,
-                                    _describe(e))
+                        log.warning("%s: %s failed (attempt %d of %d): %s", desc, name, attempt + 1, retries + 1, error)
                         queue.append((name, attempt + 1))
                         continue
-                    failed[name] = _describe(e)
+                    failed[name] = error
                     log.error("%s: %s failed after %d attempt(s)%s: %s", desc, name, attempt + 1,
                               " (not retried: it cannot succeed on a retry)" if is_permanent(e) else "", failed[name])
                     if stage is not None:

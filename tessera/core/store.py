@@ -1,15 +1,27 @@
 """The shard store: one dataset root (a local path or an fsspec URL), stage folders under it.
 
-A shard file is written under a temporary name and renamed into place; a shard is done when
-its completion marker exists, and the marker is always written last. A crash therefore never
-leaves a half shard that looks done, and a rerun redoes exactly the shards without a marker.
+A shard is done when its completion marker exists, and the marker is always written last. On a
+filesystem with rename (local disk, memory://) a file is written under a temporary name and
+renamed into place. Object stores (s3://, gs://, ...) have no rename: a file is written to a local
+temporary file and uploaded whole, and an object becomes visible only when its upload completes.
+Either way a crash never leaves a half file that looks finished, and a rerun redoes exactly the
+shards without a marker.
+
+Listings that decide what is done are always fresh: the store drops the filesystem's cached
+listing of a folder before it lists it or asks whether a file exists, in the driver and in every
+worker and actor (another process may have written there since).
+
+A marker that cannot be read (empty after a crash or a full disk, cut short) counts as absent:
+its shard is redone, and a warning names the file.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
+import tempfile
 import uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
@@ -21,6 +33,11 @@ if TYPE_CHECKING:
 
 from tessera.core.crashpoints import crash_point
 
+log = logging.getLogger(__name__)
+
+# Filesystems that rename a file atomically; the others (object stores) get whole-object uploads.
+RENAMING_PROTOCOLS = frozenset({"file", "local", "memory"})
+
 
 def shard_name(index: int) -> str:
     """Shard names are zero-padded indices, as img2dataset writes them."""
@@ -28,16 +45,20 @@ def shard_name(index: int) -> str:
 
 
 class ShardStore:
-    def __init__(self, root: str):
+    def __init__(self, root: str, storage_options: dict | None = None):
+        """`storage_options` add to the process's fsspec defaults (the config's `storage`)."""
         self.root = root.rstrip("/")
-        self.fs, self._base = fsspec.core.url_to_fs(self.root)
+        self.fs, self._base = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.renames = self.protocol in RENAMING_PROTOCOLS
 
     def __repr__(self) -> str:
         return f"ShardStore({self.root!r})"
 
-    def __reduce__(self):  # ship to Ray workers by URL, not by open handles
-        return (ShardStore, (self.root,))
+    def __reduce__(self):
+        # Shipped to Ray workers by URL and the options the filesystem was opened with (endpoint,
+        # region, ...), not by open handles: a worker reaches the same store as the driver.
+        return (ShardStore, (self.root, dict(self.fs.storage_options)))
 
     # Paths --------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -48,26 +69,46 @@ class ShardStore:
         """The full URL of a file under the root, for libraries that take URLs."""
         return posixpath.join(self.root, *parts)
 
+    def fresh(self, path: str) -> str:
+        """Drop any cached listing of `path` and its folder, so that what follows asks the store."""
+        self.fs.invalidate_cache(path)
+        self.fs.invalidate_cache(posixpath.dirname(path.rstrip("/")))
+        return path
+
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        return self.fs.exists(self.fresh(self.path(*parts)))
 
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)
 
+    def _entries(self, folder: str) -> list[dict]:
+        """The files of a folder as fresh listing entries (name, size, ...); [] when it is absent."""
+        try:
+            return self.fs.ls(self.fresh(self.path(folder)), detail=True)
+        except FileNotFoundError:
+            return []
+
     def list(self, folder: str, suffix: str = "") -> list[str]:
         """Names (not paths) of the files in a stage folder, sorted."""
-        if not self.exists(folder):
-            return []
-        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(folder), detail=False)]
+        names = [posixpath.basename(e["name"].rstrip("/")) for e in self._entries(folder)]
         return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
 
     # Atomic writes ------------------------------------------------------------------------
     @contextmanager
     def open_atomic(self, *parts: str, mode: str = "wb") -> Iterator[io.IOBase]:
-        """Write to a temporary name next to the target, rename into place on success only. On a
-        local disk the file is fsynced before the rename and its folder after: after a power cut
-        the file is there whole or not at all. (Object stores write whole objects.)"""
+        """A file that appears at its path whole, on success only. On a filesystem with rename it is
+        written under a temporary name and renamed into place; on a local disk the file is fsynced
+        before the rename and its folder after, so after a power cut it is there whole or not at
+        all. On an object store it is written to a local file and uploaded whole."""
         final = self.path(*parts)
+        if not self.renames:
+            with tempfile.TemporaryDirectory(prefix="tessera-upload-") as tmpdir:
+                local = os.path.join(tmpdir, posixpath.basename(final))
+                with open(local, mode) as f:
+                    yield f
+                self.fs.put_file(local, final)
+            self.fresh(final)
+            return
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         try:
@@ -116,6 +157,10 @@ class ShardStore:
     def move_in(self, local_path: str, *parts: str) -> None:
         """Move a finished local file into the store, atomically at the target."""
         final = self.path(*parts)
+        if not self.renames:  # one whole-object upload, visible when complete
+            self.fs.put_file(local_path, final)
+            self.fresh(final)
+            return
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         self.fs.put_file(local_path, tmp)
@@ -131,7 +176,7 @@ class ShardStore:
         return stage, f"{shard}.done"
 
     def is_done(self, stage: str, shard: str) -> bool:
-        return self.exists(*self.marker(stage, shard))
+        return self.marker_info(stage, shard) is not None
 
     def mark_done(self, stage: str, shard: str, info: dict | None = None) -> None:
         """Write a shard's marker, last: its outputs are on disk before it (each fsynced when
@@ -139,30 +184,56 @@ class ShardStore:
         self.write_json(info or {}, *self.marker(stage, shard))
 
     def done_info(self, stage: str, shard: str) -> dict:
-        return self.read_json(*self.marker(stage, shard))
+        info = self.marker_info(stage, shard)
+        if info is None:
+            raise FileNotFoundError(f"{self.url(*self.marker(stage, shard))}: no readable completion marker")
+        return info
 
     def marker_info(self, stage: str, shard: str) -> dict | None:
-        """The marker's contents, or None when the shard is not done."""
-        return self.done_info(stage, shard) if self.is_done(stage, shard) else None
+        """The marker's contents, or None when the shard is not done (or its marker is unreadable)."""
+        path = self.fresh(self.path(*self.marker(stage, shard)))
+        try:
+            blob = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return self._parse_marker(path, blob)
+
+    def _parse_marker(self, path: str, blob: bytes) -> dict | None:
+        try:
+            info = json.loads(blob)
+            if not isinstance(info, dict):
+                raise ValueError(f"a JSON {type(info).__name__}, not an object")
+            return info
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            log.warning("Unreadable completion marker %s (%d bytes: %s): its shard counts as not done and is "
+                        "redone.", self.fs.unstrip_protocol(path), len(blob), str(e).splitlines()[0][:120])
+            return None
 
     def done_shards(self, stage: str) -> list[str]:
-        return [n[: -len(".done")] for n in self.list(stage, ".done")]
+        """Shards with a non-empty marker (one listing; `markers` also reads them)."""
+        names = [(posixpath.basename(e["name"].rstrip("/")), e.get("size")) for e in self._entries(stage)]
+        return sorted(n[: -len(".done")] for n, size in names if n.endswith(".done") and ".tmp-" not in n and size != 0)
 
     def markers(self, stage: str) -> dict[str, dict]:
         """Every done shard of a stage with its marker's contents: one listing and one batched
-        read (object stores fetch the files concurrently), not one request per shard in turn."""
-        shards = self.done_shards(stage)
+        read (object stores fetch the files concurrently), not one request per shard in turn.
+        Unreadable markers are left out, with a warning naming each."""
+        names = [(posixpath.basename(e["name"].rstrip("/")), e.get("size")) for e in self._entries(stage)]
+        shards = sorted(n[: -len(".done")] for n, _ in names if n.endswith(".done") and ".tmp-" not in n)
         if not shards:
             return {}
         paths = [self.path(*self.marker(stage, s)) for s in shards]
         blobs = self.fs.cat(paths, on_error="omit")
-        return {s: json.loads(blobs[p]) for s, p in zip(shards, paths) if p in blobs}
+        out = {}
+        for shard, path in zip(shards, paths):
+            info = self._parse_marker(path, blobs[path]) if path in blobs else None
+            if info is not None:
+                out[shard] = info
+        return out
 
     def clear_temporaries(self, stage: str) -> int:
         """Remove temporaries a crashed run left behind; returns how many."""
-        if not self.exists(stage):
-            return 0
-        stale = [p for p in self.fs.ls(self.path(stage), detail=False) if ".tmp-" in posixpath.basename(p)]
+        stale = [e["name"] for e in self._entries(stage) if ".tmp-" in posixpath.basename(e["name"].rstrip("/"))]
         for p in stale:
             self.fs.rm(p, recursive=True)
         return len(stale)
