@@ -16,6 +16,8 @@ import warnings
 from importlib.resources import files
 
 from tessera.config import ConfigError, RunConfig, load_config
+from tessera.core.lease import LeaseHeld, active_holder
+from tessera.core.store import ShardStore
 
 # The same environment whether a run starts from make or from `tessera`: runs are offline (models
 # come from models_root), and Prefect keeps its state in its own default home (~/.prefect) unless
@@ -62,6 +64,20 @@ def preflight_run(args, cfg: RunConfig, steps: list[str], run: str | None = None
     return True
 
 
+def _wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="when another run is writing the data_root, wait for it to finish instead of refusing")
+
+
+def _refused(cfg, wait: bool) -> bool:
+    """Refuse at once, in one line, when another run holds the data_root's lease (before Prefect starts)."""
+    holder = None if wait else active_holder(ShardStore(cfg.data_root), cfg.storage.lease_stale_after_s)
+    if holder:
+        print(f"error: {cfg.data_root} is being written by {holder}; wait for it to finish (or add --wait)",
+              file=sys.stderr)
+    return bool(holder)
+
+
 def demo(args) -> int:
     from tessera.config.steps import runnable_steps
     from tessera.demo.flow import demo_overrides, run_demo
@@ -74,11 +90,13 @@ def demo(args) -> int:
 
 def curate_cmd(args) -> int:
     cfg = load(args)
+    if _refused(cfg, args.wait):
+        return 3
     if not preflight_run(args, cfg, ["curate"]):
         return 0
     from tessera.flows.curate import curate
 
-    curate(config=config_of(args), overrides=args.overrides)
+    curate(config=config_of(args), overrides=args.overrides, wait=args.wait)
     return 0
 
 
@@ -86,6 +104,8 @@ def all_cmd(args) -> int:
     from tessera.preflight import plan_steps
 
     cfg = load(args)
+    if _refused(cfg, args.wait):
+        return 3
     plan = plan_steps(cfg, args.steps, config_of(args))
     if plan.skipped:
         print(f"note: skipping {', '.join(plan.skipped)}: {config_of(args)} has no section for "
@@ -94,7 +114,7 @@ def all_cmd(args) -> int:
         return 0
     from tessera.flows.all import all_stages
 
-    all_stages(config=config_of(args), overrides=args.overrides, run=args.run, steps=plan.steps)
+    all_stages(config=config_of(args), overrides=args.overrides, run=args.run, steps=plan.steps, wait=args.wait)
     return 0
 
 
@@ -312,12 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "the whole pipeline on the embedded synthetic set", demo, DEMO_CONFIG)
     p.add_argument("--dir", default=os.environ.get("DEMO_DIR", "demo-output"),
                    help="where the demo writes everything (default: $DEMO_DIR or ./demo-output)")
-    command("curate", "download, score, select, caption and tokenize a data set", curate_cmd)
+    _wait_arg(command("curate", "download, score, select, caption and tokenize a data set", curate_cmd))
     p = command("all", "curate, then train stage 1 and stage 2, then sample and evaluate: the steps the config "
                        "has sections for", all_cmd)
     p.add_argument("--step", dest="steps", action="append", choices=list(STEPS),
                    help="run only this step (repeatable; default: every step the config has a section for)")
     _run_name(p)
+    _wait_arg(p)
     for name, what in (("stage1", "train (or resume) stage 1, 256px"),
                        ("stage2", "train (or resume) stage 2, 512px, from the stage-1 weights")):
         p = command(name, what, train_cmd)
@@ -381,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PreflightError, UsageError) as e:
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except LeaseHeld as e:  # another run took the lease between the check and the flow's start
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage outputs written directly in their on-disk formats, so each stage can be tested alone.
 
 `write_download_shard` writes what the download stage leaves (img2dataset's tar and parquet
-plus our marker); `write_selection` writes what selection leaves (scores with keep and reason).
+plus our marker); `write_selection` writes what score and select leave (scores, and select's
+decisions with keep and reason).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import pyarrow as pa
 import webdataset as wds
 
-from tessera.core.lineage import selection_summary
+from tessera.core.lineage import selection_summary, write_decisions
 from tessera.core.store import ShardStore
 from tessera.demo.synthetic import Picture, draw, picture
 
@@ -49,15 +50,16 @@ def write_download_shard(store: ShardStore, shard: str, n: int = 8, seed: int = 
 
 
 def write_selection(store: ShardStore, shard: str, rows: list[dict], keep: list[bool]) -> None:
-    """What the select stage leaves: scores/{shard}.parquet with keep and reason, and its marker."""
+    """What score and select leave: scores/{shard}.parquet, select/{shard}.parquet with keep and
+    reason, and select's marker."""
     table = pa.Table.from_pylist([
         {"key": r["key"], "url": r["url"], "hash": r["hash"], "sha256": r["sha256"],
-         "original_width": r["original_width"], "original_height": r["original_height"],
-         "keep": k, "reason": "" if k else "test_drop"}
-        for r, k in zip(rows, keep)
+         "original_width": r["original_width"], "original_height": r["original_height"]}
+        for r in rows
     ])
     store.write_table(table, "scores", f"{shard}.parquet")
     reasons = ["" if k else "test_drop" for k in keep]
+    write_decisions(store, shard, [r["key"] for r in rows], keep, reasons, [""] * len(keep))
     store.mark_done("select", shard, selection_summary([r["key"] for r in rows], keep, reasons, [""] * len(keep)))
     thresholds = store.read_json("reports", "thresholds.json") if store.exists("reports", "thresholds.json") else {}
     shards = sorted({*thresholds.get("shards", []), shard})

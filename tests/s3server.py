@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -24,8 +25,10 @@ def free_port() -> int:
 def s3_server(startup_s: float = 60) -> Iterator[str]:
     """Start `python -m moto.server` on 127.0.0.1; yields its endpoint URL, stops it after."""
     port = free_port()
+    # Its request log goes to a file: a pipe nobody reads would fill and stop the server.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **CREDENTIALS})
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS})
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s
@@ -35,7 +38,8 @@ def s3_server(startup_s: float = 60) -> Iterator[str]:
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"moto server exited: {proc.stderr.read().decode()[-2000:]}") from None
+                    log.seek(0)
+                    raise RuntimeError(f"moto server exited: {log.read().decode()[-2000:]}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"moto server did not answer on {endpoint} within {startup_s} s") from None
                 time.sleep(0.2)
@@ -47,3 +51,4 @@ def s3_server(startup_s: float = 60) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()

@@ -65,10 +65,13 @@ def test_each_sample_gets_the_first_failing_filters_reason(tmp_path):
     assert funnel[0] == {"stage": "select", "outcome": "kept", "reason": "", "count": 1}
     assert sum(r["count"] for r in funnel) == 7
     assert store.is_done("select", "00000")
-    # Decisions are added to the scores file; every column the score stage wrote stays as it was.
+    # Decisions go to select's own file; the scores file stays as the score stage wrote it.
     stored = store.read_table("scores", "00000.parquet").to_pandas().set_index("key")
     assert stored.loc["b", "url"] == "http://x/b.jpg" and stored.loc["f", "caption"] == ""
-    assert stored.loc["c", "reason"] == "low_aesthetic" and bool(stored.loc["a", "keep"])
+    assert not {"keep", "reason", "duplicate_of"} & set(stored.columns)
+    decided = store.read_table("select", "00000.parquet").to_pandas().set_index("key")
+    assert decided.loc["c", "reason"] == "low_aesthetic" and bool(decided.loc["a", "keep"])
+    assert list(decided.index) == list(stored.index)
 
 
 def test_target_count_is_exact_with_ties_broken_by_key(tmp_path):
@@ -120,9 +123,9 @@ def test_rerun_skips_until_something_changes(tmp_path):
     write_scores(store, "00000", [row("a"), row("b", clip=0.1)])
     select.run(cfg(), store)
     stamp = store.read_json("reports", "thresholds.json")["fingerprint"]
-    mtime = store.fs.modified(store.path("scores", "00000.parquet"))
+    mtime = store.fs.modified(store.path("select", "00000.parquet"))
     again = select.run(cfg(), store)
-    assert again.kept == 1 and store.fs.modified(store.path("scores", "00000.parquet")) == mtime
+    assert again.kept == 1 and store.fs.modified(store.path("select", "00000.parquet")) == mtime
     changed = select.run(cfg(clip_score={"min": 0.05}), store)
     assert changed.kept == 2 and store.read_json("reports", "thresholds.json")["fingerprint"] != stamp
 

@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any
 
+from pydantic import Field
+
 from tessera.config.base import Section
 
 # fsspec protocol -> the environment variable fsspec reads its defaults from at import.
@@ -37,6 +39,9 @@ class StorageConfig(Section):
     # Extra fsspec options per protocol, passed to every filesystem of that protocol, e.g.
     # {s3: {requester_pays: true}, gcs: {project: my-project}}. They win over the keys above.
     options: dict[str, dict[str, Any]] = {}
+    # One writer per data_root: a run's lease counts as abandoned (and is taken over) when its
+    # heartbeat, renewed every quarter of this, is older than this many seconds.
+    lease_stale_after_s: float = Field(default=300.0, ge=4)
 
 
 def fsspec_options(cfg: StorageConfig, base: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:

@@ -1,5 +1,11 @@
 """Lineage after selection: which shards are selected, and what each stage's output was made from.
 
+select's decisions live in select's own files, `select/{shard}.parquet` (key, keep, reason,
+duplicate_of, in the order of the shard's scores), never inside another stage's output: a score
+shard redone does not erase them, and `with_decisions` joins them to any table of the shard's
+samples. A decisions file whose keys are not the scores' (scores redone with other samples, and
+select not run since) is an error that says to run select again.
+
 select writes, per shard, a digest of its decisions (`select/{shard}.done` -> "decisions") and, for
 the whole run, a fingerprint (reports/thresholds.json -> "fingerprint"). Caption and tokenize key
 each shard's output on the shard's decisions digest and their own settings, so a re-selection redoes
@@ -9,9 +15,39 @@ from __future__ import annotations
 
 import hashlib
 
+import pyarrow as pa
+
 from tessera.core.store import ShardStore
 
 SELECT = "select"
+DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
+
+
+def write_decisions(store: ShardStore, shard: str, keys, keep, reasons, duplicate_of) -> None:
+    """select/{shard}.parquet: one row per scored sample, in the scores' order."""
+    store.write_table(pa.table({
+        "key": pa.array([str(k) for k in keys], pa.string()),
+        "keep": pa.array([bool(k) for k in keep], pa.bool_()),
+        "reason": pa.array([str(r) for r in reasons], pa.string()),
+        "duplicate_of": pa.array([str(d) for d in duplicate_of], pa.string()),
+    }), SELECT, f"{shard}.parquet")
+
+
+def read_decisions(store: ShardStore, shard: str) -> pa.Table:
+    return store.read_table(SELECT, f"{shard}.parquet")
+
+
+def with_decisions(store: ShardStore, shard: str, table: pa.Table) -> pa.Table:
+    """`table` (one shard's samples, with a `key` column, in the scores' order) with select's keep,
+    reason and duplicate_of appended (replacing any of those columns it had)."""
+    decisions = read_decisions(store, shard)
+    if table.column("key").to_pylist() != decisions.column("key").to_pylist():
+        raise ValueError(f"{store.url(SELECT, shard + '.parquet')} decides other samples than the shard's scores "
+                         "(the shard was scored again since): run select again")
+    table = table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names])
+    for column in DECISION_COLUMNS:
+        table = table.append_column(column, decisions.column(column))
+    return table
 
 
 def input_shards(store: ShardStore) -> list[str]:

@@ -148,7 +148,9 @@ def process_shard(work: Callable[..., dict], store: ShardStore, stage: str | Non
         return summary
     if not isinstance(summary, dict):
         raise TypeError(f"{stage}: the work for shard {shard} returned {type(summary).__name__}, not a summary dict")
-    summary = {**summary, **stamp, "fingerprint": fingerprint, "seconds": round(time.monotonic() - start, 3)}
+    # Without input fingerprints (the first stage) the work's own, a digest of what it wrote, stays.
+    own = summary.get("fingerprint") if fingerprint is None else fingerprint
+    summary = {**summary, **stamp, "fingerprint": own, "seconds": round(time.monotonic() - start, 3)}
     crash_point("before_marker", stage, shard)
     store.mark_done(stage, shard, summary)
     _clear_failure(store, stage, shard)

@@ -93,6 +93,10 @@ class ShardStore:
         names = [posixpath.basename(e["name"].rstrip("/")) for e in self._entries(folder)]
         return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
 
+    def sizes(self, folder: str) -> dict[str, int]:
+        """Name -> size in bytes of the files in a folder, from one fresh listing."""
+        return {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in self._entries(folder)}
+
     # Atomic writes ------------------------------------------------------------------------
     @contextmanager
     def open_atomic(self, *parts: str, mode: str = "wb") -> Iterator[io.IOBase]:

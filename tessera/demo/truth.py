@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from tessera.core.lineage import read_decisions, with_decisions
 from tessera.core.store import ShardStore
 from tessera.demo.world import (
     COLORS,
@@ -196,7 +197,7 @@ def kept_images(store: ShardStore, limit: int) -> list:
 
     images = []
     for shard in store.done_shards("select"):
-        table = store.read_table("scores", f"{shard}.parquet", columns=["key", "keep"]).to_pandas()
+        table = read_decisions(store, shard).select(["key", "keep"]).to_pandas()
         keys = set(table.loc[table["keep"], "key"].head(limit - len(images)))
         members = read_samples(store, shard, keys)
         for key in sorted(members):
@@ -210,7 +211,8 @@ def kept_images(store: ShardStore, limit: int) -> list:
 
 # Stage outputs ---------------------------------------------------------------------------------
 def read_scores(store: ShardStore) -> pd.DataFrame:
-    frames = [store.read_table("scores", f"{s}.parquet").to_pandas() for s in store.done_shards("select")]
+    frames = [with_decisions(store, s, store.read_table("scores", f"{s}.parquet")).to_pandas()
+              for s in store.done_shards("select")]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

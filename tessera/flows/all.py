@@ -26,9 +26,10 @@ EVAL_AFTER = {"stage1": ["untrained", "stage1"], "stage2": ["stage2"]}
 
 @flow(name="all", log_prints=True)
 def all_stages(config: str, overrides: list[str] | None = None, run: str | None = None,
-               steps: list[str] | None = None) -> dict:
+               steps: list[str] | None = None, wait: bool = False) -> dict:
     """Run the steps in order (default: every step whose section the config has); `run` names the
-    training run. Returns each step's result."""
+    training run; `wait` waits for another run's lease on the data_root instead of refusing.
+    Returns each step's result."""
     overrides = list(overrides or [])
     unknown = [s for s in steps or [] if s not in STEPS]
     if unknown:
@@ -42,7 +43,7 @@ def all_stages(config: str, overrides: list[str] | None = None, run: str | None 
     evaluating = "eval" in steps and cfg.eval is not None
     for step in (s for s in STEPS if s in steps and s != "eval"):
         logger().info("Starting %s.", step)
-        training = {} if step == "curate" else {"run": run}
+        training = {"wait": wait} if step == "curate" else {"run": run}
         results[step] = flows[step](config=config, overrides=overrides, **training)
         if evaluating and step in EVAL_AFTER:
             wanted = [c for c in EVAL_AFTER[step] if c in cfg.eval.checkpoints]

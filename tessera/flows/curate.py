@@ -11,6 +11,7 @@ from tessera.flows.tokenize_tasks import tokenize_task
 from tessera.pipelines import sources
 from tessera.pipelines.intake import DownloadResult
 from tessera.core.funnel import write_funnel
+from tessera.core.lease import Lease
 from tessera.core.runtime import ShardFailures
 from tessera.core.store import ShardStore
 
@@ -26,14 +27,21 @@ def download_task(cfg: RunConfig, store: ShardStore) -> DownloadResult:
 
 
 @flow(name="curate", log_prints=True)
-def curate(config: str, overrides: list[str] | None = None) -> dict:
-    """Curate the data set a run config names; returns the funnel rows."""
+def curate(config: str, overrides: list[str] | None = None, wait: bool = False) -> dict:
+    """Curate the data set a run config names; returns the funnel rows. The run holds the
+    data_root's lease throughout; `wait` waits for another run's lease instead of refusing."""
     cfg = load_config(config, overrides or [])
     store = ShardStore(cfg.data_root)
+    with Lease(store, f"curate {cfg.name}", cfg.storage.lease_stale_after_s, wait=wait) as lease:
+        return _curate(cfg, store, lease)
+
+
+def _curate(cfg: RunConfig, store: ShardStore, lease: Lease) -> dict:
     funnel: list[dict] = []
     failed: dict[str, dict[str, str]] = {}
 
     def step(stage: str, result):
+        lease.check()  # a run whose lease was taken over stops before its next stage
         if result is not None:
             funnel.extend(result.funnel())
             if result.failed:

@@ -1,7 +1,7 @@
 """The caption stage: a LLaVA caption for every kept sample, on model actors.
 
 For every selected shard (select/{shard}.done), a model actor (one per GPU, or per CPU slot; the
-stage runtime) reads the kept samples (keep true in scores/) from download/{shard}.tar, decodes
+stage runtime) reads the kept samples (keep true in select/{shard}.parquet) from download/{shard}.tar, decodes
 and captions them in batches, and checks each caption (caption_checks); one that fails, or an
 image that cannot be decoded, falls back to the sample's original caption with the reason. The
 actor writes captions/{shard}.parquet (sorted by key):
@@ -29,6 +29,7 @@ from tessera.core.funnel import StageResult, by_reason
 from tessera.core.lineage import (
     input_shards,
     kept_counts,
+    read_decisions,
     selection_id,
     shard_fingerprints,
 )
@@ -78,8 +79,8 @@ def generation_settings(cfg: CaptionConfig, device: str) -> dict:
 # Reading a shard ------------------------------------------------------------------------------
 def read_kept(store: ShardStore, shard: str) -> list[dict]:
     """One row per kept sample of a shard: key, image bytes (b"" when missing), original caption."""
-    scores = store.read_table("scores", f"{shard}.parquet", columns=["key", "keep"]).to_pylist()
-    keys = [r["key"] for r in scores if r["keep"]]
+    decisions = read_decisions(store, shard).select(["key", "keep"]).to_pylist()
+    keys = [r["key"] for r in decisions if r["keep"]]
     members = read_samples(store, shard, set(keys))
     rows = []
     for key in keys:

@@ -31,8 +31,8 @@ from tessera.core.store import ShardStore
 from tessera.core.urlcheck import check_url, install_guard
 from tessera.pipelines import prepare as cut
 from tessera.pipelines.imagecheck import SafeResizer
-from tessera.pipelines.intake import (INPUT, STAGE, DownloadResult, InputError, clean_caption, list_files,
-                                      prepared_shards, reason_for, summarize)
+from tessera.pipelines.intake import (INPUT, STAGE, DownloadResult, InputError, clean_caption, drop_damaged,
+                                      list_files, prepared_shards, reason_for, shard_record, summarize)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def download_shard(store: ShardStore, name: str, cfg: DownloadConfig, carried: l
             "dropped": dict(reasons),
             "repaired": dict(repaired),
         }
+        info.update(shard_record(out, name))
         store.write_table(pa.Table.from_pylist(rejected, schema=_REJECTED_SCHEMA), STAGE, f"{name}_rejected.parquet")
         for suffix in (".tar", ".parquet", "_stats.json"):
             store.move_in(os.path.join(out, f"{name}{suffix}"), STAGE, f"{name}{suffix}")
@@ -158,6 +159,7 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
     """Download every shard of a laion_parquet input not yet done; return the stage's counts."""
     shards = prepare(source, cfg, store, ray_cfg)
     prepared = store.read_json(INPUT, "_prepared.json")
+    drop_damaged(store, shards)
     if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)
     ran = runtime.run_stage(STEP.name, store, shards, STEP.work,

@@ -44,8 +44,8 @@ from tessera.core.stage import Stage
 from tessera.core.store import ShardStore, shard_name
 from tessera.core.tars import TarProblem, split_name, tar_members
 from tessera.pipelines.imagecheck import resizer_for
-from tessera.pipelines.intake import (INPUT, STAGE, DownloadResult, InputError, clean_caption, full_url, list_files,
-                                      prepared_shards, reason_for, summarize)
+from tessera.pipelines.intake import (INPUT, STAGE, DownloadResult, InputError, clean_caption, drop_damaged, full_url,
+                                      list_files, prepared_shards, reason_for, shard_record, summarize)
 
 log = logging.getLogger(__name__)
 
@@ -542,11 +542,12 @@ def ingest_shard(store: ShardStore, shard: str, source: SourceConfig, cfg: Downl
                     count["failed_to_resize"], start, time.time(), errors, len(shard))
         dropped = Counter(r["reason"] for r in rejected)
         dropped.update(reason_for(r["error_message"]) for r in status_rows if r["status"] != "success")
+        record = shard_record(workdir, shard)
         store.write_table(pa.Table.from_pylist(rejected, schema=_REJECTED_SCHEMA), STAGE, f"{shard}_rejected.parquet")
         for suffix in (".tar", ".parquet", "_stats.json"):
             store.move_in(os.path.join(workdir, f"{shard}{suffix}"), STAGE, f"{shard}{suffix}")
         return {"rows_in": len(rejected) + len(status_rows), "downloaded": count["success"], "dropped": dict(dropped),
-                "repaired": dict(repaired)}
+                "repaired": dict(repaired), **record}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -559,6 +560,7 @@ def run(source: SourceConfig, cfg: DownloadConfig, ray_cfg: RayConfig, store: Sh
         on_shard=None) -> DownloadResult:
     """Read every input shard not yet done; return the download stage's counts over all shards."""
     shards = prepare(source, cfg, store)
+    drop_damaged(store, shards)
     if len(store.done_shards(STAGE)) < len(shards):
         init_ray(ray_cfg)
     ran = runtime.run_stage(STEP.name, store, shards, STEP.work, kwargs={"source": source, "cfg": cfg},

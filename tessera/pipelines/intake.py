@@ -7,12 +7,16 @@ same vocabulary, defined here; tessera/pipelines/sources.py picks the reader by 
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import fsspec
+import pyarrow.parquet as pq
 
 from tessera.config.download import CaptionLimits, SourceConfig
 from tessera.core.funnel import DROPPED, StageResult, by_reason
@@ -20,6 +24,7 @@ from tessera.core.store import ShardStore
 from tessera.core.tars import MAX_OWN_MEMBER_BYTES, TarProblem, tar_members
 from tessera.pipelines.prepare import INPUT
 
+log = logging.getLogger(__name__)
 STAGE = "download"
 KEPT = "downloaded"
 
@@ -195,3 +200,32 @@ def read_samples(store: ShardStore, shard: str, wanted: set[str] | None = None,
 
 def _key(name: str) -> str:
     return name.rpartition("/")[2].partition(".")[0]
+
+
+def shard_record(folder: str, name: str) -> dict:
+    """What a finished shard in a local folder holds, for its marker: `fingerprint`, a digest of
+    every sample's key, status and image hash (a shard downloaded again with other bytes gets
+    another one, so the stages after it redo that shard), and `tar_bytes`, the tar's size (a tar
+    cut short, even at a member boundary, no longer matches it)."""
+    status = pq.read_table(os.path.join(folder, f"{name}.parquet"))
+    h = hashlib.sha256()
+    for column in ("key", "status", "sha256"):
+        values = status.column(column).to_pylist() if column in status.column_names else []
+        h.update("\x1f".join("" if v is None else str(v) for v in values).encode() + b"\x1e")
+    return {"fingerprint": h.hexdigest()[:16], "tar_bytes": os.path.getsize(os.path.join(folder, f"{name}.tar"))}
+
+
+def drop_damaged(store: ShardStore, shards: list[str]) -> list[str]:
+    """Remove the markers of done shards whose tar is missing or not the size its marker recorded
+    (cut short by a crash or a copy), so that they are downloaded again. Returns those shards."""
+    markers = store.markers(STAGE)
+    sizes = store.sizes(STAGE)
+    damaged = []
+    for shard in shards:
+        expected = markers.get(shard, {}).get("tar_bytes")
+        if expected is not None and sizes.get(f"{shard}.tar") != expected:
+            log.warning("%s holds %s bytes, its marker says %d: the shard is downloaded again.",
+                        store.url(STAGE, f"{shard}.tar"), sizes.get(f"{shard}.tar", "no"), expected)
+            store.fs.rm(store.path(*store.marker(STAGE, shard)))
+            damaged.append(shard)
+    return damaged

@@ -5,7 +5,7 @@
 3. Exact copies (same sha256), then near-duplicates, among the survivors, over all shards at once
    (lowest key kept per group; semdedup.py).
 4. `target`: the survivors ranked by one score (ties by key), exactly `count` kept.
-5. keep, reason and duplicate_of are written into scores/{shard}.parquet, then select/{shard}.done,
+5. keep, reason and duplicate_of are written to select/{shard}.parquet, then select/{shard}.done,
    then reports/thresholds.json (the run's thresholds, counts and a fingerprint of its inputs) and
    reports/histograms.json (each score's kept and dropped counts over fixed bins, for the report).
 

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 
 from tessera.config.filters import FiltersConfig
+from tessera.core.lineage import DECISION_COLUMNS, with_decisions
 from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters, score_configs
 from tessera.filters.dedup import ExactDuplicateFilter, NearDuplicateFilter, exact_duplicate_of
 from tessera.pipelines import score
 
 log = logging.getLogger(__name__)
-DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
 TEXT_COLUMNS = ("url", "caption")
 
 
@@ -28,11 +28,12 @@ def load_scores(store: ShardStore, shards: list[str], decisions: bool = False, t
     """Every scored sample, in shard then key order, with a `shard` column (and the last
     selection's keep, reason and duplicate_of with `decisions`). `text=False` leaves out the url
     and caption columns, which no decision reads and which take most of the memory."""
-    unwanted = ([] if decisions else list(DECISION_COLUMNS)) + ([] if text else list(TEXT_COLUMNS))
+    unwanted = list(DECISION_COLUMNS) + ([] if text else list(TEXT_COLUMNS))
     frames = []
     for shard in shards:
         table = store.read_table(score.SCORES, f"{shard}.parquet")
-        frame = table.drop_columns([c for c in unwanted if c in table.column_names]).to_pandas()
+        table = table.drop_columns([c for c in unwanted if c in table.column_names])
+        frame = (with_decisions(store, shard, table) if decisions else table).to_pandas()
         frame.insert(0, "shard", shard)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

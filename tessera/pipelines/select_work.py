@@ -10,19 +10,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.config.filters import FiltersConfig
 from tessera.core import quantiles
-from tessera.core.lineage import selection_summary
+from tessera.core.lineage import DECISION_COLUMNS, selection_summary, with_decisions, write_decisions
 from tessera.core.store import ShardStore
 from tessera.filters import BELOW_TARGET, ThresholdFilter, build_filters
 from tessera.filters.dedup import ExactDuplicateFilter, NearDuplicateFilter
 from tessera.pipelines import exchange, score, semdedup
 
 STAGE = "select"
-DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
 TEXT_COLUMNS = ("url", "caption", "sha256")
 
 # Score columns with a histogram, and their titles.
@@ -66,15 +64,17 @@ def badness(values: np.ndarray, higher: bool) -> np.ndarray:
 
 
 def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: bool = False) -> pd.DataFrame:
-    """One shard's scores without the text columns (and without the last decisions unless asked;
-    with the content hash, sha256, when asked)."""
-    unwanted = {c for c in TEXT_COLUMNS if not (hashes and c == "sha256")}
-    unwanted |= set() if decisions else set(DECISION_COLUMNS)
+    """One shard's scores without the text columns (with select's last decisions, from
+    select/{shard}.parquet, when asked; with the content hash, sha256, when asked)."""
+    unwanted = {c for c in TEXT_COLUMNS if not (hashes and c == "sha256")} | set(DECISION_COLUMNS)
     with store.fs.open(store.path(score.SCORES, f"{shard}.parquet"), "rb") as f:
         names = pq.read_schema(f).names
     # Column projection: the text columns are most of a shard's bytes and are never read here.
     wanted = [c for c in names if c not in unwanted]
-    frame = store.read_table(score.SCORES, f"{shard}.parquet", columns=wanted).to_pandas()
+    table = store.read_table(score.SCORES, f"{shard}.parquet", columns=wanted)
+    if decisions:
+        table = with_decisions(store, shard, table)
+    frame = table.to_pandas()
     if "error" not in frame:
         frame["error"] = ""
     frame["error"] = frame["error"].fillna("")
@@ -236,25 +236,13 @@ def ranked(store: ShardStore, shard: str, plan: Plan, k: int) -> dict:
 
 
 # The last pass: decisions, histograms ------------------------------------------------------------
-def write_decisions(store: ShardStore, shard: str, keys: np.ndarray, why: np.ndarray, duplicate_of: np.ndarray) -> None:
-    """Replace keep, reason and duplicate_of in scores/{shard}.parquet with this selection's."""
-    table = store.read_table(score.SCORES, f"{shard}.parquet")
-    table = table.drop_columns([c for c in DECISION_COLUMNS if c in table.column_names])
-    if table.column("key").to_pylist() != list(keys):
-        raise RuntimeError(f"scores/{shard}.parquet changed while selecting; run select again")
-    table = table.append_column("keep", pa.array(why == "", pa.bool_()))
-    table = table.append_column("reason", pa.array([str(r) for r in why], pa.string()))
-    table = table.append_column("duplicate_of", pa.array([str(d) for d in duplicate_of], pa.string()))
-    store.write_table(table, score.SCORES, f"{shard}.parquet")
-
-
 def apply(store: ShardStore, shard: str, plan: Plan, edges: dict[str, list[float]]) -> dict:
     """Decide and write the decisions into the shard's scores; return its counts, a digest of its
     decisions (its lineage for caption and tokenize) and its kept/dropped histogram over the bin edges."""
     frame, why = decided(store, shard, plan)
     keys = frame["key"].to_numpy(dtype=object)
     dup = duplicate_of(frame)
-    write_decisions(store, shard, keys, why, dup)
+    write_decisions(store, shard, keys, why == "", why, dup)
     kept = why == ""
     hist = {}
     for column, e in edges.items():

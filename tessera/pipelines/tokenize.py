@@ -1,7 +1,7 @@
 """The tokenize stage: kept samples -> WebDataset shards of VQ codes, one set per resolution.
 
 For every selected shard (select/{shard}.done), a model actor holding the VQ tokenizer (the stage
-runtime) reads the kept samples (keep true in scores/) from download/{shard}.tar, joins them with
+runtime) reads the kept samples (keep true in select/{shard}.parquet) from download/{shard}.tar, joins them with
 their captions (captions/, when captioned), resizes them on the short side, centre-crops them to
 each resolution and encodes them. Each resolution gets tokens/{res}/{shard}.tar with, per sample:
   {key}.codes.npy       uint16 (res/16, res/16), raster order
@@ -41,6 +41,7 @@ from tessera.core.lineage import (
     kept_counts,
     selection_id,
     shard_fingerprints,
+    with_decisions,
 )
 from tessera.core.raytools import init_ray
 from tessera.core.runtime import matches
@@ -97,7 +98,7 @@ def _json_value(v):
 
 def read_shard(store: ShardStore, shard: str, text_caption: str) -> list[dict]:
     """One row per kept sample of a shard: image bytes (or why there are none) and its metadata."""
-    scores = store.read_table("scores", f"{shard}.parquet").to_pandas()
+    scores = with_decisions(store, shard, store.read_table("scores", f"{shard}.parquet")).to_pandas()
     kept = scores[scores["keep"].astype(bool)]
     captions: dict[str, dict] = {}
     if store.is_done("caption", shard):

@@ -1,0 +1,60 @@
+"""The demo's curation with data_root, runs_root and models_root in a bucket of a real S3 API server
+(moto's, on loopback): complete on the first run, skip everything on a rerun, redo exactly the
+shard whose marker was deleted, and end with what a local-disk run writes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import fsspec
+import pytest
+
+from tests.conftest import REPO
+from tests.s3server import CREDENTIALS, s3_server
+
+SMALL = ["source.synthetic.num_images=30", "source.synthetic.bad_records=false",
+         "download.shard_size=10", "download.timeout=10"]
+
+
+def run_steps(tmp_path, steps: list[list]) -> list:
+    """The steps in one fresh process (its own Ray, started with the storage settings)."""
+    out = tmp_path / "steps.json"
+    env = {**os.environ, **CREDENTIALS, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "tests.flow_steps", str(out), *map(json.dumps, steps)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_curation_on_s3_reruns_and_equals_a_local_run(tmp_path):
+    with s3_server() as endpoint:
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
+        fs.mkdir("tessera")
+        source = str(tmp_path / "source" / "laion-synthetic.parquet")  # one source for both runs
+        s3 = ["storage.endpoint=" + endpoint, "data_root=s3://tessera/demo/data", "runs_root=s3://tessera/demo/runs",
+              "models_root=s3://tessera/demo/models", f"source.path={source}", *SMALL]
+        local = [f"data_root={tmp_path}/local/data", f"runs_root={tmp_path}/local/runs",
+                 f"models_root={tmp_path}/local/models", f"source.path={source}", *SMALL]
+        data = "s3://tessera/demo/data"
+        first, again, redone, s3_out, local_out = (r for r in run_steps(tmp_path, [
+            ["curate", "configs/demo.yaml", s3], ["snapshot", data],
+            ["curate", "configs/demo.yaml", s3], ["snapshot", data],
+            ["rm", f"{data}/download/00001.done"],
+            ["curate", "configs/demo.yaml", s3], ["snapshot", data], ["contents", data],
+            ["curate", "configs/demo.yaml", local], ["contents", f"{tmp_path}/local/data"],
+        ]) if r is not None)
+
+    stages = ("download/", "score/", "scores/", "embeddings/", "select/", "caption/", "captions/", "tokens/")
+    outputs = {k: v for k, v in first.items() if k.startswith(stages)}
+    assert any(k.startswith("tokens/") for k in outputs) and "download/00001.done" in outputs
+    # A rerun writes nothing in any stage folder.
+    assert {k: v for k, v in again.items() if k.startswith(stages)} == outputs
+    # With one download marker gone, exactly that shard's download is written again; its content
+    # (and so its fingerprint) is the same, so nothing after it is redone.
+    changed = sorted(k for k, v in redone.items() if k.startswith(stages) and outputs.get(k) != v)
+    assert changed and all(k.startswith("download/00001") for k in changed), changed
+    assert s3_out == local_out
