@@ -3,8 +3,9 @@ Ray started with this process's environment (storage settings and credentials re
 
     python -m tests.flow_steps OUT.json STEP...
 
-A STEP is a JSON list: ["curate", config, [override, ...]], ["rm", url], ["truncate", url, bytes],
-["snapshot", root] (every object's size and etag or mtime), or ["contents", root] (what the run
+A STEP is a JSON list: ["curate", config, [override, ...]], ["rm", url], ["empty", url] (a marker
+left empty by a crash), ["cut_tar", url] (a tar cut at its last member's boundary: a shorter tar
+that still reads as valid), ["snapshot", root] (every object's size and etag or mtime), or ["contents", root] (what the run
 produced, comparable across roots). OUT.json receives one result per step.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import sys
 import tarfile
@@ -63,6 +65,8 @@ def contents(root: str) -> dict[str, object]:
 def main(out_path: str, steps: list[list]) -> None:
     from tessera.flows.curate import curate
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     results = []
     for step in steps:
         kind, *args = step
@@ -73,9 +77,16 @@ def main(out_path: str, steps: list[list]) -> None:
             fs, path = fsspec.core.url_to_fs(args[0])
             fs.rm(path)
             results.append(None)
-        elif kind == "truncate":
+        elif kind == "empty":
             fs, path = fsspec.core.url_to_fs(args[0])
-            fs.pipe_file(path, fs.cat_file(path)[: args[1]])
+            fs.pipe_file(path, b"")
+            results.append(None)
+        elif kind == "cut_tar":
+            fs, path = fsspec.core.url_to_fs(args[0])
+            data = fs.cat_file(path)
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                last = tar.getmembers()[-1].offset
+            fs.pipe_file(path, data[:last])
             results.append(None)
         elif kind == "snapshot":
             results.append(snapshot(args[0]))

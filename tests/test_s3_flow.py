@@ -1,6 +1,7 @@
 """The demo's curation with data_root, runs_root and models_root in a bucket of a real S3 API server
 (moto's, on loopback): complete on the first run, skip everything on a rerun, redo exactly the
-shard whose marker was deleted, and end with what a local-disk run writes."""
+shards whose state was lost or damaged (a deleted marker, an empty marker, a tar cut short), and
+end with what a local-disk run writes."""
 from __future__ import annotations
 
 import json
@@ -43,7 +44,8 @@ def test_curation_on_s3_reruns_and_equals_a_local_run(tmp_path):
         first, again, redone, s3_out, local_out = (r for r in run_steps(tmp_path, [
             ["curate", "configs/demo.yaml", s3], ["snapshot", data],
             ["curate", "configs/demo.yaml", s3], ["snapshot", data],
-            ["rm", f"{data}/download/00001.done"],
+            ["rm", f"{data}/download/00001.done"], ["cut_tar", f"{data}/download/00002.tar"],
+            ["empty", f"{data}/score/00000.done"],
             ["curate", "configs/demo.yaml", s3], ["snapshot", data], ["contents", data],
             ["curate", "configs/demo.yaml", local], ["contents", f"{tmp_path}/local/data"],
         ]) if r is not None)
@@ -53,8 +55,11 @@ def test_curation_on_s3_reruns_and_equals_a_local_run(tmp_path):
     assert any(k.startswith("tokens/") for k in outputs) and "download/00001.done" in outputs
     # A rerun writes nothing in any stage folder.
     assert {k: v for k, v in again.items() if k.startswith(stages)} == outputs
-    # With one download marker gone, exactly that shard's download is written again; its content
-    # (and so its fingerprint) is the same, so nothing after it is redone.
+    # Exactly the damaged shards are written again: download 00001 (marker deleted), download 00002
+    # (tar cut at a member boundary), score 00000 (empty marker). Their content, and so their
+    # fingerprints, are the same as before, so nothing after them is redone.
     changed = sorted(k for k, v in redone.items() if k.startswith(stages) and outputs.get(k) != v)
-    assert changed and all(k.startswith("download/00001") for k in changed), changed
+    assert {"download/00001.done", "download/00002.tar", "download/00002.done", "score/00000.done"} <= set(changed)
+    assert all(k.startswith(("download/00001", "download/00002", "score/00000")) for k in changed), changed
+    assert redone["download/00002.tar"][0] == outputs["download/00002.tar"][0]  # whole again
     assert s3_out == local_out

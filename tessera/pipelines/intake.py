@@ -208,10 +208,12 @@ def shard_record(folder: str, name: str) -> dict:
     another one, so the stages after it redo that shard), and `tar_bytes`, the tar's size (a tar
     cut short, even at a member boundary, no longer matches it)."""
     status = pq.read_table(os.path.join(folder, f"{name}.parquet"))
+    columns = [c for c in ("key", "status", "sha256") if c in status.column_names]
     h = hashlib.sha256()
-    for column in ("key", "status", "sha256"):
-        values = status.column(column).to_pylist() if column in status.column_names else []
-        h.update("\x1f".join("" if v is None else str(v) for v in values).encode() + b"\x1e")
+    rows = sorted(tuple("" if v is None else str(v) for v in row)
+                  for row in zip(*(status.column(c).to_pylist() for c in columns)))  # written in any order
+    for row in rows:
+        h.update("\x1f".join(row).encode() + b"\x1e")
     return {"fingerprint": h.hexdigest()[:16], "tar_bytes": os.path.getsize(os.path.join(folder, f"{name}.tar"))}
 
 

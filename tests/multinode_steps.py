@@ -1,0 +1,90 @@
+"""The demo's curation on a real multi-node Ray on this machine, in one fresh process:
+
+    python -m tests.multinode_steps OUT.json CONFIG ROOT OVERRIDE_JSON
+
+A head with no CPUs and two worker nodes, each with its own raylet, object store and one CPU, all on
+127.0.0.1 (Ray's single-machine mode, no cloud-metadata probe). The curation runs twice: once
+uninterrupted into ROOT/whole, once into ROOT/lost while the raylet of one worker node is killed
+(SIGKILL, by PID) as soon as it runs a download shard. OUT.json receives what each run produced
+and what was killed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from tessera.core.localray import prepare_local_ray
+
+SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def running_shard(raylet_pid: int) -> bool:
+    """Whether a worker of this raylet is running a shard (Ray titles it after the task)."""
+    for child in _children(raylet_pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"ray::process_shard" in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def kill_when_busy(raylet_pid: int, killed: dict, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if running_shard(raylet_pid):
+            os.kill(raylet_pid, signal.SIGKILL)
+            killed.update(pid=raylet_pid, at=time.time())
+            logging.getLogger("multinode").warning("Killed raylet %d while it ran a shard.", raylet_pid)
+            return
+        time.sleep(0.2)
+
+
+def main(out_path: str, config: str, root: str, overrides: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_local_ray()  # before Ray is imported: nodes on 127.0.0.1, no metadata probe
+    from ray import ray_constants
+    from ray.cluster_utils import Cluster
+
+    from tessera.flows.curate import curate
+    from tests.flow_steps import contents
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": SYSTEM_CONFIG})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        on_cluster = [*overrides, f"ray.address={cluster.address}"]
+        curate(config=config, overrides=[*on_cluster, f"data_root={root}/whole/data", f"runs_root={root}/whole/runs"])
+        victim = workers[1].all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        killed: dict = {}
+        watcher = threading.Thread(target=kill_when_busy, args=(victim, killed), daemon=True)
+        watcher.start()
+        curate(config=config, overrides=[*on_cluster, f"data_root={root}/lost/data", f"runs_root={root}/lost/runs"])
+        with open(out_path, "w") as f:
+            json.dump({"killed": killed, "whole": contents(f"{root}/whole/data"),
+                       "lost": contents(f"{root}/lost/data")}, f)
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))

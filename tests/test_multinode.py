@@ -1,0 +1,34 @@
+"""The demo's curation on a real multi-node Ray (a head and two worker nodes on 127.0.0.1), with
+one worker node's raylet killed in the middle of the download stage: its shards are retried on
+the other node, and the outputs equal an uninterrupted run's."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SMALL = ["source.synthetic.num_images=30", "source.synthetic.bad_records=false", "download.shard_size=10",
+         "download.timeout=10", "download.max_tasks_in_flight=4"]
+
+
+@pytest.mark.slow
+def test_curation_survives_losing_a_worker_node(tmp_path):
+    out = tmp_path / "out.json"
+    overrides = [f"source.path={tmp_path}/source/laion-synthetic.parquet", f"models_root={tmp_path}/models", *SMALL]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "RAY_ADDRESS": "",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode_steps", str(out), "configs/demo.yaml",
+                           str(tmp_path), json.dumps(overrides)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads(out.read_text())
+    assert result["killed"], "the worker node never ran a download shard"
+    log = proc.stdout + proc.stderr
+    assert "download: " in log and "failed (attempt 1 of" in log  # its shard was lost and retried
+    assert any(k.startswith("tokens/") for k in result["whole"])
+    assert result["lost"] == result["whole"]
