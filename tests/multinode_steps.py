@@ -83,6 +83,9 @@ def main(out_path: str, config: str, root: str, overrides: list[str]) -> None:
             json.dump({"killed": killed, "whole": contents(f"{root}/whole/data"),
                        "lost": contents(f"{root}/lost/data")}, f)
     finally:
+        import ray
+
+        ray.shutdown()  # the driver leaves before its head node goes
         cluster.shutdown()
 
 
