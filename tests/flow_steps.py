@@ -21,6 +21,10 @@ import tarfile
 import fsspec
 import pyarrow.parquet as pq
 
+from tessera.config import load_config
+from tessera.demo.synthetic import SyntheticSource
+from tessera.flows.curate import curate
+
 # Keys that name where a run's inputs lived (model paths under models_root) or how long it took.
 RUN_SPECIFIC = {"seconds", "fingerprint", "selection"}
 # Rewritten by every run (reports), or img2dataset's timing statistics.
@@ -62,16 +66,21 @@ def contents(root: str) -> dict[str, object]:
     return out
 
 
-def main(out_path: str, steps: list[list]) -> None:
-    from tessera.flows.curate import curate
+def serve_and_curate(config: str, overrides: list[str]) -> None:
+    """The curate flow on the synthetic source, served while it runs (as the demo does)."""
+    cfg = load_config(config, overrides)
+    with SyntheticSource(cfg.source.synthetic, cfg.source.path, cfg.download.timeout):
+        curate(config=config, overrides=overrides)
 
+
+def main(out_path: str, steps: list[list]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     results = []
     for step in steps:
         kind, *args = step
         if kind == "curate":
-            curate(config=args[0], overrides=args[1])
+            serve_and_curate(args[0], args[1])
             results.append(None)
         elif kind == "rm":
             fs, path = fsspec.core.url_to_fs(args[0])

@@ -18,7 +18,12 @@ import sys
 import threading
 import time
 
+import ray
+from ray import ray_constants
+from ray.cluster_utils import Cluster
+
 from tessera.core.localray import prepare_local_ray
+from tests.flow_steps import contents, serve_and_curate
 
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
@@ -61,30 +66,22 @@ def kill_when_busy(raylet_pid: int, killed: dict, timeout_s: float = 600) -> Non
 
 def main(out_path: str, config: str, root: str, overrides: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    prepare_local_ray()  # before Ray is imported: nodes on 127.0.0.1, no metadata probe
-    from ray import ray_constants
-    from ray.cluster_utils import Cluster
-
-    from tessera.flows.curate import curate
-    from tests.flow_steps import contents
-
+    prepare_local_ray()  # before any node starts: every node on 127.0.0.1, no metadata probe
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": SYSTEM_CONFIG})
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         on_cluster = [*overrides, f"ray.address={cluster.address}"]
-        curate(config=config, overrides=[*on_cluster, f"data_root={root}/whole/data", f"runs_root={root}/whole/runs"])
+        serve_and_curate(config, [*on_cluster, f"data_root={root}/whole/data", f"runs_root={root}/whole/runs"])
         victim = workers[1].all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
         killed: dict = {}
         watcher = threading.Thread(target=kill_when_busy, args=(victim, killed), daemon=True)
         watcher.start()
-        curate(config=config, overrides=[*on_cluster, f"data_root={root}/lost/data", f"runs_root={root}/lost/runs"])
+        serve_and_curate(config, [*on_cluster, f"data_root={root}/lost/data", f"runs_root={root}/lost/runs"])
         with open(out_path, "w") as f:
             json.dump({"killed": killed, "whole": contents(f"{root}/whole/data"),
                        "lost": contents(f"{root}/lost/data")}, f)
     finally:
-        import ray
-
         ray.shutdown()  # the driver leaves before its head node goes
         cluster.shutdown()
 

@@ -54,7 +54,7 @@ class SelectResult(StageResult):
         return [(STAGE, KEPT, "", self.kept), *by_reason(STAGE, DROPPED, self.dropped)]
 
 
-STEP = Stage(STAGE, inputs=(score.SCORES, score.EMBEDDINGS), outputs=(score.SCORES,), work=select_work.apply,
+STEP = Stage(STAGE, inputs=(score.SCORES, score.EMBEDDINGS), outputs=(STAGE,), work=select_work.apply,
              result=SelectResult)
 
 
