@@ -1,4 +1,4 @@
-"""The demo's curation with data_root, runs_root and models_root in a bucket of a real S3 API server
+"""The demo's curation with data_root and runs_root in a bucket of a real S3 API server
 (moto's, on loopback): complete on the first run, skip everything on a rerun, redo exactly the
 shards whose state was lost or damaged (a deleted marker, an empty marker, a tar cut short), and
 end with what a local-disk run writes."""
@@ -37,9 +37,9 @@ def test_curation_on_s3_reruns_and_equals_a_local_run(tmp_path):
         fs.mkdir("tessera")
         source = str(tmp_path / "source" / "laion-synthetic.parquet")  # one source for both runs
         s3 = ["storage.endpoint=" + endpoint, "data_root=s3://tessera/demo/data", "runs_root=s3://tessera/demo/runs",
-              "models_root=s3://tessera/demo/models", f"source.path={source}", *SMALL]
+              f"models_root={tmp_path}/models", f"source.path={source}", *SMALL]
         local = [f"data_root={tmp_path}/local/data", f"runs_root={tmp_path}/local/runs",
-                 f"models_root={tmp_path}/local/models", f"source.path={source}", *SMALL]
+                 f"models_root={tmp_path}/models", f"source.path={source}", *SMALL]
         data = "s3://tessera/demo/data"
         first, again, redone, s3_out, local_out = (r for r in run_steps(tmp_path, [
             ["curate", "configs/demo.yaml", s3], ["snapshot", data],

@@ -9,7 +9,7 @@ import pickle
 import fsspec
 import pytest
 
-from tessera.config.ray import RayConfig
+from tessera.config import ConfigError, load_config
 from tessera.config.storage import StorageConfig, apply_storage, forwarded_env
 from tessera.core import runtime
 from tessera.core.raytools import worker_env
@@ -120,3 +120,8 @@ def test_ray_workers_reach_the_store_with_the_drivers_options(bucket, endpoint, 
     again = runtime.run_stage("count", store, shards, _count, fingerprints={s: "v1" for s in shards})
     assert sorted(again.done) == ["00002"] and again.skipped == 3
     assert store.fs.cat(store.path("out", "00002.txt")) == b"00002"
+
+
+def test_models_root_on_object_storage_is_refused_by_name():
+    with pytest.raises(ConfigError, match="models_root must be a local folder"):
+        load_config("configs/demo.yaml", ["models_root=s3://bucket/models"])
