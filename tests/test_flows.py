@@ -16,8 +16,8 @@ def recorded(monkeypatch, tmp_path):
     store = ShardStore(str(tmp_path / "data"))
 
     @flow(name="curate")
-    def curate(config, overrides=None):
-        calls.append(("curate", {"config": config, "overrides": overrides}))
+    def curate(config, overrides=None, wait=False):
+        calls.append(("curate", {"config": config, "overrides": overrides, "wait": wait}))
         store.write_json({"filters": {}}, "reports", "thresholds.json")
         store.write_bytes(b"<html></html>", "reports", "report.html")
         return {"funnel": [], "data_root": store.root}
