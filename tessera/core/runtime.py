@@ -121,9 +121,9 @@ class _Watchdog:
 
     @staticmethod
     def _expire(what: str, timeout_s: float) -> None:
-        log.error("%s: no result after shard_timeout_s=%s; ending this worker so that the shard is retried.",
-                  what, timeout_s)
-        logging.shutdown()
+        # Straight to stderr: a logging handler's lock may be held by the hung thread.
+        os.write(2, f"{what}: no result after shard_timeout_s={timeout_s}; ending this worker so that the "
+                    "shard is retried.\n".encode())
         os._exit(75)
 
     def __enter__(self):
