@@ -14,10 +14,12 @@ exactly the shards whose kept samples changed, and every marker carries the sele
 from __future__ import annotations
 
 import hashlib
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from tessera.core.store import ShardStore
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SELECT = "select"
 DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
@@ -25,6 +27,8 @@ DECISION_COLUMNS = ("keep", "reason", "duplicate_of")
 
 def write_decisions(store: ShardStore, shard: str, keys, keep, reasons, duplicate_of) -> None:
     """select/{shard}.parquet: one row per scored sample, in the scores' order."""
+    import pyarrow as pa  # the training loader reads lineage without pyarrow (the GPU kit has none)
+
     store.write_table(pa.table({
         "key": pa.array([str(k) for k in keys], pa.string()),
         "keep": pa.array([bool(k) for k in keep], pa.bool_()),
