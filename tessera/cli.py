@@ -85,7 +85,7 @@ def demo(args) -> int:
     cfg = load_config(config_of(args), demo_overrides(os.path.abspath(args.dir), args.overrides))
     if not preflight_run(args, cfg, runnable_steps(cfg)[0]):
         return 0
-    return run_demo(config_of(args), args.dir, args.overrides)
+    return run_demo(config_of(args), args.dir, args.overrides, args.steps)
 
 
 def curate_cmd(args) -> int:
@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "the whole pipeline on the embedded synthetic set", demo, DEMO_CONFIG)
     p.add_argument("--dir", default=os.environ.get("DEMO_DIR", "demo-output"),
                    help="where the demo writes everything (default: $DEMO_DIR or ./demo-output)")
+    p.add_argument("--step", dest="steps", action="append", choices=list(STEPS),
+                   help="run only this step (repeatable; default: every step)")
     _wait_arg(command("curate", "download, score, select, caption and tokenize a data set", curate_cmd))
     p = command("all", "curate, then train stage 1 and stage 2, then sample and evaluate: the steps the config "
                        "has sections for", all_cmd)

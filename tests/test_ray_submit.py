@@ -144,7 +144,8 @@ def job_status(head, job_id: str) -> str:
 @pytest.mark.slow
 def test_submit_runs_the_demo_flow_on_a_local_head_with_token_auth(ray_head, tmp_path):
     data = tmp_path / "data"
-    command = ["curate", "--config", "configs/demo.yaml", "--set", f"data_root={data}",
+    # The demo serves its synthetic source while its curation runs on the cluster.
+    command = ["demo", "--dir", str(tmp_path / "demo"), "--step", "curate", "--set", f"data_root={data}",
                "--set", f"source.path={tmp_path}/source.parquet", "--set", "source.synthetic.num_images=20",
                "--set", "source.synthetic.bad_records=false", "--set", "download.shard_size=10"]
     argv = [sys.executable, "-m", "tessera.cli", "submit", "--address", ray_head["address"],

@@ -27,7 +27,7 @@ def overrides(root: Path, source: Path) -> list[str]:
 
 def contents(data: Path) -> dict[str, object]:
     """What a run produced: every table's rows (in any order), every tar's members, every JSON
-    file (markers without their timings, manifests, thresholds) but img2dataset's timing stats."""
+    file (markers, manifests, thresholds, without what was measured) but img2dataset's timing stats."""
     out: dict[str, object] = {}
     for path in sorted(p for p in data.rglob("*") if p.is_file()):
         rel = str(path.relative_to(data))
@@ -38,9 +38,17 @@ def contents(data: Path) -> dict[str, object]:
                 out[rel] = {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest()
                             for m in tar.getmembers() if m.isfile()}
         elif path.suffix in (".json", ".done") and not path.name.endswith("_stats.json"):
-            value = json.loads(path.read_text())
-            out[rel] = {k: v for k, v in value.items() if k != "seconds"} if isinstance(value, dict) else value
+            out[rel] = unmeasured(json.loads(path.read_text()))
     return out
+
+
+MEASURED = {"seconds", "task_peak_mb"}  # how long and how much memory a run took: not what it produced
+
+
+def unmeasured(value):
+    if isinstance(value, dict):
+        return {k: unmeasured(v) for k, v in value.items() if k not in MEASURED}
+    return value
 
 
 def serve_and_curate(overrides: list[str]) -> None:

@@ -55,13 +55,13 @@ def demo_overrides(out: str, overrides: list[str]) -> list[str]:
             f"source.path={out}/source/laion-synthetic.parquet", *overrides]
 
 
-def run_demo(config: str, out: str, overrides: list[str]) -> int:
+def run_demo(config: str, out: str, overrides: list[str], steps: list[str] | None = None) -> int:
     """The `tessera demo` command: everything under `out`, and a map of what was written."""
     out = os.path.abspath(out)
     overrides = demo_overrides(out, overrides)
     cfg = load_config(config, overrides)  # fail fast, before Prefect starts
     start = time.time()
-    demo_flow(config=config, overrides=overrides)
+    demo_flow(config=config, overrides=overrides, steps=steps)
     tokens = ",".join(str(r) for r in cfg.tokenize.resolutions)
     print(f"\nThe demo finished in {time.time() - start:.0f} s. Everything it wrote is under {out}:")
     print(f"  {out}/data/download          image shards (img2dataset WebDataset tars + parquet)")
