@@ -11,6 +11,8 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
+from tessera.config.storage import StorageConfig, apply_storage
+
 # moto accepts any credentials; botocore needs some to sign its requests.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -52,3 +54,21 @@ def s3_server(startup_s: float = 60) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextmanager
+def s3_with_credentials() -> Iterator[str]:
+    """The test server, with its credentials in the environment while it runs; afterwards the
+    environment and the process's storage settings are as they were."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with s3_server() as url:
+            yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        apply_storage(StorageConfig())

@@ -14,20 +14,13 @@ from tessera.cli import main
 from tessera.config.storage import StorageConfig, apply_storage
 from tessera.core.lease import LEASE, Lease, LeaseHeld, LeaseLost
 from tessera.core.store import ShardStore
-from tests.s3server import CREDENTIALS, s3_server
+from tests.s3server import s3_with_credentials
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with s3_server() as url:
-            yield url
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        apply_storage(StorageConfig())
+    with s3_with_credentials() as url:
+        yield url
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -3,7 +3,6 @@ writes, unreadable markers, and the storage section reaching every filesystem an
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 
 import fsspec
@@ -14,23 +13,13 @@ from tessera.config.storage import StorageConfig, apply_storage, forwarded_env
 from tessera.core import runtime
 from tessera.core.raytools import worker_env
 from tessera.core.store import ShardStore
-from tests.s3server import CREDENTIALS, s3_server
+from tests.s3server import s3_with_credentials
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with s3_server() as url:
-            yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        apply_storage(StorageConfig())
+    with s3_with_credentials() as url:
+        yield url
 
 
 @pytest.fixture
