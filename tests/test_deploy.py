@@ -44,6 +44,22 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
+    """Until the Prefect server at `url` answers its health probe (which needs no auth)."""
+    deadline = time.time() + 240  # a busy machine can take minutes to migrate a fresh database
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop(proc)
+            pytest.fail(f"the Prefect server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """A Prefect server (SQLite) on a free 127.0.0.1 port, with its own PREFECT_HOME."""
@@ -55,18 +71,7 @@ def prefect_server(tmp_path_factory):
     log = home / "server.log"
     proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 240  # a busy machine can take minutes to migrate a fresh database
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            stop(proc)
-            pytest.fail(f"the Prefect server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_healthy(proc, url, log)
     yield {"url": url, "env": {**env, "PREFECT_API_URL": url}, "home": home}
     stop(proc)
 

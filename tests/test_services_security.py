@@ -7,7 +7,6 @@ import json
 import os
 import re
 import stat
-import time
 import urllib.error
 import urllib.request
 
@@ -16,7 +15,7 @@ import pytest
 from tessera.core.localray import local_ray_env
 from tessera.core.secretfile import secret_file
 
-from .test_deploy import BIN, REPO, free_port, start, stop
+from .test_deploy import BIN, REPO, free_port, start, stop, wait_until_healthy
 
 
 def mode(path) -> int:
@@ -88,18 +87,7 @@ def secured_server(tmp_path_factory):
     log = home / "server.log"
     proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:  # probes need no auth
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            stop(proc)
-            pytest.fail(f"the Prefect server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_healthy(proc, url, log)
     yield {"url": url, "auth": auth, "secret": open(auth).read().strip()}
     stop(proc)
 
