@@ -58,6 +58,18 @@ def decisions(store, shards) -> pd.DataFrame:
     return frame[["shard", "key", "keep", "reason", "duplicate_of"]].reset_index(drop=True)
 
 
+def run_against_reference(c, store):
+    """select.run's decisions, checked equal to the in-memory reference's; returns both summaries and
+    the decisions."""
+    shards = store.done_shards("score")
+    exact, expected = select_reference.exact_reference(c, store)
+    result = select.run(c, store)
+    got = decisions(store, shards)
+    pd.testing.assert_frame_equal(got, exact[["shard", "key", "keep", "reason", "duplicate_of"]]
+                                  .reset_index(drop=True).astype(got.dtypes.to_dict()))
+    return result, expected, got
+
+
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("target", [{"count": 150, "rank_by": "clip_score"},
                                     {"fraction": 0.25, "rank_by": "pwatermark"}])
@@ -69,12 +81,7 @@ def test_distributed_select_equals_the_exact_one(tmp_path, target):
     c = cfg(clip_score={"min": 0.2}, aesthetic={"keep_fraction": 0.6}, watermark={"keep_fraction": 0.9},
             dedup={"enabled": True, "min_similarity": 0.99, "n_clusters": 3, "partitions": 2},
             target=target, sketch_k=8, max_gather=12)
-    shards = store.done_shards("score")
-    exact, expected = select_reference.exact_reference(c, store)
-    result = select.run(c, store)
-    got = decisions(store, shards)
-    pd.testing.assert_frame_equal(got, exact[["shard", "key", "keep", "reason", "duplicate_of"]]
-                                  .reset_index(drop=True).astype(got.dtypes.to_dict()))
+    result, expected, got = run_against_reference(c, store)
     assert result.dropped == expected["dropped"] and result.kept == expected["kept"]
     for name in ("clip_score", "aesthetic", "watermark"):
         assert result.thresholds["filters"][name] == expected["filters"][name]
@@ -251,12 +258,7 @@ def test_skewed_dedup_with_exact_copies_and_a_split_cluster_equals_the_exact_one
             dedup={"enabled": True, "min_similarity": 0.99, "n_clusters": 3, "partitions": 2, "spill_margin": 0.3,
                    "max_cluster_size": 120, "block": 32, "shards_per_task": 4},
             target={"count": 300, "rank_by": "clip_score"})
-    shards = store.done_shards("score")
-    exact, expected = select_reference.exact_reference(c, store)
-    result = select.run(c, store)
-    got = decisions(store, shards)
-    pd.testing.assert_frame_equal(got, exact[["shard", "key", "keep", "reason", "duplicate_of"]]
-                                  .reset_index(drop=True).astype(got.dtypes.to_dict()))
+    result, expected, got = run_against_reference(c, store)
     assert result.dropped == expected["dropped"]
     dedup = result.thresholds["dedup"]
     assert dedup["split"] >= 1 and dedup["largest_cluster"] > 120 and dedup["tasks"] == 2
