@@ -104,17 +104,20 @@ class FailsOnOddShards:
     def __call__(self, store, shard):
         if int(shard) % 2:
             raise RuntimeError(f"shard {shard} is broken")
-        return {"images": 1}
+        return {"images": 3, "rows_in": 3}
 
 
-def test_a_failing_shard_is_recorded_and_the_others_finish(tmp_path, ray_local):
+def test_a_failing_shard_is_recorded_and_the_others_finish(tmp_path, ray_local, capfd):
     from tessera.config.eval import EvalConfig
 
     store = ShardStore(str(tmp_path))
     run = evaluate.map_shards(store, ["00000", "00001", "00002"], FailsOnOddShards, {}, "fp",
-                              EvalConfig(retries=1, num_workers=2))
+                              EvalConfig(retries=1, num_workers=2), desc="eval: test images")
     assert sorted(run.done) == ["00000", "00002"] and list(run.failed) == ["00001"]
+    bar = capfd.readouterr().err.replace("\r", "\n").splitlines()[-1]  # the bar's last state
+    assert bar.startswith("eval: test images: 100%") and "img=6" in bar and "failed=1" in bar, bar
     assert "shard 00001 is broken" in store.read_json("markers", "00001.failed")["error"]
     assert store.done_info("markers", "00000.done".removesuffix(".done"))["fingerprint"] == "fp"
-    rerun = evaluate.map_shards(store, ["00000", "00001", "00002"], FailsOnOddShards, {}, "fp", EvalConfig(retries=0))
+    rerun = evaluate.map_shards(store, ["00000", "00001", "00002"], FailsOnOddShards, {}, "fp",
+                                EvalConfig(retries=0), desc="eval")
     assert rerun.skipped == 2 and list(rerun.failed) == ["00001"]

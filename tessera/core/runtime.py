@@ -307,13 +307,15 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
               num_cpus: float = 1, num_gpus: float = 0, actors: int | None = None, retries: int = 2,
               max_in_flight: int | None = None, outputs: tuple[str, ...] = (),
               shard_kwargs: Callable[[str], dict] | None = None,
-              on_shard: Callable[[str, dict], None] | None = None, unit: str = "img") -> StageRun:
+              on_shard: Callable[[str, dict], None] | None = None, unit: str = "img",
+              desc: str | None = None) -> StageRun:
     """Run `work` over every shard not done with its current fingerprint; see the module doc.
 
     `kwargs` go to every call (a class's constructor), `shard_kwargs(shard)` to that shard's call.
     `fingerprints` (shard -> lineage of its inputs) makes a shard whose inputs changed stale;
     `stamp` adds fields to every marker (and is refreshed on the markers of skipped shards).
-    `outputs` are the folders whose temporaries a crashed run may have left.
+    `outputs` are the folders whose temporaries a crashed run may have left. `desc` labels the
+    progress bar (the stage's name by default); a summary's `rows_in` moves its row count.
     """
     stamp = stamp or {}
     run = StageRun(stage)
@@ -340,7 +342,7 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
         if on_shard:
             on_shard(shard, summary)
 
-    run.failed = _map(stage, store, todo, work, stage=stage, kwargs=kwargs or {}, shard_kwargs=shard_kwargs,
+    run.failed = _map(desc or stage, store, todo, work, stage=stage, kwargs=kwargs or {}, shard_kwargs=shard_kwargs,
                       fingerprints=fingerprints, stamp=stamp, num_cpus=num_cpus, num_gpus=num_gpus,
                       actors=actors, retries=retries, max_in_flight=max_in_flight, on_result=record, unit=unit)
     return run

@@ -271,7 +271,8 @@ class SampleWorker:
             out.append(rec)
         store.write_table(pa.Table.from_pylist(out), "rows", f"{shard}.parquet")
         self.features.write(store, shard, measured)
-        return {"images": len(out), "prompts": len(rows), "clip_score_sum": float(measured["clip_score"].sum()),
+        return {"images": len(out), "rows_in": len(out), "prompts": len(rows),
+                "clip_score_sum": float(measured["clip_score"].sum()),
                 "judged": len(out) if truth else 0, "hits": hits, "tokens_per_s": tokens_per_s,
                 "seconds": time.perf_counter() - t0}
 
@@ -303,7 +304,7 @@ class ImageWorker:
     def __call__(self, store: ShardStore, shard: str) -> dict:
         start, stop = self.ranges[shard]
         images, failed = self._load(self.urls[start:stop])
-        summary = {"images": len(images), "unreadable": failed}
+        summary = {"images": len(images), "unreadable": failed, "rows_in": stop - start}
         if not images:
             return summary
         crop = self.features.protocol.resolution and not self.tokenizer  # the protocol's own crop and filter
@@ -326,13 +327,13 @@ class ImageWorker:
 
 # Running the shards on Ray (the stage runtime) -------------------------------------------------
 def map_shards(store: ShardStore, shards: list[str], worker, kwargs: dict, fp: str, ecfg: EvalConfig,
-               on_shard=None) -> StageRun:
+               desc: str) -> StageRun:
     """Run the `worker` class over the shards in `num_workers` actors (one GPU each when
     `use_gpu`); shards whose marker has this fingerprint are skipped. `done` holds the summary of
     every finished shard, skipped ones included."""
     run = run_stage(MARKERS, store, shards, worker, kwargs=kwargs, fingerprints={s: fp for s in shards},
                     num_gpus=1 if ecfg.use_gpu else 0, actors=min(ecfg.num_workers, len(shards)),
-                    retries=ecfg.retries, on_shard=on_shard)
+                    retries=ecfg.retries, desc=desc)
     markers = store.markers(MARKERS)
     run.done = {s: markers[s] for s in shards if s in markers and s not in run.failed}
     return run
@@ -411,7 +412,7 @@ def reference_moments(cfg: RunConfig, ev: ShardStore, prompts: pa.Table, res: in
                      ecfg.inception_score, ecfg.precision_recall)
     run = map_shards(store, list(ranges), ImageWorker,
                      {"list_url": list_url, "ranges": ranges, "ecfg": ecfg, "models_root": cfg.models_root,
-                      "resolutions": [res]}, fp, ecfg)
+                      "resolutions": [res]}, fp, ecfg, desc=f"eval: reference images at {res}px")
     if run.failed:
         log.error("eval: reference shard(s) %s failed; no Frechet distance against an incomplete reference set.",
                   ", ".join(sorted(run.failed)))
@@ -470,7 +471,7 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
     start = time.perf_counter()
     run = map_shards(store, list(ranges), SampleWorker,
                      {"target": target.__dict__, "prompts_url": prompts_url, "ranges": ranges,
-                      "ecfg": ecfg, "models_root": cfg.models_root}, fp, ecfg)
+                      "ecfg": ecfg, "models_root": cfg.models_root}, fp, ecfg, desc=f"eval: sampling {target.label}")
     row = {"label": target.label, "stage": target.stage, "step": target.step, "checkpoint": target.checkpoint,
            "resolution": res, "fingerprint": fp, **_prompt_metrics(list(run.done.values()))}
     proto = eval_protocol(ecfg.protocol)
@@ -520,7 +521,7 @@ def evaluate_tokenizer(cfg: RunConfig, ev: ShardStore, prompts: pa.Table) -> lis
     run = map_shards(store, list(ranges), ImageWorker,
                      {"list_url": list_url, "ranges": ranges, "ecfg": ecfg, "models_root": cfg.models_root,
                       "resolutions": resolutions, "tokenizer": True},
-                     fp, ecfg)
+                     fp, ecfg, desc="eval: tokenizer images")
     summaries = list(run.done.values())
     images = sum(s["images"] for s in summaries)
     out = []
