@@ -171,7 +171,7 @@ def test_bad_batch_sizes_are_config_errors():
 
 
 @pytest.mark.slow  # starting Ray Train workers takes most of a minute on 2 cores
-def test_training_through_ray_train(tmp_path, data, ray_local):
+def test_training_through_ray_train(tmp_path, data, ray_local, capfd):
     # Relative roots, as in the shipped configs: they must mean the same inside the Ray Train workers.
     cfg = _config(tmp_path, {"max_steps": 3, "use_ray": True, "checkpoint_every": 2})
     cfg = cfg.model_copy(update={k: os.path.relpath(getattr(cfg, k)) for k in ("data_root", "runs_root", "models_root")})
@@ -182,6 +182,9 @@ def test_training_through_ray_train(tmp_path, data, ray_local):
     assert {"loss", "grad_norm", "tokens_per_s", "images_per_s", "data_wait", "memory_gb"} <= set(metrics[0])
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert ShardStore(result.run_dir).list("tensorboard")
+    printed = "".join(capfd.readouterr())
+    assert "Started training worker group" in printed  # Ray's lines reach this capture
+    assert "PreemptionWatcher" not in printed  # a local Ray starts no watcher for node drains
 
 
 @pytest.mark.slow

@@ -26,6 +26,9 @@ LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
     # Single-machine mode (Ray's default on macOS and Windows): the node address stays 127.0.0.1.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray Train's watcher waits for an autoscaler to drain nodes, which never happens to one machine;
+    # starting it prints a core-worker error about its restart arguments on every training run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
 
