@@ -141,13 +141,13 @@ def test_fetch_models_fetches_what_the_config_names_then_runs_find_it(tmp_path):
     with FileServer({"/aes.pth": WEIGHTS, "/nsfw.zip": archive.getvalue()}) as server:
         cfg = _config(tmp_path, {
             "heads/aes.pth": {"url": f"{server.base}/aes.pth", "sha256": sha(WEIGHTS), **LOCAL_MIRROR},
-            "clip_autokeras_binary_nsfw.pth": {"url": f"{server.base}/nsfw.zip",
+            "clip_autokeras_binary_nsfw.pth": {"url": f"{server.base}/nsfw.zip", "sha256": sha(archive.getvalue()),
                                                "member": "clip_autokeras_binary_nsfw.pth", **LOCAL_MIRROR}},
             aesthetic={"weights": "heads/aes.pth"}, nsfw={"source": "compute"})
         assert named_models(cfg) == [("filters.aesthetic.weights", "heads/aes.pth"),
                                      ("filters.nsfw.weights", "clip_autokeras_binary_nsfw.pth")]
         rows = fetch_models(cfg)
-        assert [(r["action"], r.get("verified")) for r in rows] == [("fetched", True), ("fetched", False)]
+        assert [(r["action"], r.get("verified")) for r in rows] == [("fetched", True), ("fetched", True)]
         again = fetch_models(cfg)
     assert [r["action"] for r in again] == ["present", "present"]
     assert len(server.requests) == 2  # the second run asked nothing
@@ -231,7 +231,7 @@ def test_http_and_private_addresses_are_refused_unless_allowed_by_name(tmp_path)
         assert server.requests == []  # refused before any connection
         # Through the config: the entry that allows its mirror is fetched, the other is refused.
         cfg = _config(tmp_path, {"aes.pth": {"url": url, "sha256": sha(WEIGHTS), **LOCAL_MIRROR},
-                                 "wm.pt": {"url": f"{server.base}/wm.pt", "allow_http": True}},
+                                 "wm.pt": {"url": f"{server.base}/wm.pt", "sha256": sha(WEIGHTS), "allow_http": True}},
                       aesthetic={"weights": "aes.pth"}, watermark={"source": "compute", "weights": "wm.pt"})
         with pytest.raises(fetch.FetchError, match=r"filters.watermark.weights: 'wm.pt': .*blocked_loopback"):
             fetch_models(cfg)
@@ -297,3 +297,94 @@ def test_cli_fetch_models_fetches_and_refuses_a_mismatch(tmp_path, monkeypatch, 
         assert cli.main(["fetch-models", "--config", str(tmp_path / "run.yaml")]) == 1
         assert "does not match the pinned" in capsys.readouterr().err
     assert not (tmp_path / "models" / "again" / "aes.pth").exists()
+
+
+def test_every_built_in_url_is_pinned_or_refused_until_the_config_pins_it(tmp_path):
+    unpinned = {name for name, s in fetch.KNOWN_SOURCES.items() if s.url and not s.sha256}
+    assert unpinned == {"watermark_model_v1.pt", "clip_autokeras_binary_nsfw.pth"}  # no published sum found
+    inception = "weights-inception-2015-12-05-6726825d.pth"
+    assert fetch.source_for(inception).sha256.startswith("6726825d")  # torch hub's name carries its prefix
+    cfg = _config(tmp_path, {}, watermark={"source": "compute", "weights": "watermark_model_v1.pt"})
+    with pytest.raises(fetch.FetchError, match=r"no sha256 is pinned for https://github.com/LAION-AI/.*"
+                       r"model_sources: \{watermark_model_v1.pt: \{sha256: <64 hex digits>\}\}"):
+        fetch_models(cfg)
+    assert not (tmp_path / "models").exists() or not os.listdir(tmp_path / "models")
+    # A config entry with only a sha256 pins the built-in source of that name.
+    pinned = fetch.source_for("heads/watermark_model_v1.pt", {"watermark_model_v1.pt": ModelSource(sha256=sha(WEIGHTS))})
+    assert pinned.url == fetch.KNOWN_SOURCES["watermark_model_v1.pt"].url and pinned.sha256 == sha(WEIGHTS)
+    assert fetch.source_for("mine.pt", {"mine.pt": ModelSource(sha256=sha(WEIGHTS))}) is None  # nothing to pin
+    with pytest.raises(ValueError, match="exactly one of url, hub, open_clip, or only a sha256"):
+        ModelSource(file="x.pt")
+
+
+class FakeHub(FileServer):
+    """A hub endpoint on loopback: every file of every repo redirects to `target`, as the hub
+    redirects LFS files to its storage, with the headers huggingface_hub reads."""
+
+    def __init__(self, target: str, size: int):
+        super().__init__({})
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("X-Linked-Etag", '"' + "b" * 64 + '"')
+                self.send_header("X-Linked-Size", str(size))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                outer_requests.append(self.path)
+
+            do_GET = do_HEAD
+
+        outer_requests = self.requests
+        self.server.RequestHandlerClass = Handler
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def point_at(base: str) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", base)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", base + "/{repo_id}/resolve/{revision}/{filename}")
+    return point_at
+
+
+def test_hub_downloads_go_through_the_guard_at_every_redirect(tmp_path, hub_online):
+    from huggingface_hub import hf_hub_download
+
+    from tessera.core.urlcheck import BlockedAddress
+    from tessera.models.hubguard import hub_guard
+
+    loopback_only = fetch.url_policy(allow_http=True).model_copy(update={"allow_loopback": True})
+    with FakeHub("http://10.255.255.1/w.pth", len(WEIGHTS)) as hub:
+        hub_online(hub.base)
+        with hub_guard(loopback_only), pytest.raises(BlockedAddress, match=r"blocked_private: request to "
+                                                                          r"http://10.255.255.1/w.pth"):
+            hf_hub_download("org/model", "w.pth", local_dir=str(tmp_path / "a"))
+        assert "/org/model/resolve/main/w.pth" in hub.requests  # the hub was asked; the redirect was not followed
+    # Through fetch-models: refused unless the model's entry allows the private mirror; metadata never.
+    with FileServer({"/w.pth": WEIGHTS}) as mirror, FakeHub(f"{mirror.base}/w.pth", len(WEIGHTS)) as hub:
+        hub_online(hub.base)
+        with pytest.raises(fetch.FetchError, match=r"org/model/w.pth: refused \(bad_scheme: request to http://127"):
+            fetch.fetch("w.pth", ModelSource(hub="org/model", file="w.pth"), str(tmp_path / "models"))
+        with pytest.raises(fetch.FetchError, match=r"refused \(blocked_loopback: request to http://127"):
+            fetch.fetch("w.pth", ModelSource(hub="org/model", file="w.pth", allow_http=True), str(tmp_path / "models"))
+        assert mirror.requests == []
+        row = fetch.fetch("w.pth", ModelSource(hub="org/model", file="w.pth", sha256=sha(WEIGHTS), **LOCAL_MIRROR),
+                          str(tmp_path / "models"))
+        assert row["action"] == "fetched" and (tmp_path / "models" / "w.pth").read_bytes() == WEIGHTS
+        assert [r[0] for r in mirror.requests] == ["/w.pth"]
+    with FakeHub("http://169.254.169.254/latest/meta-data/w.pth", len(WEIGHTS)) as hub:
+        hub_online(hub.base)
+        with pytest.raises(fetch.FetchError, match=r"refused \(blocked_metadata: request to http://169.254.169.254/"):
+            fetch.fetch("m.pth", ModelSource(hub="org/model", file="m.pth", **LOCAL_MIRROR), str(tmp_path / "models"))
+    from huggingface_hub.utils import _http
+
+    assert _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory  # the guard is undone after each fetch

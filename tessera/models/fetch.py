@@ -21,10 +21,12 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 
 from tessera.config.download import UrlPolicy
 from tessera.config.models import ModelSource
 from tessera.core.urlcheck import BlockedAddress, check_url, make_opener
+from tessera.models.hubguard import hub_guard
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,8 @@ KNOWN_SOURCES: dict[str, ModelSource] = {
     "sac+logos+ava1-l14-linearMSE.pth": ModelSource(
         url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth",
         sha256="21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"),
-    # No published checksum for these two: the first fetch logs the sha256 it got; pin it in
-    # the config's model_sources to have later fetches checked against it.
+    # No published checksum for these two: fetch-models refuses them until the config pins one
+    # (`model_sources: {NAME: {sha256: ...}}`, see NO_PUBLISHED_SUM).
     "watermark_model_v1.pt": ModelSource(
         url="https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/watermark_model_v1.pt"),
     "clip_autokeras_binary_nsfw.pth": ModelSource(
@@ -47,14 +49,21 @@ KNOWN_SOURCES: dict[str, ModelSource] = {
     "clip-vit-l-14/open_clip_pytorch_model.bin": ModelSource(open_clip="ViT-L-14/openai"),
     # OpenAI's ViT-B/32: the CLIP the llamagen_t2i evaluation protocol scores with.
     "clip-vit-b-32/open_clip_pytorch_model.bin": ModelSource(open_clip="ViT-B-32/openai"),
-    # The Inception-v3 weights torch-fidelity and torchmetrics load for FID (the eval section); no
-    # published checksum either.
+    # The Inception-v3 weights torch-fidelity and torchmetrics load for FID (the eval section), the
+    # same file as pytorch-fid's pt_inception-2015-12-05-6726825d.pth (95,628,359 bytes; torch hub
+    # names end in the first 8 hex digits of the sha256).
     "weights-inception-2015-12-05-6726825d.pth": ModelSource(
-        url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"),
+        url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+        sha256="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"),
     "vq_ds16_t2i.pt": ModelSource(hub="peizesun/llamagen_t2i", file="vq_ds16_t2i.pt"),
     "t2i_XL_stage1_256.pt": ModelSource(hub="peizesun/llamagen_t2i", file="t2i_XL_stage1_256.pt"),
     "t2i_XL_stage2_512.pt": ModelSource(hub="peizesun/llamagen_t2i", file="t2i_XL_stage2_512.pt"),
 }
+
+
+NO_PUBLISHED_SUM = ("no sha256 is pinned for {url}, and every download is checked against one: take the "
+                    "sha256 of a copy you trust and pin it in the config, `model_sources: {{{name}: {{sha256: "
+                    "<64 hex digits>}}}}`")
 
 
 class FetchError(RuntimeError):
@@ -76,12 +85,21 @@ def target_path(ref: str, models_root: str) -> str:
     return ref if os.path.isabs(ref) else os.path.join(models_root, ref)
 
 
+def _lookup(ref: str, table: dict[str, ModelSource]) -> ModelSource | None:
+    for name in (ref, os.path.basename(ref)):
+        if name in table:
+            return table[name]
+    return None
+
+
 def source_for(ref: str, sources: dict[str, ModelSource] | None = None) -> ModelSource | None:
-    """The source of `ref`: the config's by name, the built-in by name or file name, a hub id's repo."""
-    for table in (sources or {}, KNOWN_SOURCES):
-        for name in (ref, os.path.basename(ref)):
-            if name in table:
-                return table[name]
+    """The source of `ref`: the config's by name, the built-in by name or file name, a hub id's repo.
+    A config entry with only a sha256 pins the built-in source of that name."""
+    mine, builtin = _lookup(ref, sources or {}), _lookup(ref, KNOWN_SOURCES)
+    if mine is not None and mine.pins_only:
+        return builtin.model_copy(update={"sha256": mine.sha256}) if builtin is not None else None
+    if mine is not None or builtin is not None:
+        return mine or builtin
     return ModelSource(hub=ref) if is_hub_id(ref) else None
 
 
@@ -181,11 +199,13 @@ def _from_zip(source: ModelSource, target: str) -> str:
     return got
 
 
-def _hub_file(repo: str, filename: str, revision: str | None, target: str, sha256: str | None) -> str:
+def _hub_file(repo: str, filename: str, revision: str | None, target: str, sha256: str | None,
+              policy: UrlPolicy | None = None) -> str:
     from huggingface_hub import hf_hub_download
 
     folder = os.path.dirname(os.path.abspath(target))
-    path = hf_hub_download(repo, filename, revision=revision, local_dir=folder)
+    with _guarded(f"{repo}/{filename}", policy or url_policy()):
+        path = hf_hub_download(repo, filename, revision=revision, local_dir=folder)
     if os.path.abspath(path) != os.path.abspath(target):
         os.replace(path, target)
     got = sha256_of(target)
@@ -193,6 +213,17 @@ def _hub_file(repo: str, filename: str, revision: str | None, target: str, sha25
         os.remove(target)
         raise FetchError(f"{repo}/{filename}: sha256 {got} does not match the pinned {sha256}; deleted")
     return got
+
+
+@contextmanager
+def _guarded(what: str, policy: UrlPolicy):
+    """huggingface_hub's requests inside the block go through the URL guard under `policy`."""
+    try:
+        with hub_guard(policy):
+            yield
+    except BlockedAddress as e:
+        raise FetchError(f"{what}: refused ({e}); a hub model is fetched over https from a public address "
+                         "unless its model_sources entry sets allow_http or allow_private") from None
 
 
 def _open_clip(tag: str, target: str, sha256: str | None) -> str:
@@ -217,25 +248,29 @@ def fetch(ref: str, source: ModelSource, models_root: str) -> dict:
     snapshot = bool(source.hub and not source.file)
     done = os.path.exists(os.path.join(target, SNAPSHOT_MARKER)) if snapshot else os.path.isfile(target)
     if done:
-        if source.sha256 and not snapshot and sha256_of(target) != source.sha256.lower():
+        # (a .zip's sha256 is the archive's, which is not kept)
+        if source.sha256 and not snapshot and not source.member and sha256_of(target) != source.sha256.lower():
             raise FetchError(f"{target} is there but its sha256 is {sha256_of(target)}, not the pinned "
                              f"{source.sha256}; delete it to fetch it again")
         return {"ref": ref, "path": target, "action": "present"}
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    policy = url_policy(source.allow_http, source.allow_private)
+    if source.url and not source.sha256:
+        raise FetchError(NO_PUBLISHED_SUM.format(url=source.url, name=os.path.basename(ref)))
     if snapshot:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(source.hub, revision=source.revision, local_dir=target)
+        with _guarded(source.hub, policy):
+            snapshot_download(source.hub, revision=source.revision, local_dir=target)
         with open(os.path.join(target, SNAPSHOT_MARKER), "w") as f:
             json.dump({"hub": source.hub, "revision": source.revision}, f)
         return {"ref": ref, "path": target, "action": "fetched", "from": f"hub {source.hub}"}
     if source.url and source.member:
         got, origin = _from_zip(source, target), source.url
     elif source.url:
-        got, origin = download_url(source.url, target, source.sha256,
-                                   policy=url_policy(source.allow_http, source.allow_private)), source.url
+        got, origin = download_url(source.url, target, source.sha256, policy=policy), source.url
     elif source.hub:
-        got, origin = _hub_file(source.hub, source.file, source.revision, target, source.sha256), \
+        got, origin = _hub_file(source.hub, source.file, source.revision, target, source.sha256, policy), \
             f"hub {source.hub}/{source.file}"
     else:
         got, origin = _open_clip(source.open_clip, target, source.sha256), f"open_clip {source.open_clip}"
