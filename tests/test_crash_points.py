@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 import pytest
 
 from tessera.core import runtime
@@ -104,3 +105,75 @@ def test_markers_and_outputs_are_fsynced_before_they_count(tmp_path, monkeypatch
     assert [os.path.basename(p).split(".tmp-")[0] if ".tmp-" in p else p for p in synced] == [
         "00000.txt", folder, "00000.done", folder]
     assert store.read_json("toy", "00000.done") == {"rows_in": 1}
+
+
+TRAIN_WORKER = """
+import sys
+from pathlib import Path
+import torch
+from tessera.pipelines import train
+from tests.test_crash_points import TRAIN_STEPS
+from tests.test_train import _config
+torch.set_num_threads(1)
+train.run(_config(Path(sys.argv[1]), TRAIN_STEPS), "stage1", run_name="cut")
+"""
+TRAIN_STEPS = {"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 2}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_training_killed_inside_a_checkpoint_save_resumes_from_the_last_whole_one(tmp_path):
+    """Killed while DCP writes step 4's checkpoint (its parts on disk, its .metadata not): the
+    half-written folder is never loaded, the rerun resumes from step 2 and ends where an
+    uninterrupted run ends."""
+    from tessera.demo.codes import write_synthetic_codes
+    from tessera.pipelines import train
+    from tessera.training.checkpoint import DONE, TRAIN_STATE, checkpoint_steps, latest_checkpoint, read_checkpoint_any
+    from tests.test_train import _config
+
+    write_synthetic_codes(ShardStore(str(tmp_path / "data")), 256, shards=2, per_shard=6, vocab=64, caption_dim=32)
+    whole = train.run(_config(tmp_path, TRAIN_STEPS), "stage1", run_name="whole")
+    expected = [m["loss"] for m in train.read_metrics(whole.run_dir)]
+
+    env = {**os.environ, ENV: "checkpoint_parts:checkpoint:step-00000004", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_WORKER, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    cut = ShardStore(str(tmp_path / "runs" / "cut" / "stage1"))
+    half = set(os.listdir(cut.path("checkpoints", "step-00000004")))
+    assert TRAIN_STATE in half and any(n.endswith(".distcp") for n in half) and DONE not in half
+    assert checkpoint_steps(cut) == [2] and latest_checkpoint(cut).endswith("step-00000002")
+
+    resumed = train.run(_config(tmp_path, TRAIN_STEPS), "stage1", run_name="cut")
+    assert [m["step"] for m in train.read_metrics(resumed.run_dir)] == list(range(1, 7))
+    assert [m["loss"] for m in train.read_metrics(resumed.run_dir)] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert checkpoint_steps(ShardStore(resumed.run_dir)) == [4, 6]
+    a, b = read_checkpoint_any(whole.checkpoint), read_checkpoint_any(resumed.checkpoint)
+    assert a["data"] == b["data"] and a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+
+
+def test_a_checkpoint_is_fsynced_part_by_part_with_its_metadata_last(tmp_path, monkeypatch):
+    from tessera.training.checkpoint import Checkpointer, checkpoint_steps
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    run = ShardStore(str(tmp_path / "run"))
+    Checkpointer(run, keep=2).save(1, model, optimizer, {"data": {}})
+    folder = run.path("checkpoints", "step-00000001")
+    names = [p if os.path.isdir(p) else os.path.basename(p).split(".tmp-")[0] for p in synced]
+    assert names[0] == "train.json" and any(n.endswith(".distcp") for n in names)
+    # Every part before the metadata; the metadata's rename and the new folder made durable last.
+    assert names[-3:] == [".metadata.tmp", folder, run.path("checkpoints")]
+    assert max(i for i, n in enumerate(names) if n.endswith(".distcp")) < names.index(".metadata.tmp")
+    assert checkpoint_steps(run) == [1]

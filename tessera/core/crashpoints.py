@@ -6,6 +6,8 @@ one dictionary lookup. The points:
 
     mid_output     an output file written under its temporary name, not yet renamed into place
     before_marker  every output of a shard in place, its completion marker not yet written
+    checkpoint_parts  (stage `checkpoint`, shard `step-NNNNNNNN`) every part of a training
+                   checkpoint written by DCP, its `.metadata` not yet
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import signal
 
 ENV = "TESSERA_CRASH_AT"
-POINTS = ("mid_output", "before_marker")
+POINTS = ("mid_output", "before_marker", "checkpoint_parts")
 
 
 def crash_point(point: str, stage: str | None = None, shard: str | None = None) -> None:

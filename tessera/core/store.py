@@ -78,6 +78,11 @@ class ShardStore:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.fresh(self.path(*parts)))
 
+    def sync_folder(self, *parts: str) -> None:
+        """Make the renames in a local folder durable (an object store has nothing to sync)."""
+        if self._local:
+            _fsync_folder(self.path(*parts))
+
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)
 

@@ -3,8 +3,10 @@
 A checkpoint is a folder {run}/{stage}/checkpoints/step-NNNNNNNN/: every worker writes its own
 part of the weights and optimizer state (DCP deduplicates DDP replicas and writes FSDP2 shards
 as they are), rank 0 writes `train.json` (step, data position, config) first, and DCP writes
-`.metadata` last: a folder without `.metadata` is unfinished and ignored. DCP reshards on load,
-so a run saved by N workers resumes on M. Only the newest `keep` are kept.
+`.metadata` last: a folder without `.metadata` is unfinished and ignored. Every part and the
+metadata are fsynced before the metadata is renamed into place, and the folder after, so after
+a crash or a power cut a checkpoint is whole or not one at all. DCP reshards on load, so a run
+saved by N workers resumes on M. Only the newest `keep` are kept.
 
 `export` turns one into a single LlamaGen-format file (weights under `model`, optionally the
 optimizer state LlamaGen's trainer resumes from) for sampling and sharing, and refuses models
@@ -22,6 +24,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+from tessera.core.crashpoints import crash_point
 from tessera.models.gpt import GPT, GPTConfig, llamagen_parameter_order, read_checkpoint
 from tessera.models.identity import identity_of
 from tessera.core.store import ShardStore
@@ -62,6 +67,34 @@ def is_sharded(url: str) -> bool:
     return ShardStore(url).exists(DONE)
 
 
+class _LastMetadata:
+    """DCP's writer, with a crash point between the parts and the metadata, and the folder
+    fsynced once the metadata is renamed into place."""
+
+    def __init__(self, url: str, step: int):
+        super().__init__(url.removeprefix("file://"), sync_files=True)
+        self.url, self.step = url, step
+
+    def finish(self, metadata, results) -> None:
+        crash_point("checkpoint_parts", "checkpoint", f"step-{self.step:08d}")
+        super().finish(metadata, results)
+        for folder in (self.url, posixpath.dirname(self.url.rstrip("/"))):  # the rename, the new folder
+            ShardStore(folder).sync_folder()
+
+
+class _LocalWriter(_LastMetadata, dcp.FileSystemWriter):
+    pass
+
+
+class _RemoteWriter(_LastMetadata, FsspecWriter):
+    pass
+
+
+def _writer(url: str, step: int):
+    local = "://" not in url or url.startswith("file://")
+    return (_LocalWriter if local else _RemoteWriter)(url, step)
+
+
 class Checkpointer:
     """Saves (every worker calls `save`) and loads the sharded checkpoints of one run stage."""
 
@@ -81,10 +114,10 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         if self.async_save:
-            self._pending = dcp.async_save(state, checkpoint_id=url, process_group=self._group,
+            self._pending = dcp.async_save(state, storage_writer=_writer(url, step), process_group=self._group,
                                            no_dist=not _distributed())
         else:
-            dcp.save(state, checkpoint_id=url, no_dist=not _distributed())
+            dcp.save(state, storage_writer=_writer(url, step), no_dist=not _distributed())
             self._prune()
         return url
 
