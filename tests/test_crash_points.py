@@ -177,3 +177,87 @@ def test_a_checkpoint_is_fsynced_part_by_part_with_its_metadata_last(tmp_path, m
     assert names[-3:] == [".metadata.tmp", folder, run.path("checkpoints")]
     assert max(i for i, n in enumerate(names) if n.endswith(".distcp")) < names.index(".metadata.tmp")
     assert checkpoint_steps(run) == [1]
+
+
+SELECT_SHARDS = [f"{i:05d}" for i in range(4)]
+SELECT_DRIVER = """
+import sys
+from tessera.config.ray import RayConfig
+from tessera.core.raytools import init_ray
+from tessera.core.store import ShardStore
+from tessera.pipelines import select
+from tests.test_crash_points import select_config
+init_ray(RayConfig(num_cpus=1))
+select.run(select_config(), ShardStore(sys.argv[1]))
+"""
+
+
+def select_config():
+    from tests.test_select import cfg
+
+    # One shard per exchange task and two partitions: every pass has more than one task to cut between.
+    return cfg(clip_score={"min": 0.3}, target={"count": 120, "rank_by": "clip_score"},
+               dedup={"enabled": True, "exact": True, "min_similarity": 0.99, "n_clusters": 3, "partitions": 2,
+                      "spill_margin": 0.3, "block": 32, "shards_per_task": 1})
+
+
+def selection(store: ShardStore) -> tuple:
+    """Every sample's decision and the run's thresholds, counts and target (not its timings)."""
+    from tessera.pipelines import select_reference
+
+    frame = select_reference.load_scores(store, SELECT_SHARDS, decisions=True)
+    summary = store.read_json("reports", "thresholds.json")
+    return (frame[["shard", "key", "keep", "reason", "duplicate_of"]].to_dict("list"),
+            {k: summary[k] for k in ("fingerprint", "samples", "kept", "dropped", "filters", "target")})
+
+
+@pytest.fixture(scope="module")
+def select_inputs(tmp_path_factory, ray_local):
+    import shutil
+
+    import numpy as np
+
+    from tessera.pipelines import select
+    from tests.test_select_scale import skewed_shards
+
+    root = tmp_path_factory.mktemp("select")
+    skewed_shards(ShardStore(str(root / "pristine")), np.random.default_rng(5), shards=len(SELECT_SHARDS),
+                  per_shard=60)
+    shutil.copytree(root / "pristine", root / "uninterrupted")
+    whole = ShardStore(str(root / "uninterrupted"))
+    result = select.run(select_config(), whole)
+    assert result.dropped["exact_duplicate"] and result.dropped["near_duplicate"]  # both passes decide something
+    return root, selection(whole)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", [
+    "after_result:dedup-exact:00000",   # exact dedup: one partition searched, the other not
+    "after_result:dedup-search:00000",  # semantic dedup: one partition searched, the other not
+    "after_result:select:00001",        # apply: some shards decided and marked, the rest not
+])
+def test_select_killed_in_a_pass_reruns_to_the_uninterrupted_decisions(at, tmp_path, select_inputs):
+    import shutil
+
+    from tessera.pipelines import select
+
+    root, uninterrupted = select_inputs
+    shutil.copytree(root / "pristine", tmp_path / "data")
+    env = {**os.environ, ENV: at, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", SELECT_DRIVER, str(tmp_path / "data")], cwd=REPO, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray the driver started
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    store = ShardStore(str(tmp_path / "data"))
+    assert not store.exists("reports", "thresholds.json")
+    decided = len(store.done_shards("select"))
+    assert (2 <= decided < len(SELECT_SHARDS)) if at.startswith("after_result:select") else decided == 0
+    select.run(select_config(), store)
+    assert selection(store) == uninterrupted
+    assert not [p for p in (tmp_path / "data").rglob("*") if ".tmp-" in p.name]

@@ -6,6 +6,9 @@ one dictionary lookup. The points:
 
     mid_output     an output file written under its temporary name, not yet renamed into place
     before_marker  every output of a shard in place, its completion marker not yet written
+    after_result   the driver has taken in the answer of one shard (or partition) of a stage or of
+                   a pass; STAGE is the pass's name without its stage (`select:dedup-exact` is
+                   `dedup-exact`), the others of the pass may still be running
     checkpoint_parts  (stage `checkpoint`, shard `step-NNNNNNNN`) every part of a training
                    checkpoint written by DCP, its `.metadata` not yet
 """
@@ -15,7 +18,7 @@ import os
 import signal
 
 ENV = "TESSERA_CRASH_AT"
-POINTS = ("mid_output", "before_marker", "checkpoint_parts")
+POINTS = ("mid_output", "before_marker", "after_result", "checkpoint_parts")
 
 
 def crash_point(point: str, stage: str | None = None, shard: str | None = None) -> None:

@@ -279,6 +279,7 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
                     rows += int(summary.get("rows_in", 0) or 0) if isinstance(summary, dict) else 0
                     if on_result:
                         on_result(name, summary)
+                    crash_point("after_result", desc.rsplit(":", 1)[-1], name)
                 # Rows per second beside the shards' rate and ETA: a shard can hold 10,000 rows.
                 per_s = rows / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix({unit: rows, f"{unit}/s": f"{per_s:.1f}", "failed": len(failed)}, refresh=False)
