@@ -64,7 +64,7 @@ class EvalConfig(Section):
     inception: str | None = None
     # The sha256 of the Inception weights, or its first characters (torch-fidelity's file names
     # carry the first 8); a file that does not match is refused. None: not checked.
-    inception_sha256: str | None = "6726825d"
+    inception_sha256: str | None = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
     inception_score: bool = False  # also the Inception Score
     precision_recall: bool = False  # also improved precision and recall
     # The CLIP for CLIP score and the CLIP-feature Frechet distance (ViT-L/14 at scale).
