@@ -3,18 +3,33 @@ at a fixed point of a shard's writes, then a rerun, ends exactly where an uninte
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import torch
 import pytest
+import torch
 
 from tessera.core import runtime
 from tessera.core.crashpoints import ENV
 from tessera.core.store import ShardStore
+from tessera.demo.codes import write_synthetic_codes
+from tessera.pipelines import select, select_reference, train
+from tessera.training.checkpoint import (
+    DONE,
+    TRAIN_STATE,
+    Checkpointer,
+    checkpoint_steps,
+    latest_checkpoint,
+    read_checkpoint_any,
+)
+from tests.test_select import cfg
+from tests.test_select_scale import skewed_shards
+from tests.test_train import _config
 
 REPO = Path(__file__).resolve().parent.parent
 SHARDS = ["00000", "00001", "00002", "00003"]
@@ -125,10 +140,6 @@ def test_a_training_killed_inside_a_checkpoint_save_resumes_from_the_last_whole_
     """Killed while DCP writes step 4's checkpoint (its parts on disk, its .metadata not): the
     half-written folder is never loaded, the rerun resumes from step 2 and ends where an
     uninterrupted run ends."""
-    from tessera.demo.codes import write_synthetic_codes
-    from tessera.pipelines import train
-    from tessera.training.checkpoint import DONE, TRAIN_STATE, checkpoint_steps, latest_checkpoint, read_checkpoint_any
-    from tests.test_train import _config
 
     write_synthetic_codes(ShardStore(str(tmp_path / "data")), 256, shards=2, per_shard=6, vocab=64, caption_dim=32)
     whole = train.run(_config(tmp_path, TRAIN_STEPS), "stage1", run_name="whole")
@@ -154,7 +165,6 @@ def test_a_training_killed_inside_a_checkpoint_save_resumes_from_the_last_whole_
 
 
 def test_a_checkpoint_is_fsynced_part_by_part_with_its_metadata_last(tmp_path, monkeypatch):
-    from tessera.training.checkpoint import Checkpointer, checkpoint_steps
 
     synced: list[str] = []
     real = os.fsync
@@ -193,8 +203,6 @@ select.run(select_config(), ShardStore(sys.argv[1]))
 
 
 def select_config():
-    from tests.test_select import cfg
-
     # One shard per exchange task and two partitions: every pass has more than one task to cut between.
     return cfg(clip_score={"min": 0.3}, target={"count": 120, "rank_by": "clip_score"},
                dedup={"enabled": True, "exact": True, "min_similarity": 0.99, "n_clusters": 3, "partitions": 2,
@@ -203,8 +211,6 @@ def select_config():
 
 def selection(store: ShardStore) -> tuple:
     """Every sample's decision and the run's thresholds, counts and target (not its timings)."""
-    from tessera.pipelines import select_reference
-
     frame = select_reference.load_scores(store, SELECT_SHARDS, decisions=True)
     summary = store.read_json("reports", "thresholds.json")
     return (frame[["shard", "key", "keep", "reason", "duplicate_of"]].to_dict("list"),
@@ -213,13 +219,6 @@ def selection(store: ShardStore) -> tuple:
 
 @pytest.fixture(scope="module")
 def select_inputs(tmp_path_factory, ray_local):
-    import shutil
-
-    import numpy as np
-
-    from tessera.pipelines import select
-    from tests.test_select_scale import skewed_shards
-
     root = tmp_path_factory.mktemp("select")
     skewed_shards(ShardStore(str(root / "pristine")), np.random.default_rng(5), shards=len(SELECT_SHARDS),
                   per_shard=60)
@@ -237,27 +236,26 @@ def select_inputs(tmp_path_factory, ray_local):
     "after_result:select:00001",        # apply: some shards decided and marked, the rest not
 ])
 def test_select_killed_in_a_pass_reruns_to_the_uninterrupted_decisions(at, tmp_path, select_inputs):
-    import shutil
-
-    from tessera.pipelines import select
 
     root, uninterrupted = select_inputs
     shutil.copytree(root / "pristine", tmp_path / "data")
     env = {**os.environ, ENV: at, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", SELECT_DRIVER, str(tmp_path / "data")], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _, err = proc.communicate(timeout=600)
-    finally:
+    with open(tmp_path / "driver.log", "wb") as log:  # not a pipe: the local Ray's processes hold it too
+        proc = subprocess.Popen([sys.executable, "-c", SELECT_DRIVER, str(tmp_path / "data")], cwd=REPO, env=env,
+                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray the driver started
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the local Ray the driver started
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-2000:]
     store = ShardStore(str(tmp_path / "data"))
     assert not store.exists("reports", "thresholds.json")
     decided = len(store.done_shards("select"))
-    assert (2 <= decided < len(SELECT_SHARDS)) if at.startswith("after_result:select") else decided == 0
+    # Killed after two shards were decided (a shard already running may have finished as it died).
+    assert decided >= 2 if at.startswith("after_result:select") else decided == 0
     select.run(select_config(), store)
     assert selection(store) == uninterrupted
     assert not [p for p in (tmp_path / "data").rglob("*") if ".tmp-" in p.name]

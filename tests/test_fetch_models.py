@@ -13,7 +13,9 @@ import pytest
 
 from tessera.config import RunConfig, load_config
 from tessera.config.models import ModelSource
+from tessera.core.urlcheck import BlockedAddress
 from tessera.models import fetch, refs
+from tessera.models.hubguard import hub_guard
 from tessera.pipelines import score
 from tessera.fetch_models import fetch_models, named_models
 from tests.conftest import REPO
@@ -359,8 +361,6 @@ def hub_online(monkeypatch):
 def test_hub_downloads_go_through_the_guard_at_every_redirect(tmp_path, hub_online):
     from huggingface_hub import hf_hub_download
 
-    from tessera.core.urlcheck import BlockedAddress
-    from tessera.models.hubguard import hub_guard
 
     loopback_only = fetch.url_policy(allow_http=True).model_copy(update={"allow_loopback": True})
     with FakeHub("http://10.255.255.1/w.pth", len(WEIGHTS)) as hub:

@@ -22,14 +22,13 @@ import re
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
 from tessera.core.crashpoints import crash_point
+from tessera.core.store import ShardStore
 from tessera.models.gpt import GPT, GPTConfig, llamagen_parameter_order, read_checkpoint
 from tessera.models.identity import identity_of
-from tessera.core.store import ShardStore
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
