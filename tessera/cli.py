@@ -221,11 +221,15 @@ def config_cmd(args) -> int:
 def fetch_models_cmd(args) -> int:
     # The one command that goes online: before huggingface_hub reads these.
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "0"
-    from tessera.fetch_models import fetch_models
+    from tessera.fetch_models import fetch_models, with_pins
     from tessera.models.fetch import FetchError
     from tessera.preflight import check_model_names, check_writable
 
-    cfg = load(args)
+    try:
+        cfg = with_pins(load(args), args.sha256)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     check_model_names(cfg)
     check_writable("models_root", cfg.models_root)
     if args.check:
@@ -356,7 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", dest="checkpoints", action="append", metavar="NAME_OR_PATH",
                    help="untrained, stage1, stage2 or a checkpoint path (repeatable; default: eval.checkpoints)")
     p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer evaluation")
-    command("fetch-models", "download every model the config names into models_root, verified", fetch_models_cmd)
+    p = command("fetch-models", "download every model the config names into models_root, verified", fetch_models_cmd)
+    p.add_argument("--sha256", action="append", default=[], metavar="NAME=SHA256",
+                   help="pin the sha256 of a model's source (repeatable), as model_sources: {NAME: {sha256: ...}} "
+                        "would; a source without a published sum is refused until one is pinned")
     command("status", "per stage: shards done, failed and to do; the funnel; newest checkpoints", status_cmd,
             run=False)
     command("config", "print the resolved config (file, environment and --set applied)", config_cmd, run=False)

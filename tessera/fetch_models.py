@@ -10,6 +10,7 @@ import os
 import re
 
 from tessera.config import RunConfig
+from tessera.config.models import ModelSource
 from tessera.models.fetch import FetchError, fetch, source_for, target_path
 from tessera.models.refs import PREFIX
 
@@ -47,6 +48,23 @@ def named_models(cfg: RunConfig, with_tiny: bool = False) -> list[tuple[str, str
                   ("eval.inception", e.inception), ("eval.tokenizer.vq", e.tokenizer.vq)]
     return [(key, ref) for key, ref in named
             if ref and (with_tiny or not ref.startswith(PREFIX)) and "://" not in ref]
+
+
+def with_pins(cfg: RunConfig, pins: list[str]) -> RunConfig:
+    """`cfg` with each NAME=SHA256 of `pins` (fetch-models --sha256) pinned in its model_sources: the
+    config's own entry of that name gets the sum, else the built-in source of that name does."""
+    sources = dict(cfg.model_sources)
+    for pin in pins:
+        name, _, digest = pin.partition("=")
+        if not name or not digest:
+            raise ValueError(f"--sha256 {pin!r}: give NAME=SHA256 (the model's name as the config writes it)")
+        try:
+            ModelSource(sha256=digest)
+        except ValueError as e:
+            raise ValueError(f"--sha256 {pin!r}: the sha256 must be 64 hex digits") from e
+        entry = sources.get(name)
+        sources[name] = entry.model_copy(update={"sha256": digest.lower()}) if entry else ModelSource(sha256=digest)
+    return cfg.model_copy(update={"model_sources": sources})
 
 
 def fetch_models(cfg: RunConfig) -> list[dict]:

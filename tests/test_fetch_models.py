@@ -388,3 +388,24 @@ def test_hub_downloads_go_through_the_guard_at_every_redirect(tmp_path, hub_onli
     from huggingface_hub.utils import _http
 
     assert _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory  # the guard is undone after each fetch
+
+
+def test_cli_pins_a_sum_by_name(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from tessera import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with FileServer({"/aes.pth": WEIGHTS}) as server:
+        tree = _config(tmp_path, {"aes.pth": {"url": f"{server.base}/aes.pth", **LOCAL_MIRROR}},
+                       aesthetic={"weights": "aes.pth"}).model_dump(mode="json", exclude_unset=True)
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+        run = ["fetch-models", str(tmp_path / "run.yaml")]
+        assert cli.main(run) == 1
+        assert "no sha256 is pinned for http://127.0.0.1" in capsys.readouterr().err
+        assert cli.main([*run, "--sha256", "aes.pth=abc"]) == 2
+        assert "the sha256 must be 64 hex digits" in capsys.readouterr().err
+        assert server.requests == []
+        assert cli.main([*run, "--sha256", f"aes.pth={sha(WEIGHTS).upper()}"]) == 0
+    assert (tmp_path / "models" / "aes.pth").read_bytes() == WEIGHTS

@@ -63,7 +63,7 @@ KNOWN_SOURCES: dict[str, ModelSource] = {
 
 NO_PUBLISHED_SUM = ("no sha256 is pinned for {url}, and every download is checked against one: take the "
                     "sha256 of a copy you trust and pin it in the config, `model_sources: {{{name}: {{sha256: "
-                    "<64 hex digits>}}}}`")
+                    "<64 hex digits>}}}}`, or with `tessera fetch-models CONFIG --sha256 {name}=<64 hex digits>`")
 
 
 class FetchError(RuntimeError):
