@@ -42,7 +42,15 @@ from tessera.eval.fid import (
     precision_recall,
     sha256_of,
 )
-from tessera.eval.prompt_following import chance_floors, judge, read_picture
+from tessera.eval.prompt_following import (
+    ShapeTemplates,
+    calibrated_templates,
+    chance_floors,
+    judge,
+    read_picture,
+    templates_from_bytes,
+    templates_to_bytes,
+)
 from tessera.eval.prompts import TRUTH, has_truth, palette_of, read_prompt_set
 from tessera.eval.protocols import (
     Gaussian,
@@ -213,7 +221,8 @@ class SampleWorker:
     """Holds one checkpoint's generator with its VQ, text encoder and feature models; a shard of
     prompts in, images and per-image measurements out."""
 
-    def __init__(self, target: dict, prompts_url: str, ranges: dict, ecfg: EvalConfig, models_root: str):
+    def __init__(self, target: dict, prompts_url: str, ranges: dict, ecfg: EvalConfig, models_root: str,
+                 reader_cache: str | None = None):
         import torch
 
 
@@ -237,6 +246,23 @@ class SampleWorker:
         table = ShardStore(posixpath.dirname(prompts_url)).read_table(posixpath.basename(prompts_url))
         self.rows = table.to_pylist()
         self.palette = palette_of(table) if has_truth(table) else None
+        self.reader_cache = reader_cache
+
+    def templates(self, resolution: int) -> ShapeTemplates:
+        """The prompt reader's shape templates calibrated through this VQ at `resolution`, fitted
+        once per VQ, resolution and palette and kept beside the run's evaluation."""
+        key = f"{resolution}-{fingerprint(self.ecfg.vq, resolution, self.palette)}.npz"
+        cache = ShardStore(self.reader_cache) if self.reader_cache else None
+        if cache is not None and cache.exists(key):
+            with cache.fs.open(cache.path(key), "rb") as f:
+                return templates_from_bytes(f.read())
+        t0 = time.perf_counter()
+        templates = calibrated_templates(self.vq, resolution, self.palette, batch_size=self.ecfg.batch_size)
+        log.info("eval: prompt reader calibrated through the VQ at %dpx in %.1f s.", resolution,
+                 time.perf_counter() - t0)
+        if cache is not None:
+            cache.write_bytes(templates_to_bytes(templates), key)
+        return templates
 
     def __call__(self, store: ShardStore, shard: str) -> dict:
         import torch
@@ -255,6 +281,7 @@ class SampleWorker:
         measured = self.features.measure(pixels, prompts)
         truth = all(all(r.get(c) is not None for c in TRUTH) for r in rows)
         out, hits = [], {}
+        templates = self.templates(pixels.shape[1]) if truth else None
         for k, (p, prompt) in enumerate(zip(pixels, prompts)):
             row = rows[k // ecfg.images_per_prompt]
             name = f"{start + k // ecfg.images_per_prompt:06d}_{k % ecfg.images_per_prompt}.png"
@@ -262,7 +289,7 @@ class SampleWorker:
             rec = {"row": start + k // ecfg.images_per_prompt, "prompt": prompt, "image": f"samples/{shard}/{name}",
                    "clip_score": float(measured["clip_score"][k])}
             if truth:
-                seen = read_picture(p, self.palette)
+                seen = read_picture(p, self.palette, templates)
                 judged = judge(seen, row)
                 rec.update({f"seen_{a}": v for a, v in seen.items()})
                 rec.update({f"hit_{a}": v for a, v in judged.items()})
@@ -471,7 +498,8 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
     start = time.perf_counter()
     run = map_shards(store, list(ranges), SampleWorker,
                      {"target": target.__dict__, "prompts_url": prompts_url, "ranges": ranges,
-                      "ecfg": ecfg, "models_root": cfg.models_root}, fp, ecfg, desc=f"eval: sampling {target.label}")
+                      "ecfg": ecfg, "models_root": cfg.models_root, "reader_cache": ev.url("reader")}, fp, ecfg,
+                     desc=f"eval: sampling {target.label}")
     row = {"label": target.label, "stage": target.stage, "step": target.step, "checkpoint": target.checkpoint,
            "resolution": res, "fingerprint": fp, **_prompt_metrics(list(run.done.values()))}
     proto = eval_protocol(ecfg.protocol)
