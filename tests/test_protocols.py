@@ -144,3 +144,67 @@ def test_evaluation_tensorboard_on_an_fsspec_root():
     events = EventAccumulator(ev.url("tensorboard", "stage1"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("eval/fid")] == [(2, 12.5)]
+
+
+# Inception features: clean-fid's own feature path ---------------------------------------------------
+INCEPTION_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                    "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                    "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+
+
+def _cleanfid_torchscript(weights: str, folder) -> None:
+    """The network of `weights` in clean-fid's format: a TorchScript file whose `layers` map the
+    normalised 299x299 image to the 2048 pool features (the layout of NVIDIA's inception-2015-12-05.pt)."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).eval()
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(*(getattr(net, n) for n in INCEPTION_LAYERS))
+
+        def forward(self, x):
+            return self.layers(x)
+
+    traced = torch.jit.trace(Scripted().eval(), torch.zeros(1, 3, 299, 299))
+    traced.save(str(folder / "inception-2015-12-05.pt"))
+
+
+def test_our_inception_features_are_clean_fids_on_photo_like_images(tmp_path):
+    """clean-fid's own path (file -> its resizer -> float tensor -> (x - 128) / 128 -> layers) against
+    ours, on one network. The Inception weights are not available offline: the network is
+    torch-fidelity's Inception-v3 with random weights (batch norm calibrated so that every layer
+    works at unit scale), saved both in torch-fidelity's format and as a TorchScript in clean-fid's."""
+    import torch
+    from cleanfid.fid import get_files_features
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    from tessera.eval.fid import InceptionFeatures, save_random_inception
+
+    weights = str(tmp_path / "inception.pth")
+    save_random_inception(weights)
+    _cleanfid_torchscript(weights, tmp_path)
+    theirs_model = InceptionV3W(str(tmp_path), download=False, resize_inside=False).eval()
+    images = [photo_like(h, w, seed) for seed, (h, w) in enumerate(((256, 256), (375, 500), (512, 512), (128, 128)))]
+    files = []
+    for i, img in enumerate(images):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(img).save(files[-1])
+    theirs = get_files_features(files, model=theirs_model, num_workers=0, batch_size=2, device=torch.device("cpu"),
+                                mode="clean", verbose=False).astype(np.float64)
+    ours = np.concatenate([InceptionFeatures(weights)(img[None])["2048"] for img in images])
+    # The first convolution gets bit-identical inputs on both paths; the layers then differ only
+    # in float32 summation order (batch of 2 against 1, traced against eager): about eps (6e-8)
+    # times the square root of the terms summed per output (~1e3 for a 3x3x2048 convolution) per
+    # layer, over ~20 layers: ~1e-5 of the features' scale. The bound is 1e-4 of it.
+    scale = np.abs(theirs).max()
+    assert scale > 0
+    assert np.abs(ours - theirs).max() <= 1e-4 * scale
+    # Rounding the resized image to uint8 (what torch-fidelity's extractor takes) moves the
+    # features by more than that bound: the comparison tells the two inputs apart.
+    extractor = InceptionFeatures(weights).model
+    rounded = np.concatenate([extractor(torch.from_numpy(clean_resize_uint8(img[None])).permute(0, 3, 1, 2))[0].numpy()
+                              for img in images])
+    assert np.abs(rounded - theirs).max() > 1e-4 * scale

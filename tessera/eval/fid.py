@@ -7,12 +7,14 @@ itself is written here (see `frechet_distance` for why) and applies to any featu
 Inception-v3 pool features, or the "CLIP-feature Fréchet distance" on CLIP image embeddings,
 which is a different number and is never called FID.
 
-Images reach Inception resized as clean-fid prescribes: each channel as a float image, to 299x299
-with PIL's antialiased bicubic (`clean_resize` equals clean-fid's resizer exactly), then fed to
-torch-fidelity's extractor (whose own TF-style resize is a no-op at 299). torch-fidelity takes
-uint8, so the resized floats are rounded: each input differs from clean-fid's by at most 0.5/255.
-(Resizing the RGB image as uint8 instead would differ by far more: PIL rounds and clips between
-its horizontal and vertical passes, which shifts sharp edges by up to ~17 levels.)
+Images reach Inception as clean-fid gives them: each channel resized as a float image to 299x299
+with PIL's antialiased bicubic (`clean_resize` equals clean-fid's resizer exactly), and those
+floats, not rounded, normalised to (x - 128) / 128 for the first convolution. The network is
+torch-fidelity's Inception-v3 port (the layers of clean-fid's TorchScript file, with the weights in
+a plain state dict); its extractor accepts uint8 only, so the float image is handed to its first
+convolution directly (`InceptionFeatures`). (Resizing the RGB image as uint8 instead would differ
+by far more: PIL rounds and clips between its horizontal and vertical passes, which shifts sharp
+edges by up to ~17 levels.)
 """
 from __future__ import annotations
 
@@ -176,8 +178,16 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8 -> {"2048": (N, 2048)[, "logits_unbiased": (N, 1008)]}, keyed by the feature."""
-        x = torch.from_numpy(clean_resize_uint8(pixels)).permute(0, 3, 1, 2).contiguous().to(self.device)
-        out = self.model(x)
+        resized = torch.from_numpy(clean_resize(pixels)).permute(0, 3, 1, 2).contiguous().to(self.device)
+
+        def float_input(module, args):  # what clean-fid feeds its first convolution
+            return ((resized.to(args[0].dtype) - 128) / 128,)
+
+        hook = self.model.Conv2d_1a_3x3.register_forward_pre_hook(float_input)
+        try:  # the extractor checks for uint8 at 299x299 (its own resize is then a no-op) and is bypassed at once
+            out = self.model(resized.round().to(torch.uint8))
+        finally:
+            hook.remove()
         return {name: t.double().cpu().numpy() for name, t in zip(self.names, out)}
 
 
