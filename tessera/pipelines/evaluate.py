@@ -319,21 +319,24 @@ class ImageWorker:
             self.vq = load_vq(resolve(ecfg.tokenizer.vq or ecfg.vq, models_root), device=ecfg.device)
 
     def _load(self, urls: list[str]) -> tuple[list[np.ndarray], int]:
-        images, failed = [], 0
+        """The readable images; one bad file never stops the shard, but a shard of which no image
+        can be read fails (a wrong path or a broken copy of the set, not a few bad files)."""
+        images, failed, first_error = [], 0, ""
         for url in urls:
             try:
                 images.append(read_image(url))
-            except Exception as e:  # noqa: BLE001 - one bad file never stops the shard
+            except Exception as e:  # noqa: BLE001 - decoding errors come in many types
                 failed += 1
+                first_error = first_error or f"{url}: {e}"
                 log.warning("eval: cannot read %s: %s", url, e)
+        if urls and not images:
+            raise ValueError(f"none of the shard's {len(urls)} images can be read (first: {first_error})")
         return images, failed
 
     def __call__(self, store: ShardStore, shard: str) -> dict:
         start, stop = self.ranges[shard]
         images, failed = self._load(self.urls[start:stop])
         summary = {"images": len(images), "unreadable": failed, "rows_in": stop - start}
-        if not images:
-            return summary
         crop = self.features.protocol.resolution and not self.tokenizer  # the protocol's own crop and filter
         for res in self.resolutions:
             pixels = np.stack([centre_crop_lanczos(img, res) if crop else square(img, res) for img in images])
@@ -424,8 +427,8 @@ def _resolution(ecfg: EvalConfig, target: Target) -> int:
 
 def reference_moments(cfg: RunConfig, ev: ShardStore, prompts: pa.Table, res: int) -> dict[str, Moments]:
     """Feature moments of the reference images at one resolution (computed once, then reused);
-    the Inception statistics come from eval.reference_stats when given. A failed reference shard
-    is named under "failed" (FID is then not computed)."""
+    the Inception statistics come from eval.reference_stats when given. Failed reference shards
+    come back under "failed" (shard -> error) instead: no distance is computed against part of the set."""
     ecfg = cfg.eval
     if ecfg.reference_stats:
         return {"inception": read_reference_stats(resolve(ecfg.reference_stats, cfg.models_root))}
@@ -441,15 +444,20 @@ def reference_moments(cfg: RunConfig, ev: ShardStore, prompts: pa.Table, res: in
                      {"list_url": list_url, "ranges": ranges, "ecfg": ecfg, "models_root": cfg.models_root,
                       "resolutions": [res]}, fp, ecfg, desc=f"eval: reference images at {res}px")
     if run.failed:
-        log.error("eval: reference shard(s) %s failed; no Frechet distance against an incomplete reference set.",
-                  ", ".join(sorted(run.failed)))
-        return {"failed": sorted(run.failed)}
+        log.error("eval: %s; no Frechet distance against an incomplete reference set.", failed_reference(run.failed))
+        return {"failed": dict(run.failed)}
     out = {}
     for name in ("clip", "inception"):
         m = merged(store, "moments", f".{name}.npz", run.done)
         if m is not None:
             out[name] = m
     return out
+
+
+def failed_reference(failed: dict[str, str]) -> str:
+    """One line naming every failed reference shard with its error."""
+    return "reference shard(s) failed: " + "; ".join(f"{shard} ({error.strip().splitlines()[-1] if error.strip() else 'no error'})"
+                                                    for shard, error in sorted(failed.items()))
 
 
 def _prompt_metrics(summaries: list[dict]) -> dict:
@@ -504,8 +512,8 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
            "resolution": res, "fingerprint": fp, **_prompt_metrics(list(run.done.values()))}
     proto = eval_protocol(ecfg.protocol)
     reference = reference_moments(cfg, ev, prompts, proto.resolution or res)
-    if "failed" in reference:
-        row["fid_error"] = f"reference shard(s) {', '.join(reference['failed'])} failed"
+    if "failed" in reference:  # FID fails with the shards named: the row has no figure against part of the set
+        row["fid_error"] = failed_reference(reference["failed"])
     for name, key in (("clip", "clip_feature_frechet"), ("inception", "fid")):
         gen = merged(store, "moments", f".{name}.npz", run.done)
         ref = reference.get(name)
@@ -521,7 +529,9 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
         row.update(_inception_extras(ecfg, store, run.done, ref_store))
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["failed_shards"] = len(run.failed)
-    return row, run.failed
+    failed = dict(run.failed)
+    failed.update({f"reference/{shard}": error for shard, error in reference.get("failed", {}).items()})
+    return row, failed
 
 
 def _protocol_fields(cfg: RunConfig, row: dict, reference: dict, res: int) -> dict:
