@@ -43,6 +43,7 @@ from tessera.eval.fid import (
     sha256_of,
 )
 from tessera.eval.prompt_following import (
+    READER,
     ShapeTemplates,
     calibrated_templates,
     chance_floors,
@@ -502,7 +503,8 @@ def evaluate_target(cfg: RunConfig, ev: ShardStore, target: Target, prompts_url:
                                         "batch_size", "vq", "text_encoder", "clip", "inception", "shard_size",
                                         "protocol", "caption_clean", "inception_score", "precision_recall",
                                         "reference_stats", "text_rope", "model"})
-    fp = fingerprint(target.checkpoint, target.untrained, prompts_url, n, res, sampling)
+    fp = fingerprint(target.checkpoint, target.untrained, prompts_url, n, res, sampling,
+                     READER if has_truth(prompts) else None)
     start = time.perf_counter()
     run = map_shards(store, list(ranges), SampleWorker,
                      {"target": target.__dict__, "prompts_url": prompts_url, "ranges": ranges,
