@@ -38,6 +38,7 @@ def test_llamagen_protocol_rows_carry_every_field(tmp_path, ray_local):
     assert row["protocol"] == "llamagen_t2i" and row["resolution"] == 128 and row["eval_resolution"] == 256
     assert row["n_gen"] == 2 and row["n_ref"] == 2 and row["clip_model"] == cfg.eval.clip.model
     assert row["feature_extractor"].startswith("CLIP") and "N_gen 2 < 30000" in row["warning"]
+    assert len(row["feature_weights_sha256"]) == 64  # the world CLIP is a folder: a digest of its files
     assert -1.0 <= row["clip_score"] <= 1.0  # a raw cosine, not 100 x cosine
     assert "clip_feature_frechet" in row
     assert row["prompt_following_chance"] <= row["prompt_following_color_chance"] <= 1  # floors beside figures

@@ -208,3 +208,16 @@ def test_our_inception_features_are_clean_fids_on_photo_like_images(tmp_path):
     rounded = np.concatenate([extractor(torch.from_numpy(clean_resize_uint8(img[None])).permute(0, 3, 1, 2))[0].numpy()
                               for img in images])
     assert np.abs(rounded - theirs).max() > 1e-4 * scale
+
+
+def test_a_weights_folder_has_a_digest_of_its_files(tmp_path):
+    from tessera.eval.fid import weights_sha256
+
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "a.bin").write_bytes(b"one")
+    (tmp_path / "m" / "sub" / "b.json").write_bytes(b"two")
+    first = weights_sha256(str(tmp_path / "m"))
+    assert len(first) == 64 and first == weights_sha256(str(tmp_path / "m"))
+    assert weights_sha256(str(tmp_path / "m" / "a.bin")) == sha256_of(str(tmp_path / "m" / "a.bin"))
+    (tmp_path / "m" / "sub" / "b.json").write_bytes(b"three")
+    assert weights_sha256(str(tmp_path / "m")) != first  # any file's change changes it

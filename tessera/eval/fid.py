@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,19 @@ def sha256_of(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def weights_sha256(path: str) -> str:
+    """The sha256 of a weights file; of a folder (a model saved as several files), the sha256 of
+    its files' relative paths and digests, one `path  digest` line each in sorted order."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.isdir(root):
+        return sha256_of(path)
+    files = sorted(f for f in fs.find(root) if not fs.isdir(f))
+    lines = [f"{posixpath.relpath(f, root)}  {sha256_of(fs.unstrip_protocol(f))}\n" for f in files]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def check_sha256(path: str, expected: str) -> str:

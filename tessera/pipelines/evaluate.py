@@ -40,7 +40,7 @@ from tessera.eval.fid import (
     inception_score,
     merge,
     precision_recall,
-    sha256_of,
+    weights_sha256,
 )
 from tessera.eval.prompt_following import (
     READER,
@@ -542,7 +542,7 @@ def _protocol_fields(cfg: RunConfig, row: dict, reference: dict, res: int) -> di
     ref = reference.get("inception" if ecfg.inception else "clip")
     extractor = "inception-v3 (torch-fidelity), clean-fid resize" if ecfg.inception else f"CLIP {ecfg.clip.model}"
     weights = resolve(ecfg.inception or ecfg.clip.checkpoint, cfg.models_root)
-    digest = sha256_of(weights) if weights and not ShardStore(weights).fs.isdir(weights) else None
+    digest = weights_sha256(weights) if weights else None
     return row_fields(eval_protocol(ecfg.protocol), res, row.get("images", 0), ref.count if ref is not None else 0,
                       extractor, digest, ecfg.clip.model, row.get("label", ""))
 
