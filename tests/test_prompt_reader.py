@@ -5,8 +5,19 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tessera.demo.synthetic import COLORS
-from tessera.demo.world import SHAPES, Picture, draw
-from tessera.eval.prompt_following import chance_floors, judge, palette_labels, read_picture
+from tessera.demo.world import PLACES, SHAPES, Picture, draw
+from tessera.eval.prompt_following import (
+    calibrated_templates,
+    chance_floors,
+    judge,
+    palette_labels,
+    read_picture,
+    shape_region,
+    templates_from_bytes,
+    templates_to_bytes,
+)
+from tessera.eval.tokenizer_eval import reconstruct
+from tessera.models.vq import build_tiny, load_vq
 
 TRUTH = {"color": "red", "shape": "circle", "place": "on the left", "background": "blue"}
 
@@ -54,24 +65,17 @@ def test_chance_floors_are_the_commonest_answers_shares():
 # Calibrated through the demo's VQ -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_vq(tmp_path_factory):
-    from tessera.models.vq import build_tiny, load_vq
-
     path = str(tmp_path_factory.mktemp("vq") / "vq")
     build_tiny(path)
     return load_vq(path).eval()
 
 
 def _through(vq, pictures: list) -> np.ndarray:
-    from tessera.eval.tokenizer_eval import reconstruct
-
     return reconstruct(vq, np.stack([np.asarray(p) for p in pictures]), 16)[0]
 
 
 @pytest.mark.parametrize("res", [128, 256])  # the demo evaluates stage 1 at 128px, stage 2 at 256px
 def test_each_shape_passed_through_the_vq_reads_right_with_calibrated_templates(demo_vq, res):
-    from tessera.demo.world import PLACES
-    from tessera.eval.prompt_following import calibrated_templates, shape_region
-
     templates = calibrated_templates(demo_vq, res, COLORS)
     names = sorted(COLORS)
     truths = [{"shape": shape, "color": names[i % 8], "background": names[(i + 3) % 8], "place": place}
@@ -114,8 +118,6 @@ def test_each_shape_passed_through_the_vq_reads_right_with_calibrated_templates(
 
 
 def test_calibrated_templates_survive_their_cache_file(demo_vq):
-    from tessera.eval.prompt_following import calibrated_templates, templates_from_bytes, templates_to_bytes
-
     t = calibrated_templates(demo_vq, 128, COLORS, per_shape=4)
     back = templates_from_bytes(templates_to_bytes(t))
     assert back.shapes == t.shapes and back.min_overlap == t.min_overlap and np.array_equal(back.rasters, t.rasters)

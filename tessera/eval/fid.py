@@ -122,11 +122,6 @@ def clean_resize(pixels: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     return np.stack([np.stack([channel(p[:, :, i]) for i in range(3)], axis=-1) for p in pixels]).clip(0, 255)
 
 
-def clean_resize_uint8(pixels: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
-    """clean_resize rounded to uint8, the input torch-fidelity's extractor takes."""
-    return np.rint(clean_resize(pixels, size)).astype(np.uint8)
-
-
 def sha256_of(path: str) -> str:
     import fsspec
 

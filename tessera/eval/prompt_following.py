@@ -97,7 +97,7 @@ class ShapeTemplates:
     min_overlap: float
 
     @classmethod
-    def drawn(cls) -> "ShapeTemplates":
+    def drawn(cls) -> ShapeTemplates:
         return cls(np.stack([box_raster(drawn_shape(s, 8 * RASTER, 8 * RASTER)) for s in SHAPES]), SHAPES, MIN_OVERLAP)
 
     def overlaps(self, raster: np.ndarray) -> np.ndarray:
