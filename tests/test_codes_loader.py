@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tessera.config.train import CodesDataConfig
-from tessera.core.token_shards import write_codes_shard
+from tessera.core.token_shards import ShardIndex, decode_npy, index_members, write_codes_shard
 from tessera.demo.codes import write_synthetic_codes
 from tessera.models.generation import left_pad
 from tessera.training.data import CodesLoader
@@ -77,11 +77,36 @@ def test_restored_position_continues_the_stream_exactly(store, prefetch):
 
 
 def test_workers_split_each_global_batch(store):
-    whole = _take(_loader(store, batch=6), 3)
-    parts = [_take(CodesLoader(store, CodesDataConfig(), 6, rank=r, world=2, prefetch=0), 3) for r in range(2)]
+    whole = _take(_loader(store, batch=6, flip_prob=0.5), 3)
+    parts = [_take(CodesLoader(store, CodesDataConfig(flip_prob=0.5), 6, rank=r, world=2, prefetch=0), 3)
+             for r in range(2)]
     for i in range(3):
-        assert torch.equal(torch.cat([parts[0][i]["codes"], parts[1][i]["codes"]]), whole[i]["codes"])
-        assert torch.equal(torch.cat([parts[0][i]["cond"], parts[1][i]["cond"]]), whole[i]["cond"])
+        for k in whole[i]:
+            assert torch.equal(torch.cat([parts[0][i][k], parts[1][i][k]]), whole[i][k])
+
+
+def _numbered_shard(store, n=12, bad=()):
+    """Samples whose codes carry their number (so batches show which samples they hold); the
+    samples numbered in `bad` have a 512px grid in the 256px folder."""
+    samples = [{"key": f"k{i:03d}", "codes": np.full((32, 32) if i in bad else (16, 16), i), "t5": np.ones((2, 4)),
+                "meta": {"caption": "x"}} for i in range(n)]
+    write_codes_shard(store, 256, "00000", samples)
+
+
+def test_each_worker_reads_its_own_slice_only(tmp_path):
+    s = ShardStore(str(tmp_path / "d"))
+    _numbered_shard(s, 12)
+    whole = _loader(s, batch=12).next_batch()["codes"][:, 0].tolist()
+    _numbered_shard(s, 12, bad=set(whole[6:]))  # every sample of worker 1's slice is unusable
+    loaders = [CodesLoader(s, CodesDataConfig(), 12, rank=r, world=2, prefetch=0) for r in range(2)]
+    first, second = (loader.next_batch() for loader in loaders)
+    # Worker 0 never read worker 1's samples, so it found nothing wrong; worker 1 kept their places.
+    assert first["codes"][:, 0].tolist() == whole[:6] and first["valid"].all() and not loaders[0].skipped
+    assert dict(loaders[1].skipped) == {"wrong_grid": 6} and not second["valid"].any()
+    # Both stand at the same position of the stream: the global batch's end.
+    single = _loader(s, batch=12)
+    single.next_batch()
+    assert loaders[0].state_dict() == loaders[1].state_dict() == single.state_dict()
 
 
 def test_captions_are_encoded_when_features_are_not_stored(tmp_path):
@@ -127,9 +152,30 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     samples[1]["codes"] = np.zeros((32, 32))  # a 512px sample in the 256px folder
     samples[2]["t5"] = None
     write_codes_shard(s, 256, "00000", samples)
-    loader = CodesLoader(s, CodesDataConfig(text="stored"), 2, prefetch=0)
-    loader.next_batch()
+    loader = CodesLoader(s, CodesDataConfig(text="stored"), 4, prefetch=0)
+    batch = loader.next_batch()
     assert dict(loader.skipped) == {"wrong_grid": 1, "no_stored_features": 1}
+    # Their places stay in the batch, as rows the loss does not count.
+    assert batch["valid"].sum() == 2 and not batch["cond_mask"][~batch["valid"]].any()
+    assert not batch["codes"][~batch["valid"]].any()
+
+
+def test_the_member_index_is_written_once_and_read_instead_of_the_headers(tmp_path):
+    s = ShardStore(str(tmp_path / "d"))
+    _numbered_shard(s, 5)
+    assert s.marker_info("tokens/256", "00000")["index"] == "00000.index.json"
+    index = ShardIndex(s, "tokens/256", "00000", s.marker_info("tokens/256", "00000")["bytes"])
+    assert not index.from_headers
+    with s.fs.open(s.path("tokens/256", "00000.tar"), "rb") as f:
+        assert index.members == index_members(f, "00000.tar")
+    assert decode_npy(index.read_sample("k003")["codes.npy"])[0, 0] == 3
+    # An index that does not match the tar (rewritten without it) is not trusted.
+    stale = s.read_json("tokens/256", "00000.index.json")
+    _numbered_shard(s, 7)
+    s.write_json(stale, "tokens/256", "00000.index.json")
+    loader = _loader(s, batch=7)
+    assert sorted(loader.next_batch()["codes"][:, 0].tolist()) == list(range(7))
+    assert loader._index[1].from_headers
 
 
 def test_no_shards_is_a_clear_error(tmp_path):

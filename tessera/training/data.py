@@ -6,9 +6,12 @@ headers are indexed once), never unpacked. Per-sample randomness (short caption,
 (seed, epoch, shard, offset) too. The position (epoch, shard, offset, seed, shard list) is therefore
 all there is to save: a loader restored from `state_dict()` yields exactly the batches that follow.
 
-Each global batch is cut into one slice per worker; every worker reads the small codes and
-metadata of the whole batch (so all agree on which samples are usable) but the caption
-features of its own slice only.
+A global batch is the next `global_batch` positions of the stream, and worker r of w takes
+positions [r, r + 1) x global_batch / w of it: it steps over the other workers' positions using
+the shards' member indexes alone, and reads its own slice only. A sample that cannot be used
+(unreadable, wrong grid, no stored features where they are required) keeps its place as a row
+with `valid` False, so no worker needs to know what the others read. A producer thread builds
+the next batches while the model trains, and `read_threads` threads read the slice's samples.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import logging
 import queue
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +57,8 @@ class CodesLoader:
                  vocab_size: int | None = None):
         if cfg.code_noise > 0 and not vocab_size:
             raise ValueError("data.code_noise needs the codebook size to draw random codes from (vocab_size)")
+        if global_batch % world:
+            raise ValueError(f"a global batch of {global_batch} does not split over {world} workers")
         self.store, self.cfg = store, cfg
         self.vocab_size = vocab_size
         self.folder = tokens_folder(cfg.resolution)
@@ -64,9 +70,11 @@ class CodesLoader:
         self.text_positions = text_positions  # the model's text prefix: features are left-padded to it
         self.skipped: Counter = Counter()
         self.pos = Position()
+        self._tar_bytes: dict[str, int | None] = {}  # this epoch's shards: the tar size their marker records
         self._index: tuple[tuple, ShardIndex, np.ndarray] | None = None
         self.prefetch = prefetch
         self.pin_memory = pin_memory  # page-locked batches, so copies to the GPU do not block
+        self._pool: ThreadPoolExecutor | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -86,26 +94,32 @@ class CodesLoader:
 
     # Order ---------------------------------------------------------------------------------------
     def _epoch_shards(self) -> list[str]:
-        shards = self.store.done_shards(self.folder)
+        markers = self.store.markers(self.folder)
+        shards = sorted(markers)
         if not shards:
             raise FileNotFoundError(f"no finished code shards under {self.store.url(self.folder)}; "
                                     f"run the tokenize stage for resolution {self.cfg.resolution} first")
         check_one_selection(self.store, self.folder, shards)
+        self._tar_bytes = {s: markers[s].get("bytes") for s in shards}
         order = np.random.default_rng([self.cfg.seed, self.pos.epoch]).permutation(len(shards))
         return [shards[i] for i in order]
 
     def _shard(self) -> tuple[ShardIndex, np.ndarray]:
         name = (self.pos.epoch, self.pos.shard, self.pos.shards[self.pos.shard])
         if self._index is None or self._index[0] != name:
-            if self._index is not None:
-                self._index[1].close()
-            index = ShardIndex(self.store, self.folder, name[2])
+            if name[2] not in self._tar_bytes:  # resumed mid-epoch: the shard list came from the checkpoint
+                self._tar_bytes = {s: m.get("bytes") for s, m in self.store.markers(self.folder).items()}
+            index = ShardIndex(self.store, self.folder, name[2], self._tar_bytes.get(name[2]))
+            if index.from_headers:
+                log.warning("%s has no member index that matches it; its tar headers were read instead.",
+                            self.store.url(self.folder, f"{name[2]}.tar"))
             order = np.random.default_rng([self.cfg.seed, self.pos.epoch, self.pos.shard]).permutation(len(index.keys))
             self._index = (name, index, order)
         return self._index[1], self._index[2]
 
-    def _next_sample(self) -> tuple[ShardIndex, str, np.random.Generator]:
-        """The next sample in the stream (key in an open shard) and its own random generator."""
+    def _next_sample(self, mine: bool = True) -> tuple[ShardIndex, str, np.random.Generator | None]:
+        """The next sample in the stream (key in a shard's index) and, when it is this worker's,
+        its own random generator."""
         empty_epochs = 0
         while True:
             if not self.pos.shards:
@@ -121,62 +135,68 @@ class CodesLoader:
                 self.pos.shard, self.pos.offset = self.pos.shard + 1, 0
                 continue
             key = index.keys[order[self.pos.offset]]
-            rng = np.random.default_rng([self.cfg.seed, self.pos.epoch, self.pos.shard, self.pos.offset])
+            rng = (np.random.default_rng([self.cfg.seed, self.pos.epoch, self.pos.shard, self.pos.offset])
+                   if mine else None)
             self.pos.offset += 1
             return index, key, rng
 
     # Samples -------------------------------------------------------------------------------------
-    def _usable(self, index: ShardIndex, key: str, rng: np.random.Generator):
-        """(codes, caption, stored-features flag) or None with the reason counted in self.skipped."""
+    def _read(self, index: ShardIndex, key: str, rng: np.random.Generator):
+        """(codes, model inputs or None, features or caption), or (None, reason) when the sample
+        cannot be used. Runs on the read threads: it touches nothing shared."""
         try:
-            meta = json.loads(index.read(key, "json") or b"{}")
-            flip = self.cfg.flip_prob > 0 and rng.random() < self.cfg.flip_prob and "codes_flip.npy" in index.members[key]
-            raw = index.read(key, "codes_flip.npy" if flip else "codes.npy")
+            members = index.read_sample(key)
+            meta = json.loads(members.get("json") or b"{}")
+            flip = self.cfg.flip_prob > 0 and rng.random() < self.cfg.flip_prob and "codes_flip.npy" in members
+            raw = members.get("codes_flip.npy" if flip else "codes.npy")
             if raw is None:
-                self.skipped["no_codes"] += 1
-                return None
+                return None, "no_codes"
             codes = decode_npy(raw)
         except Exception as e:  # noqa: BLE001 - one bad sample never stops training
-            self.skipped["unreadable"] += 1
             log.warning("Skipping sample %s: it cannot be read (%s).", key, e)
-            return None
+            return None, "unreadable"
         if codes.shape != (self.grid, self.grid):
-            self.skipped["wrong_grid"] += 1
-            return None
+            return None, "wrong_grid"
         caption = meta.get(self.cfg.caption) or meta.get("caption") or ""
         substituted = False
         if self.cfg.short_caption_prob > 0 and rng.random() < self.cfg.short_caption_prob and meta.get("caption_short"):
             caption, substituted = meta["caption_short"], True
         use_stored = self.cfg.text == "stored" or (self.cfg.text == "auto" and not substituted)
-        use_stored = use_stored and "t5.npy" in index.members[key]
+        use_stored = use_stored and "t5.npy" in members
         if self.cfg.text == "stored" and not use_stored:
-            self.skipped["no_stored_features"] += 1
-            return None
-        return codes.astype(np.int64).reshape(-1), caption, use_stored
+            return None, "no_stored_features"
+        codes = codes.astype(np.int64).reshape(-1)
+        inputs = self._noisy(codes, rng) if self.cfg.code_noise > 0 else None
+        feats = torch.from_numpy(decode_npy(members["t5.npy"]).astype(np.float32)) if use_stored else caption
+        return codes, inputs, feats
 
     def _noisy(self, codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The codes with a share `code_noise` replaced by random ones: what the model reads."""
         replaced = rng.random(codes.shape) < self.cfg.code_noise
         return np.where(replaced, rng.integers(0, self.vocab_size, codes.shape), codes)
 
-    def _features(self, index: ShardIndex, key: str, caption: str, stored: bool) -> torch.Tensor | str:
-        if stored:
-            return torch.from_numpy(decode_npy(index.read(key, "t5.npy")).astype(np.float32))
-        return caption
+    def _slice(self) -> list:
+        """This worker's samples of the next global batch, stepping over the other workers'."""
+        first, last = self.rank * self.local, (self.rank + 1) * self.local
+        return [self._next_sample(mine=first <= i < last) for i in range(self.global_batch)][first:last]
 
     def _make_batch(self) -> dict:
-        picked: list = []
-        while len(picked) < self.global_batch:
-            index, key, rng = self._next_sample()
-            usable = self._usable(index, key, rng)
-            if usable is None:
-                continue
-            mine = len(picked) // self.local == self.rank
-            codes, caption, stored = usable
-            inputs = self._noisy(codes, rng) if mine and self.cfg.code_noise > 0 else None
-            picked.append((codes, inputs, self._features(index, key, caption, stored) if mine else None))
-        mine = picked[self.rank * self.local:(self.rank + 1) * self.local]
-        feats = [f for _, _, f in mine]
+        wanted = self._slice()
+        if self.cfg.read_threads > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.cfg.read_threads, thread_name_prefix="codes-read")
+            read = list(self._pool.map(lambda w: self._read(*w), wanted))
+        else:
+            read = [self._read(*w) for w in wanted]
+        empty = np.zeros(self.grid * self.grid, dtype=np.int64)
+        rows = []
+        for r in read:
+            if len(r) == 2:  # unusable: its place stays, as a row the loss does not count
+                self.skipped[r[1]] += 1
+                rows.append((empty, empty if self.cfg.code_noise > 0 else None, None))
+            else:
+                rows.append(r)
+        feats = [f for _, _, f in rows]
         to_encode = [i for i, f in enumerate(feats) if isinstance(f, str)]
         if to_encode:
             if self.text_encoder is None:
@@ -186,13 +206,14 @@ class CodesLoader:
             encoded = self.text_encoder.encode([c for c in captions if c]) if any(captions) else []
             it = iter(encoded)
             for i, c in zip(to_encode, captions):
-                feats[i] = next(it).float().cpu() if c else torch.zeros(0, self.caption_dim or 1)
-        dim = self.caption_dim or next((f.shape[1] for f in feats if len(f)), 1)
+                feats[i] = next(it).float().cpu() if c else None
+        dim = self.caption_dim or next((f.shape[1] for f in feats if f is not None and len(f)), 1)
+        feats = [torch.zeros(0, dim) if f is None else f for f in feats]
         cond, cond_mask = left_pad(feats, dim, self.text_positions)
-        batch = {"codes": torch.from_numpy(np.stack([c for c, _, _ in mine])), "cond": cond,
+        batch = {"codes": torch.from_numpy(np.stack([c for c, _, _ in rows])), "cond": cond,
                  "cond_mask": cond_mask, "valid": cond_mask.any(1)}
         if self.cfg.code_noise > 0:
-            batch["inputs"] = torch.from_numpy(np.stack([i for _, i, _ in mine]))
+            batch["inputs"] = torch.from_numpy(np.stack([i for _, i, _ in rows]))
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     # Iteration with a prefetch thread --------------------------------------------------------
@@ -238,9 +259,10 @@ class CodesLoader:
 
     def close(self) -> None:
         self._halt()
-        if self._index is not None:
-            self._index[1].close()
-            self._index = None
+        self._index = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def __iter__(self):
         while True:

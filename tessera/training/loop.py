@@ -73,12 +73,9 @@ def stored_feature_dim(store: ShardStore, resolution: int) -> int | None:
     folder = tokens_folder(resolution)
     for shard in store.done_shards(folder):
         index = ShardIndex(store, folder, shard)
-        try:
-            for key in index.keys:
-                if "t5.npy" in index.members[key]:
-                    return int(decode_npy(index.read(key, "t5.npy")).shape[1])
-        finally:
-            index.close()
+        for key in index.keys:
+            if "t5.npy" in index.members[key]:
+                return int(decode_npy(index.read(key, "t5.npy")).shape[1])
     return None
 
 
