@@ -90,7 +90,10 @@ class TrainConfig(Section):
     # Torch threads per worker on CPU; None: torch's default (Ray sets one thread per CPU it grants).
     threads: int | None = None
     bf16: bool = True  # autocast to bf16 on GPU (CPU runs in fp32); the text encoder runs in bf16 on GPU
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile each block, and the loss's chunk step
+    # Positions of the micro-batch whose logits the loss computes at once (its fp32 logits take
+    # loss_chunk x vocab x 4 bytes, 0.5 GiB at 8192 x 16384); the whole sequence's never exist.
+    loss_chunk: int = Field(8192, ge=1)
     # Activation checkpointing per block: off, full (recompute the block) or selective (keep the
     # matmul and attention outputs, recompute the element-wise work).
     activation_checkpointing: Literal["off", "full", "selective"] = "off"

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from tessera.models.chunked_loss import at_least_fp32, chunk_step, chunked_cross_entropy
 from tessera.models.gpt_configs import GPT_CONFIGS, TEXT_POSITIONS, GPTConfig, gpt_config
 
 __all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "TEXT_POSITIONS", "build_gpt", "gpt_config"]
@@ -188,6 +189,8 @@ class GPT(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.attention: Literal["sdpa", "flex"] = "sdpa"  # how forward() masks: dense or block mask
+        self.loss_chunk = 8192  # positions per chunk of the loss (forward with targets)
+        self.loss_step = chunk_step  # or a compiled copy (training sets it)
         self.set_grid(grid)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -215,12 +218,16 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.tok_embeddings.weight.numel()
 
-    def _blocks(self, h: torch.Tensor, start: int, mask, keep_from: int = 0) -> torch.Tensor:
-        """The blocks over all positions, then the head over positions keep_from: only."""
+    def _hidden(self, h: torch.Tensor, start: int, mask, keep_from: int = 0) -> torch.Tensor:
+        """The blocks over all positions, then the final norm over positions keep_from: only."""
         rope = self.rope[start:start + h.shape[1]]
         for layer in self.layers:
             h = layer(h, rope, mask, start)
-        return self.output(self.norm(h[:, keep_from:])).float()
+        return self.norm(h[:, keep_from:])
+
+    def _blocks(self, h: torch.Tensor, start: int, mask, keep_from: int = 0) -> torch.Tensor:
+        """The blocks over all positions, then the head over positions keep_from: only."""
+        return at_least_fp32(self.output(self._hidden(h, start, mask, keep_from)))
 
     @staticmethod
     def attention_mask(cond_mask: torch.Tensor | None, q_pos: torch.Tensor, n_keys: int) -> torch.Tensor | None:
@@ -246,11 +253,15 @@ class GPT(nn.Module):
         return create_block_mask(mask_mod, cond_mask.shape[0], None, n, n, device=device)
 
     def forward(self, idx: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
-                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+                drop_cond: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                target_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, 1 + T, vocab) for the image tokens after the prefix and after each of idx (B, T).
 
         cond: (B, cls_token_num, caption_dim) left-padded caption features; cond_mask: True where real.
-        Training passes idx = codes[:, :-1] and scores the logits against all codes.
+        Training passes idx = codes[:, :-1] and scores the logits against all codes. With `targets`
+        (B, 1 + T) and `target_weight` (the same shape, each token's weight in the loss) it returns
+        sum(target_weight x cross-entropy) instead, in fp32, computed `loss_chunk` positions at a
+        time (chunked_loss), so the logits of the whole sequence never exist.
         """
         h = torch.cat([self.cls_embedding(cond, drop_cond), self.tok_embeddings(idx)], dim=1)
         h = self.tok_dropout(h)
@@ -261,7 +272,11 @@ class GPT(nn.Module):
             mask = self.block_mask(cond_mask, t, h.device)
         else:
             mask = self.attention_mask(cond_mask, torch.arange(t, device=h.device), t)
-        return self._blocks(h, 0, mask, keep_from=self.cfg.cls_token_num - 1)
+        if targets is None:
+            return self._blocks(h, 0, mask, keep_from=self.cfg.cls_token_num - 1)
+        hidden = self._hidden(h, 0, mask, keep_from=self.cfg.cls_token_num - 1)
+        return chunked_cross_entropy(hidden.flatten(0, 1), self.output.weight, targets.flatten(),
+                                     target_weight.flatten(), self.loss_chunk, self.loss_step)
 
     # Generation with a KV cache ------------------------------------------------------------------
     def setup_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tessera.config.train import TrainConfig
+from tessera.models.chunked_loss import chunk_step
 from tessera.models.gpt import GPT
 
 
@@ -108,9 +109,11 @@ def parallelize(model: GPT, cfg: TrainConfig, d: Dist, compile_backend: str = "i
     flex = cfg.attention == "flex" or (cfg.attention == "auto" and d.device.type == "cuda" and cfg.compile)
     model.attention = "flex" if flex else "sdpa"
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    model.loss_chunk = cfg.loss_chunk
     if cfg.compile:
         for i, block in enumerate(model.layers):
             model.layers[i] = torch.compile(block, backend=compile_backend)
+        model.loss_step = torch.compile(chunk_step, backend=compile_backend, dynamic=False)
     if d.world > 1 and cfg.parallel == "fsdp":
         apply_fsdp(model, bf16=d.device.type == "cuda" and cfg.bf16)
     elif d.world > 1:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.config.train import TrainConfig
+from tessera.models.chunked_loss import at_least_fp32
 
 
 def image_loss(logits: torch.Tensor, codes: torch.Tensor, valid: torch.Tensor | None = None,
@@ -16,14 +17,20 @@ def image_loss(logits: torch.Tensor, codes: torch.Tensor, valid: torch.Tensor | 
     """Cross-entropy over the image tokens; samples without a caption (valid False) do not count.
 
     `denominator` (the number of counted tokens of the whole batch) lets the micro-batches of one
-    step add up to exactly the loss of the whole batch."""
-    per_token = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none")
+    step add up to exactly the loss of the whole batch. The plain definition, from whole logits;
+    training computes the same loss inside the model's forward, chunk by chunk (`token_weights`)."""
+    per_token = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), codes.flatten(), reduction="none")
     if valid is None:
         return per_token.sum() / (denominator or per_token.numel())
-    weight = valid[:, None].expand_as(codes).flatten().float()
+    weight = valid[:, None].expand_as(codes).flatten().to(per_token.dtype)
     if denominator is None:
         denominator = weight.sum().clamp(min=1)
     return (per_token * weight).sum() / denominator
+
+
+def token_weights(valid: torch.Tensor, n_tokens: int, denominator: float) -> torch.Tensor:
+    """(B, n_tokens) weights of image_loss: 1 / denominator for samples with a caption, else 0."""
+    return (valid.float() / denominator)[:, None].expand(-1, n_tokens)
 
 
 def split(batch: dict, micro_batch: int) -> list[dict]:
@@ -62,9 +69,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                     else contextlib.nullcontext())
         with sync:
             with autocast:
-                logits = model(inputs[:, :-1], cond, cond_mask)
-            loss = image_loss(logits, codes, valid, denominator)
-            del logits  # the loss keeps what it needs; the logits themselves need not outlive it
+                loss = model(inputs[:, :-1], cond, cond_mask, targets=codes,
+                             target_weight=token_weights(valid, codes.shape[1], denominator))
             loss.backward()
         total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
