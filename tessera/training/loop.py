@@ -12,7 +12,6 @@ Nothing in the step waits for the device: losses stay on it and are reduced ever
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import resource
 import time
@@ -23,7 +22,6 @@ import torch
 from tessera.config.train import TrainConfig
 from tessera.core.store import ShardStore
 from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
-from tessera.models.generation import render, save_grid
 from tessera.models.gpt import GPT, GPTConfig, gpt_config, load_weights, mfu
 from tessera.models.identity import Identity, identity_of, settle
 from tessera.models.text_encoder import TextEncoder
@@ -36,6 +34,7 @@ from tessera.training.checkpoint import (
     read_train_state,
 )
 from tessera.training.data import CodesLoader
+from tessera.training.grid import grid_writer, sample_grid
 from tessera.training.metrics import MetricsLog
 from tessera.training.parallel import dist_context, mean_over_workers, parallelize
 from tessera.training.step import build_optimizer, lr_at, seed_step, split, train_step
@@ -151,6 +150,7 @@ class Worker:
                                   text_positions=self.model_cfg.cls_token_num, vocab_size=self.model_cfg.vocab_size)
         self.checkpointer = Checkpointer(self.run, cfg.keep_checkpoints, d.rank, cfg.async_checkpoint)
         self.step = self.saved_at = 0
+        self._vq = None  # loaded for the first sample grid
         self.losses: list[float] = []
         self.metrics: MetricsLog | None = None
         self.train_state = {"config": {"stage": job.stage, "resolution": cfg.data.resolution,
@@ -214,12 +214,21 @@ class Worker:
                 window = Window()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save()
-            # Sharded (FSDP) weights would need every worker to generate: grids are for DDP and one worker.
-            if (cfg.sample_every and self.step % cfg.sample_every == 0 and d.rank == 0 and self.job.vq
-                    and not (cfg.parallel == "fsdp" and d.world > 1)):
-                _sample_grid(self.raw_model, self.job, cfg, self.text_encoder, self.run, self.step, self.metrics)
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.sample_grid()
         self.checkpointer.wait()
         barrier()
+
+    def sample_grid(self) -> None:
+        """Every worker draws its share of the prompts (grid.py). Sharded (FSDP) weights are not
+        whole on any worker, so grids are drawn under DDP and on one worker only."""
+        d, cfg = self.d, self.cfg
+        if not self.job.vq or self.text_encoder is None or (cfg.parallel == "fsdp" and d.world > 1):
+            return
+        if self._vq is None:
+            self._vq = load_vq(self.job.vq, device=str(d.device))
+        sample_grid(self.raw_model, self._vq, self.text_encoder, list(cfg.sample_prompts), cfg.data.seed, d.rank,
+                    d.world, grid_writer(self.run, self.metrics, self.step))
 
     def log(self, window: "Window") -> None:
         """The one place the host waits for the device: every log_every steps."""
@@ -266,22 +275,3 @@ class Window:
     wait: float = 0.0
     losses: list = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
-
-
-def _sample_grid(model: GPT, job: TrainJob, cfg: TrainConfig, text_encoder, run: ShardStore, step: int,
-                 metrics: MetricsLog) -> None:
-    """A PNG grid of the fixed prompts (training reseeds every step, so this draws nothing from it)."""
-    if text_encoder is None:
-        return
-    try:
-        device = next(model.parameters()).device
-        vq = load_vq(job.vq, device=str(device))
-        generator = torch.Generator(device).manual_seed(cfg.data.seed)
-        images, _ = render(model, vq, text_encoder, cfg.sample_prompts, generator=generator,
-                           cfg_scale=4.0, temperature=1.0, top_k=1000, top_p=1.0)
-        buf = io.BytesIO()
-        save_grid(images, buf, labels=list(cfg.sample_prompts))
-        run.write_bytes(buf.getvalue(), "samples", f"step-{step:08d}.png")
-        metrics.image(step, buf.getvalue())
-    finally:
-        model.train()
