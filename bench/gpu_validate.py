@@ -12,14 +12,17 @@ left are recorded as skipped with that reason; d runs last, as it takes longest)
   a. parity: compiled FlexAttention against the dense-mask path in bf16 (logits and two gradients,
      beside the bf16-vs-fp32 error of the dense path itself); our GPT against LlamaGen's in
      `llamagen` mode; host syncs per training step.
-  b. accumulation: micro-batch 8 x 4 against 32 x 1 (loss and grad-norm difference).
+  b. accumulation: micro-batch 8 x 4 against 32 x 1 (loss and grad-norm difference); the output
+     head and loss over stage 2's micro-batch, plain against chunked and compiled (errors, time,
+     peak memory).
   c. a one-rank process group (NCCL beside gloo on GPU, gloo on CPU), FSDP2 and compile for three
      steps; DCP save of the model and optimizer, synchronous and asynchronous (seconds, GB).
   d. throughput and memory, dynamo reset between cases: stage 1 as shipped, stage 2 with selective
      and with full checkpointing, FlexAttention against dense SDPA: compile time, step time,
      tokens/s, MFU over all positions, peak memory against `tessera plan`, graphs compiled.
   e. the real worker loop on synthetic shards: six steps, a checkpoint at step 3, resume, the
-     same losses; data wait, and loader batches/s for one of 8 ranks at global batch 512.
+     same losses; data wait, and loader batches/s for one of 8 ranks at global batch 512 (its own
+     slice, from the stored member index, on one read thread and on the default number).
   f. sampling at 256px, CFG 7.5: ours (eager, and its static-cache decode step compiled) against
      LlamaGen's sampler (eager, and compiled as their sample script compiles it), median tokens/s
      of repeats after warm-up; identical tokens under greedy decoding.
@@ -47,11 +50,13 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tessera.config import load_config
 from tessera.config.train import CodesDataConfig, TrainConfig
 from tessera.core.store import ShardStore
 from tessera.models.aesthetic import AestheticHead
+from tessera.models.chunked_loss import chunk_step, chunked_cross_entropy
 from tessera.models.generation import generate
 from tessera.models.gpt import GPT, gpt_config, train_flops_per_sample
 from tessera.models.nsfw import NsfwHead
@@ -79,11 +84,13 @@ NEEDS = {
 FULL = {"model": "GPT-XL", "res1": 256, "res2": 512, "parity_batch": 4, "accum": (8, 4), "loop_model": "GPT-B",
         "loop_res": 512, "loop_batch": 8, "loader_batch": 512, "loader_shards": 4, "loader_per_shard": 512,
         "sample_res": 256, "sample_batch": 8, "sample_repeats": 3, "vit": (224, 14, 1024, 24, 16, 768),
-        "score_batch": 128, "warmup": 2, "steps": 5, "caption_dim": 2048}
+        "score_batch": 128, "warmup": 2, "steps": 5, "caption_dim": 2048,
+        "loss_positions": 16 * 1024}
 TINY = {"model": "GPT-nano", "res1": 64, "res2": 128, "parity_batch": 2, "accum": (2, 4), "loop_model": "GPT-nano",
         "loop_res": 128, "loop_batch": 4, "loader_batch": 64, "loader_shards": 2, "loader_per_shard": 64,
         "sample_res": 64, "sample_batch": 2, "sample_repeats": 3, "vit": (64, 16, 64, 2, 2, 32),
-        "score_batch": 4, "warmup": 1, "steps": 2, "caption_dim": 32}
+        "score_batch": 4, "warmup": 1, "steps": 2, "caption_dim": 32,
+        "loss_positions": 2 * 256}
 
 
 class Run:
@@ -337,7 +344,55 @@ def step_accumulation(run: Run, env: Env) -> dict:
     return {"model": s["model"], "micro_batches": f"{micro} x {n} against {micro * n} x 1", "dtype": str(env.dtype),
             "loss_accumulated": la, "loss_whole": lw, "loss_rel_diff": abs(la - lw) / abs(lw),
             "grad_norm_accumulated": ga, "grad_norm_whole": gw, "grad_norm_rel_diff": abs(ga - gw) / abs(gw),
-            "updated_weights_rel_err": rel_err(weights["accumulated"], weights["whole"])}
+            "updated_weights_rel_err": rel_err(weights["accumulated"], weights["whole"]),
+            "loss_head": loss_head(env)}
+
+
+def loss_head(env: Env) -> dict:
+    """The output head and loss over stage 2's micro-batch (16 x 1024 positions at full size), the
+    plain way (whole fp32 logits) against the chunked, compiled loss that training uses: the
+    relative error of the loss and of both gradients, step time and peak memory of each."""
+    s = env.sizes
+    cfg = no_dropout(s["model"])
+    n, chunk = s["loss_positions"], TrainConfig().loss_chunk
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(n, cfg.dim, generator=g).to(env.device, env.dtype)
+    weight = (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * cfg.init_std).to(env.device)
+    targets = torch.randint(0, cfg.vocab_size, (n,), generator=g).to(env.device)
+    scale = torch.full((n,), 1 / n, device=env.device)
+    compiled = torch.compile(chunk_step, backend=env.backend, dynamic=False)
+
+    def plain(h, w):
+        return (F.cross_entropy(F.linear(h, w).float(), targets, reduction="none") * scale).sum()
+
+    def chunked(h, w):
+        return chunked_cross_entropy(h, w, targets, scale, chunk, compiled)
+
+    out = {"positions": n, "vocab": cfg.vocab_size, "chunk": min(chunk, n)}
+    results = {}
+    for name, fn in (("plain", plain), ("chunked", chunked)):
+        times = []
+        for _ in range(s["warmup"] + s["steps"]):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            env.sync()
+            env.reset_memory()
+            base = torch.cuda.memory_allocated(env.device) if env.cuda else 0
+            start = time.perf_counter()
+            autocast = torch.autocast("cuda", dtype=env.autocast) if env.autocast else contextlib.nullcontext()
+            with autocast:
+                loss = fn(h, w)
+            loss.backward()
+            env.sync()
+            times.append(time.perf_counter() - start)
+        peak = env.peak_memory()
+        results[name] = (loss.detach(), h.grad, w.grad)
+        out[f"{name}_step_s"] = statistics.median(times[s["warmup"]:])
+        out[f"{name}_peak_gib"] = None if peak is None else peak - base / 2**30
+        del h, w, loss
+    (lp, hp, wp), (lc, hc, wc) = results["plain"], results["chunked"]
+    out.update({"loss_rel_err": abs(float(lc) - float(lp)) / abs(float(lp)), "grad_hidden_rel_err": rel_err(hc, hp),
+                "grad_weight_rel_err": rel_err(wc, wp), "speedup": out["plain_step_s"] / out["chunked_step_s"]})
+    return out
 
 
 # c. Process group, FSDP2, DCP -------------------------------------------------------------------
@@ -496,24 +551,35 @@ def step_loop(run: Run, env: Env) -> dict:
 
 
 def loader_rate(env: Env, root: str) -> dict:
-    """Batches/s of one of 8 ranks' loaders at the full global batch, stored caption features."""
+    """Batches/s of one of 8 ranks' loaders at the full global batch, stored caption features: the
+    rank reads its own slice only, through the shards' stored member index, on one read thread
+    and on `read_threads` (the default). Timed without the prefetch thread, so the figure is the
+    reading itself; training overlaps it with the step."""
     s = env.sizes
     store = ShardStore(os.path.join(root, "loader"))
     write_synthetic_codes(store, s["res2"], shards=s["loader_shards"], per_shard=s["loader_per_shard"],
                           vocab=256, caption_dim=s["caption_dim"], seed=5)
-    loader = CodesLoader(store, CodesDataConfig(resolution=s["res2"], text="stored"), s["loader_batch"], rank=0,
-                         world=8, caption_dim=s["caption_dim"], pin_memory=env.cuda)
-    try:
-        loader.next_batch()  # the first batch opens the shards
-        n = max(1, s["loader_shards"] * s["loader_per_shard"] // s["loader_batch"] - 1)
-        start = time.perf_counter()
-        for _ in range(n):
-            loader.next_batch()
-        seconds = time.perf_counter() - start
-    finally:
-        loader.close()
-    return {"loader_global_batch": s["loader_batch"], "loader_rank_of": 8, "loader_res": s["res2"],
-            "loader_batches_per_s": n / seconds}
+    threads = CodesDataConfig().read_threads
+    row = {"loader_global_batch": s["loader_batch"], "loader_rank_of": 8, "loader_res": s["res2"],
+           "loader_read_threads": threads}
+    for name, n_threads in (("one_thread", 1), ("threads", threads)):
+        loader = CodesLoader(store, CodesDataConfig(resolution=s["res2"], text="stored", read_threads=n_threads),
+                             s["loader_batch"], rank=0, world=8, caption_dim=s["caption_dim"], pin_memory=env.cuda,
+                             prefetch=0)
+        try:
+            loader.next_batch()  # the first batch opens the shards
+            n = max(1, s["loader_shards"] * s["loader_per_shard"] // s["loader_batch"] - 1)
+            start = time.perf_counter()
+            for _ in range(n):
+                loader.next_batch()
+            seconds = time.perf_counter() - start
+            row["loader_tar_headers_read"] = loader.header_reads
+        finally:
+            loader.close()
+        row[f"loader_batches_per_s_{name}"] = n / seconds
+    row["loader_batches_per_s"] = row["loader_batches_per_s_threads"]
+    row["loader_threads_speedup"] = row["loader_batches_per_s_threads"] / row["loader_batches_per_s_one_thread"]
+    return row
 
 
 # f. Sampling -------------------------------------------------------------------------------------

@@ -169,13 +169,16 @@ def test_the_member_index_is_written_once_and_read_instead_of_the_headers(tmp_pa
     with s.fs.open(s.path("tokens/256", "00000.tar"), "rb") as f:
         assert index.members == index_members(f, "00000.tar")
     assert decode_npy(index.read_sample("k003")["codes.npy"])[0, 0] == 3
+    fresh = _loader(s, batch=5)
+    fresh.next_batch()
+    assert fresh.header_reads == 0
     # An index that does not match the tar (rewritten without it) is not trusted.
     stale = s.read_json("tokens/256", "00000.index.json")
     _numbered_shard(s, 7)
     s.write_json(stale, "tokens/256", "00000.index.json")
     loader = _loader(s, batch=7)
     assert sorted(loader.next_batch()["codes"][:, 0].tolist()) == list(range(7))
-    assert loader._index[1].from_headers
+    assert loader.header_reads == 1
 
 
 def test_no_shards_is_a_clear_error(tmp_path):

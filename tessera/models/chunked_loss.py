@@ -9,7 +9,9 @@ nothing else is needed). Only those gradients are kept for the backward pass, wh
 
 `chunk_step` is a pure function of tensors: `torch.compile` fuses its softmax, one-hot and scaling
 into the matmuls' neighbours. Positions are padded to a whole number of chunks (padding rows
-weigh 0), so every chunk has the same shape and compiles once.
+weigh 0), so every chunk has the same shape and compiles once. Memory: the chunk's fp32 logits,
+their softmax-gradient and its bf16 copy at a time, plus the gradients kept for the backward pass
+(h's size, and the head's weight in fp32).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def chunk_step(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     lse = torch.logsumexp(logits, dim=-1)
     loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * scale).sum()
     grad = torch.exp(logits - lse[:, None])
-    grad = grad - F.one_hot(targets, logits.shape[1]).to(grad.dtype)
+    grad = grad.scatter_add(1, targets[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot
     grad = (grad * scale[:, None]).to(h.dtype)
     return loss, grad @ weight, at_least_fp32(grad.t() @ h)
 
@@ -44,6 +46,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         n = h.shape[0]
+        chunk = min(chunk, n)
         padded = -(-n // chunk) * chunk
         with torch.autocast(device, enabled=False):
             hc = F.pad(h.to(dtype), (0, 0, 0, padded - n))

@@ -69,6 +69,7 @@ class CodesLoader:
         self.caption_dim = caption_dim or (text_encoder.dim if text_encoder is not None else None)
         self.text_positions = text_positions  # the model's text prefix: features are left-padded to it
         self.skipped: Counter = Counter()
+        self.header_reads = 0  # shards opened by reading their tar headers: no stored index matched
         self.pos = Position()
         self._tar_bytes: dict[str, int | None] = {}  # this epoch's shards: the tar size their marker records
         self._index: tuple[tuple, ShardIndex, np.ndarray] | None = None
@@ -111,6 +112,7 @@ class CodesLoader:
                 self._tar_bytes = {s: m.get("bytes") for s, m in self.store.markers(self.folder).items()}
             index = ShardIndex(self.store, self.folder, name[2], self._tar_bytes.get(name[2]))
             if index.from_headers:
+                self.header_reads += 1
                 log.warning("%s has no member index that matches it; its tar headers were read instead.",
                             self.store.url(self.folder, f"{name[2]}.tar"))
             order = np.random.default_rng([self.cfg.seed, self.pos.epoch, self.pos.shard]).permutation(len(index.keys))

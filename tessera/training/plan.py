@@ -12,8 +12,10 @@ Every term is counted from what the step keeps alive, per block and per token:
   (2d). Full checkpointing keeps the block input (ad) and recomputes one block at a time;
   selective keeps the matmul and attention outputs (a(6d + 2h) + 4H) plus the block input.
   The backward pass of one block holds gradients about as large as that block's activations.
-- the output head and loss over image positions only: fp32 logits, their log-softmax kept for
-  the backward, and the gradient: three fp32 copies of (image tokens x vocabulary).
+- the output head and loss over image positions only, `loss_chunk` positions at a time: that
+  chunk's fp32 logits, their exponentials and the gradient (three fp32 copies of chunk x
+  vocabulary), plus the gradients kept for the backward pass: the hidden states' (image tokens x
+  dim) and the head weight's in fp32.
 - the text encoder in bf16 on each GPU when captions are encoded during training.
 
 `measure_cpu_peak` runs one model on CPU (fp32) and reads the process's peak resident memory, so
@@ -63,7 +65,7 @@ class MemoryPlan:
         rows = [("weights (fp32)", self.weights), ("gradients (fp32)", self.gradients),
                 ("AdamW moments", self.optimizer), ("DDP buckets, bf16 weight copies / FSDP2 blocks", self.comm_buffers),
                 (f"activations (checkpointing {self.activation_checkpointing})", self.activations),
-                ("logits and loss (image positions)", self.logits), ("text encoder (bf16)", self.text_encoder),
+                ("logits and loss (one chunk)", self.logits), ("text encoder (bf16)", self.text_encoder),
                 ("total per GPU", self.total)]
         return "\n".join(f"  {name:44s} {value / GiB:8.2f} GiB" for name, value in rows)
 
@@ -90,7 +92,7 @@ def block_activation_bytes(cfg: GPTConfig, a: int, mode: str, r: int | None = No
 
 def estimate(cfg: GPTConfig, *, resolution: int, micro_batch: int, workers: int = 1, parallel: str = "ddp",
              checkpointing: str = "off", bf16: bool = True, text_encoder: str | None = None,
-             global_batch: int | None = None, model: str = "") -> MemoryPlan:
+             global_batch: int | None = None, model: str = "", loss_chunk: int = 8192) -> MemoryPlan:
     grid = resolution // 16
     n_image = grid * grid
     positions = cfg.cls_token_num + n_image
@@ -114,7 +116,8 @@ def estimate(cfg: GPTConfig, *, resolution: int, micro_batch: int, workers: int 
     # Caption projection (fp32 features in, two hidden states) and the final norm (image positions).
     activations += micro_batch * cfg.cls_token_num * (4 * cfg.caption_dim + 2 * a * cfg.dim)
     activations += micro_batch * n_image * (4 * cfg.dim + 2 * r * cfg.dim + (a * cfg.dim if a != r else 0))
-    logits = 3 * 4 * micro_batch * n_image * cfg.vocab_size
+    chunk = min(loss_chunk, micro_batch * n_image)
+    logits = 3 * 4 * chunk * cfg.vocab_size + a * micro_batch * n_image * cfg.dim + 4 * cfg.vocab_size * cfg.dim
     encoder = 0.0
     if text_encoder:
         encoder = 2 * next((n for k, n in TEXT_ENCODER_PARAMS.items() if k in text_encoder), 0.0)
@@ -143,7 +146,8 @@ def plan_stage(tcfg: TrainConfig, *, checkpointing: str | None = None, micro_bat
     return estimate(cfg, resolution=tcfg.data.resolution, micro_batch=micro_batch or tcfg.micro_batch_for(workers),
                     workers=workers, parallel=tcfg.parallel,
                     checkpointing=checkpointing or tcfg.activation_checkpointing, bf16=tcfg.bf16,
-                    text_encoder=tcfg.text_encoder, global_batch=tcfg.global_batch, model=tcfg.model)
+                    text_encoder=tcfg.text_encoder, global_batch=tcfg.global_batch, model=tcfg.model,
+                    loss_chunk=tcfg.loss_chunk)
 
 
 HEADROOM = 0.9  # of the GPU's memory a plan may fill: the CUDA context and fragmentation take the rest
