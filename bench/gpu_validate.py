@@ -85,12 +85,12 @@ FULL = {"model": "GPT-XL", "res1": 256, "res2": 512, "parity_batch": 4, "accum":
         "loop_res": 512, "loop_batch": 8, "loader_batch": 512, "loader_shards": 4, "loader_per_shard": 512,
         "sample_res": 256, "sample_batch": 8, "sample_repeats": 3, "vit": (224, 14, 1024, 24, 16, 768),
         "score_batch": 128, "warmup": 2, "steps": 5, "caption_dim": 2048,
-        "loss_positions": 16 * 1024}
+        "loss_positions": 16 * 1024, "loss_chunk": TrainConfig().loss_chunk}
 TINY = {"model": "GPT-nano", "res1": 64, "res2": 128, "parity_batch": 2, "accum": (2, 4), "loop_model": "GPT-nano",
         "loop_res": 128, "loop_batch": 4, "loader_batch": 64, "loader_shards": 2, "loader_per_shard": 64,
         "sample_res": 64, "sample_batch": 2, "sample_repeats": 3, "vit": (64, 16, 64, 2, 2, 32),
         "score_batch": 4, "warmup": 1, "steps": 2, "caption_dim": 32,
-        "loss_positions": 2 * 256}
+        "loss_positions": 2 * 256, "loss_chunk": 128}
 
 
 class Run:
@@ -354,7 +354,7 @@ def loss_head(env: Env) -> dict:
     relative error of the loss and of both gradients, step time and peak memory of each."""
     s = env.sizes
     cfg = no_dropout(s["model"])
-    n, chunk = s["loss_positions"], TrainConfig().loss_chunk
+    n, chunk = s["loss_positions"], s["loss_chunk"]
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(n, cfg.dim, generator=g).to(env.device, env.dtype)
     weight = (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * cfg.init_std).to(env.device)

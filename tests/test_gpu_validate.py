@@ -94,10 +94,30 @@ def test_the_gpu_script_runs_every_step_on_cpu_with_the_kit_only(tmp_path):
     # A few figures that must hold on any machine.
     assert steps["a_parity"]["flex_vs_dense_logits_rel_err"] < 1e-4
     assert steps["b_accumulation"]["loss_rel_diff"] < 1e-5
+    head = steps["b_accumulation"]["loss_head"]  # fp32 on CPU: a few roundings apart
+    assert head["chunk"] < head["positions"] and max(head["loss_rel_err"], head["grad_hidden_rel_err"],
+                                                     head["grad_weight_rel_err"]) < 1e-5
     assert steps["c_distributed"]["backend"] == "gloo" and steps["c_distributed"]["dcp_async_gb"] > 0
     cases = [c for c in steps["d_throughput"].values() if isinstance(c, dict)]
     assert len(cases) == 4 and all(c["step_s"] > 0 and c["graphs"] >= 1 for c in cases)
     assert steps["e_loop"]["resume_equal"] and len(steps["e_loop"]["losses"]) == 6
+    assert steps["e_loop"]["loader_tar_headers_read"] == 0 and steps["e_loop"]["loader_batches_per_s"] > 0
     assert steps["f_sampling"]["ours_tokens_per_s"] > 0
     assert steps["g_scoring"]["images_per_s"] > 0
     assert "refused imports:" in proc.stdout
+
+
+def test_the_results_table_names_a_cpu_run_and_lists_every_figure():
+    from bench.gpu_results import markdown
+
+    data = {"meta": {"device": "cpu", "torch": "2.x", "python": "3.12", "compile_backend": "aot_eager", "total_s": 80.5},
+            "steps": {"b_accumulation": {"loss_rel_diff": 0.0, "loss_head": {"speedup": 1.23456}},
+                      "d_throughput": {"stage1": {"step_s": 0.5, "graphs": 2}, "stage2": {"step_s": 0.7},
+                                       "seconds": 3.0}}}
+    text = markdown(data)
+    assert "not a GPU result" in text
+    assert "| loss_head.speedup | 1.235 |" in text
+    assert "| | stage1 | stage2 |" in text and "| step_s | 0.5 | 0.7 |" in text and "| graphs | 2 |  |" in text
+    assert "| seconds | 3 |" in text
+    data["meta"]["device"] = "NVIDIA H200"
+    assert "not a GPU result" not in markdown(data)
