@@ -6,7 +6,7 @@ from tessera.config.train import CodesDataConfig
 from tessera.core.token_shards import ShardIndex, decode_npy, index_members, write_codes_shard
 from tessera.demo.codes import write_synthetic_codes
 from tessera.models.generation import left_pad
-from tessera.training.data import CodesLoader
+from tessera.training.data import REMOTE_READ_THREADS, CodesLoader
 from tessera.core.store import ShardStore
 
 
@@ -63,14 +63,14 @@ def test_order_is_a_function_of_the_seed(store):
     assert loader.state_dict()["epoch"] == 1
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_restored_position_continues_the_stream_exactly(store, prefetch):
+@pytest.mark.parametrize("prefetch,threads", [(0, 1), (2, 1), (2, 4)])
+def test_restored_position_continues_the_stream_exactly(store, prefetch, threads):
     reference = _take(_loader(store), 9)
-    first = _loader(store, prefetch=prefetch)
+    first = _loader(store, prefetch=prefetch, read_threads=threads)
     _take(first, 4)
     state = first.state_dict()
     first.close()
-    resumed = _loader(store, prefetch=prefetch)
+    resumed = _loader(store, prefetch=prefetch, read_threads=threads)
     resumed.load_state_dict(state)
     assert _same(_take(resumed, 5), reference[4:])
     resumed.close()
@@ -83,6 +83,17 @@ def test_workers_split_each_global_batch(store):
     for i in range(3):
         for k in whole[i]:
             assert torch.equal(torch.cat([parts[0][i][k], parts[1][i][k]]), whole[i][k])
+
+
+def test_an_object_store_is_read_on_several_threads_and_gives_the_same_batches(store, tmp_path):
+    remote = ShardStore(f"memory://{tmp_path.name}/data")
+    write_synthetic_codes(remote, 256, shards=3, per_shard=7, vocab=64, caption_dim=8)
+    threaded = CodesLoader(remote, CodesDataConfig(flip_prob=0.5), 6, rank=1, world=2, prefetch=2)
+    assert threaded.read_threads == REMOTE_READ_THREADS and _loader(store).read_threads == 1
+    local = CodesLoader(store, CodesDataConfig(flip_prob=0.5, read_threads=1), 6, rank=1, world=2, prefetch=0)
+    assert _same(_take(threaded, 5), _take(local, 5))
+    threaded.close()
+    remote.fs.rm(remote.root, recursive=True)
 
 
 def _numbered_shard(store, n=12, bad=()):

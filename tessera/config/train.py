@@ -27,9 +27,10 @@ class CodesDataConfig(Section):
     # is copied onwards; with noise in its inputs the model learns to fall back on the caption.
     code_noise: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0  # the data order and every per-step random draw
-    # Threads that read one worker's samples of a batch at once (object stores answer each read
-    # with a latency of their own); 1 reads them one after another.
-    read_threads: int = Field(4, ge=1)
+    # Threads that read one worker's samples of a batch at once. None: 1 on a local filesystem
+    # (its reads are quick; more threads only compete with training for the interpreter), 8 on an object
+    # store (each ranged read waits tens of milliseconds; 64 samples per batch need overlapping).
+    read_threads: int | None = Field(None, ge=1)
 
 
 class OptimConfig(Section):

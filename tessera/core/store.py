@@ -123,12 +123,12 @@ class ShardStore:
         try:
             with self.fs.open(tmp, mode) as f:
                 yield f
-                if self._local:
+                if self.is_local:
                     f.flush()
                     os.fsync(f.fileno())
             crash_point("mid_output", parts[0], posixpath.basename(final).split(".", 1)[0])
             self.fs.mv(tmp, final)
-            if self._local:
+            if self.is_local:
                 _fsync_folder(posixpath.dirname(final))
         except BaseException:
             if self.fs.exists(tmp):
@@ -136,7 +136,8 @@ class ShardStore:
             raise
 
     @property
-    def _local(self) -> bool:
+    def is_local(self) -> bool:
+        """Whether the store is on a local filesystem (not an object store or remote one)."""
         protocol = self.fs.protocol
         return bool({"file", "local"} & set([protocol] if isinstance(protocol, str) else protocol))
 
@@ -173,11 +174,11 @@ class ShardStore:
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         self.fs.put_file(local_path, tmp)
-        if self._local:
+        if self.is_local:
             _fsync_file(tmp)
         crash_point("mid_output", parts[0], posixpath.basename(final).split(".", 1)[0])
         self.fs.mv(tmp, final)
-        if self._local:
+        if self.is_local:
             _fsync_folder(posixpath.dirname(final))
 
     # Completion markers -------------------------------------------------------------------

@@ -11,7 +11,8 @@ positions [r, r + 1) x global_batch / w of it: it steps over the other workers' 
 the shards' member indexes alone, and reads its own slice only. A sample that cannot be used
 (unreadable, wrong grid, no stored features where they are required) keeps its place as a row
 with `valid` False, so no worker needs to know what the others read. A producer thread builds
-the next batches while the model trains, and `read_threads` threads read the slice's samples.
+the next batches while the model trains, and `read_threads` threads read the slice's samples
+(several on object stores, whose reads wait on the network).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from tessera.core.store import ShardStore
 from tessera.core.token_shards import ShardIndex, decode_npy, tokens_folder
 
 log = logging.getLogger(__name__)
+
+REMOTE_READ_THREADS = 8  # data.read_threads on an object store, unless the config sets it
 
 
 @dataclass
@@ -75,6 +78,7 @@ class CodesLoader:
         self._index: tuple[tuple, ShardIndex, np.ndarray] | None = None
         self.prefetch = prefetch
         self.pin_memory = pin_memory  # page-locked batches, so copies to the GPU do not block
+        self.read_threads = cfg.read_threads or (1 if store.is_local else REMOTE_READ_THREADS)
         self._pool: ThreadPoolExecutor | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -184,9 +188,9 @@ class CodesLoader:
 
     def _make_batch(self) -> dict:
         wanted = self._slice()
-        if self.cfg.read_threads > 1:
+        if self.read_threads > 1:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.cfg.read_threads, thread_name_prefix="codes-read")
+                self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="codes-read")
             read = list(self._pool.map(lambda w: self._read(*w), wanted))
         else:
             read = [self._read(*w) for w in wanted]
