@@ -33,7 +33,7 @@ def share_of(prompts: list[str], rank: int, world: int) -> tuple[int, list[str]]
 def draw_share(model: GPT, vq, text_encoder, prompts: list[str], seed: int, rank: int, world: int) -> torch.Tensor | None:
     """This worker's images (k, 3, H, W) in [-1, 1] on the CPU, or None when it drew none or failed."""
     first, mine = share_of(prompts, rank, world)
-    if not mine:
+    if not mine or vq is None:  # no VQ model: it could not be loaded (and was reported) on this worker
         return None
     try:
         device = next(model.parameters()).device

@@ -226,7 +226,10 @@ class Worker:
         if not self.job.vq or self.text_encoder is None or (cfg.parallel == "fsdp" and d.world > 1):
             return
         if self._vq is None:
-            self._vq = load_vq(self.job.vq, device=str(d.device))
+            try:
+                self._vq = load_vq(self.job.vq, device=str(d.device))
+            except Exception as e:  # noqa: BLE001 - this worker then hands in no images; none may stop
+                log.warning("Worker %d cannot load the VQ model for sample grids: %s", d.rank, e)
         sample_grid(self.raw_model, self._vq, self.text_encoder, list(cfg.sample_prompts), cfg.data.seed, d.rank,
                     d.world, grid_writer(self.run, self.metrics, self.step))
 
