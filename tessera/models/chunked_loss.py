@@ -9,9 +9,10 @@ nothing else is needed). Only those gradients are kept for the backward pass, wh
 
 `chunk_step` is a pure function of tensors: `torch.compile` fuses its softmax, one-hot and scaling
 into the matmuls' neighbours. Positions are padded to a whole number of chunks (padding rows
-weigh 0), so every chunk has the same shape and compiles once. Memory: the chunk's fp32 logits,
-their softmax-gradient and its bf16 copy at a time, plus the gradients kept for the backward pass
-(h's size, and the head's weight in fp32).
+weigh 0), so every chunk has the same shape and compiles once. Memory: two fp32 (chunk x vocabulary)
+tensors at a time (the logits, then their softmax, turned into the gradient in place), plus the
+gradients kept for the backward pass: h's size (in place of h, which the head would keep) and the
+head's weight in fp32.
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ def chunk_step(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     logits = at_least_fp32(h @ weight.t())
     lse = torch.logsumexp(logits, dim=-1)
     loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * scale).sum()
-    grad = torch.exp(logits - lse[:, None])
-    grad = grad.scatter_add(1, targets[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot
-    grad = (grad * scale[:, None]).to(h.dtype)
+    # In place from here: two (chunk x vocab) fp32 tensors at most, the logits and their softmax.
+    grad = logits.sub(lse[:, None]).exp_()
+    del logits
+    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot
+    grad = grad.mul_(scale[:, None]).to(h.dtype)
     return loss, grad @ weight, at_least_fp32(grad.t() @ h)
 
 

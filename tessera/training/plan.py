@@ -13,9 +13,9 @@ Every term is counted from what the step keeps alive, per block and per token:
   selective keeps the matmul and attention outputs (a(6d + 2h) + 4H) plus the block input.
   The backward pass of one block holds gradients about as large as that block's activations.
 - the output head and loss over image positions only, `loss_chunk` positions at a time: that
-  chunk's fp32 logits, their exponentials and the gradient (three fp32 copies of chunk x
-  vocabulary), plus the gradients kept for the backward pass: the hidden states' (image tokens x
-  dim) and the head weight's in fp32.
+  chunk's fp32 logits and their softmax (two fp32 copies of chunk x vocabulary), plus the head
+  weight's gradient kept in fp32 for the backward pass (the hidden states' gradient, kept too,
+  takes the place of the hidden states the head would otherwise keep).
 - the text encoder in bf16 on each GPU when captions are encoded during training.
 
 `measure_cpu_peak` runs one model on CPU (fp32) and reads the process's peak resident memory, so
@@ -117,7 +117,7 @@ def estimate(cfg: GPTConfig, *, resolution: int, micro_batch: int, workers: int 
     activations += micro_batch * cfg.cls_token_num * (4 * cfg.caption_dim + 2 * a * cfg.dim)
     activations += micro_batch * n_image * (4 * cfg.dim + 2 * r * cfg.dim + (a * cfg.dim if a != r else 0))
     chunk = min(loss_chunk, micro_batch * n_image)
-    logits = 3 * 4 * chunk * cfg.vocab_size + a * micro_batch * n_image * cfg.dim + 4 * cfg.vocab_size * cfg.dim
+    logits = 2 * 4 * chunk * cfg.vocab_size + 4 * cfg.vocab_size * cfg.dim
     encoder = 0.0
     if text_encoder:
         encoder = 2 * next((n for k, n in TEXT_ENCODER_PARAMS.items() if k in text_encoder), 0.0)
