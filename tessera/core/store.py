@@ -80,7 +80,7 @@ class ShardStore:
 
     def sync_folder(self, *parts: str) -> None:
         """Make the renames in a local folder durable (an object store has nothing to sync)."""
-        if self._local:
+        if self.is_local:
             _fsync_folder(self.path(*parts))
 
     def makedirs(self, *parts: str) -> None:
