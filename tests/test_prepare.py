@@ -48,3 +48,25 @@ def test_plan_covers_every_row_once():
     assert plan["00001"]["slices"] == [("a", 4, 5), ("c", 0, 3)]
     covered = [(f, r) for p in plan.values() for f, a, b in p["slices"] for r in range(a, b)]
     assert covered == [("a", r) for r in range(5)] + [("c", r) for r in range(8)]
+
+
+def test_a_partition_task_reads_only_its_partition_of_each_shard(tmp_path):
+    store = ShardStore(str(tmp_path / "data"))
+    rng = np.random.default_rng(1)
+    parts, firsts = 4, [0, 50, 120]
+    hashes = [rng.integers(0, 2**63, size=n, dtype=np.uint64) for n in (50, 70, 0)]
+    hashes[0][3] = hashes[1][9] = np.uint64(prepare.EMPTY_URL)  # an empty URL goes to no partition
+    for i, (h, first) in enumerate(zip(hashes, firsts)):
+        store.write_bytes(prepare.partitioned_hashes(h, first, parts), prepare.INPUT, f"{i:05d}{prepare.URLS}")
+    shards = [f"{i:05d}" for i in range(3)]
+    header = 8 * (parts + 1)
+    for part in range(parts):
+        got = prepare.read_partition(store, shards, part, parts)
+        for h, first, records in zip(hashes, firsts, got):
+            mine = np.flatnonzero((h % np.uint64(parts) == part) & (h != np.uint64(prepare.EMPTY_URL)))
+            assert records["row"].tolist() == (mine + first).tolist()  # in row order
+            assert records["hash"].tolist() == h[mine].tolist()
+    # Each partition's records are one contiguous byte range of the file: what the task reads.
+    blob = store.fs.cat_file(store.path(prepare.INPUT, f"00001{prepare.URLS}"))
+    offsets = np.frombuffer(blob[:header], "<i8")
+    assert offsets[0] == 0 and offsets[-1] == 69 and len(blob) == header + 69 * prepare.HASHED.itemsize

@@ -60,11 +60,12 @@ def prepare(source: SourceConfig, cfg: DownloadConfig, store: ShardStore, ray_cf
     init_ray(ray_cfg)
     limits = {"retries": cfg.shard_retries, "max_in_flight": cfg.max_tasks_in_flight, "unit": "rows"}
     cutting = runtime.run_stage(INPUT, store, shards, cut.cut_shard,
-                                kwargs={"columns": source.columns, "carried": carried, "protocol": protocol},
+                                kwargs={"columns": source.columns, "carried": carried, "protocol": protocol,
+                                        "parts": parts},
                                 shard_kwargs=lambda shard: {"plan": plan[shard]}, **limits)
     deduplicating = runtime.run_stage(
         cut.DEDUP, store, [f"{p:04d}" for p in range(parts)], cut.find_duplicates, outputs=(cut.DUPLICATES,),
-        kwargs={"shards": shards, "firsts": [plan[s]["first"] for s in shards], "parts": parts}, **limits)
+        kwargs={"shards": shards, "parts": parts}, **limits)
     failed = {**cutting.failed, **deduplicating.failed}
     if failed:
         raise InputError(f"the input could not be cut into shards ({len(failed)} failed; run again to retry "

@@ -2,17 +2,18 @@
 
     driver:  list the input files, read their footers (row counts) -> plan which rows each shard takes
     tasks:   one per shard (the stage runtime): read its rows, map column names, write
-             download/_input/{shard}.parquet and the shard's URL hashes (8 bytes a row)
-    tasks:   one per hash partition: read every shard's hashes of that partition, mark each
-             non-empty URL seen at an earlier row; write download/_input/_duplicates/{p}.parquet
+             download/_input/{shard}.parquet and the shard's URL hashes grouped by hash partition
+             (download/_input/{shard}.urls: a header of partition offsets, then (hash, row) pairs)
+    tasks:   one per hash partition: read only that partition's byte range of every shard's
+             hashes, mark each non-empty URL seen at an earlier row; write
+             download/_input/_duplicates/{p}.parquet
 
-The driver holds the plan (a few numbers per shard); no input row passes through it. A download
-task reads the duplicates that fall in its own row range (the files are sorted by row index, so
+The driver holds the plan (a few numbers per shard); no input row passes through it, and no
+partition task holds more than its own partition. A download task reads the duplicates that fall in its own row range (the files are sorted by row index, so
 parquet statistics skip the rest).
 """
 from __future__ import annotations
 
-import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +32,8 @@ DUPLICATES = f"{INPUT}/_duplicates"
 DEDUP = f"{INPUT}/_dedup"  # the partition tasks' markers
 # Rows whose URL hashes one partition task holds at once (16 bytes each, plus np.unique's copies).
 ROWS_PER_PARTITION = 50_000_000
+URLS = ".urls"
+HASHED = np.dtype([("hash", "<u8"), ("row", "<i8")])
 EMPTY_URL = int(pd.util.hash_pandas_object(pd.Series([""]), index=False).to_numpy(np.uint64)[0])
 
 
@@ -89,39 +92,59 @@ def url_hashes(urls: pa.ChunkedArray) -> np.ndarray:
 
 
 def cut_shard(store: ShardStore, shard: str, plan: dict, columns: ColumnMap, carried: list[str],
-              protocol: str) -> dict:
+              protocol: str, parts: int) -> dict:
     """One input shard: its rows from the input files, with their global row_index, and their URL hashes."""
     fs = fsspec.filesystem(protocol)
     wanted = [columns.url, columns.caption, *carried]
-    parts = [normalise(read_rows(fs, path, a, b, wanted), columns, carried) for path, a, b in plan["slices"]]
-    table = pa.concat_tables(parts)
+    pieces = [normalise(read_rows(fs, path, a, b, wanted), columns, carried) for path, a, b in plan["slices"]]
+    table = pa.concat_tables(pieces)
     first = plan["first"]
     table = table.append_column("row_index", pa.array(np.arange(first, first + table.num_rows), pa.int64()))
-    buf = io.BytesIO()
-    np.save(buf, url_hashes(table.column("url")))
-    store.write_bytes(buf.getvalue(), INPUT, f"{shard}.urls.npy")
+    store.write_bytes(partitioned_hashes(url_hashes(table.column("url")), first, parts), INPUT, shard + URLS)
     store.write_table(table, INPUT, f"{shard}.parquet")
     return {"rows_in": table.num_rows}
+
+
+def partitioned_hashes(hashes: np.ndarray, first: int, parts: int) -> bytes:
+    """A shard's non-empty URL hashes with their global rows, grouped by partition (rows in order
+    within each), after a header of parts + 1 offsets (in records): partition p is the records
+    [offset[p], offset[p + 1])."""
+    rows = np.flatnonzero(hashes != np.uint64(EMPTY_URL))
+    part = (hashes[rows] % np.uint64(parts)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    records = np.empty(len(rows), HASHED)
+    records["hash"], records["row"] = hashes[rows[order]], rows[order] + first
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=parts))]).astype("<i8")
+    return offsets.tobytes() + records.tobytes()
+
+
+def read_partition(store: ShardStore, shards: list[str], part: int, parts: int) -> list[np.ndarray]:
+    """Partition `part` of each shard's hash file: two batched range reads (the headers, then each
+    file's own byte range), so a task never holds another partition's hashes."""
+    paths = [store.path(INPUT, s + URLS) for s in shards]
+    header = 8 * (parts + 1)
+    heads = store.fs.cat_ranges(paths, [8 * part] * len(paths), [8 * (part + 2)] * len(paths), on_error="raise")
+    spans = [np.frombuffer(h, "<i8") for h in heads]
+    starts = [header + HASHED.itemsize * int(a) for a, _ in spans]
+    ends = [header + HASHED.itemsize * int(b) for _, b in spans]
+    wanted = [i for i, (a, b) in enumerate(zip(starts, ends)) if b > a]
+    blobs = store.fs.cat_ranges([paths[i] for i in wanted], [starts[i] for i in wanted], [ends[i] for i in wanted],
+                                 on_error="raise")
+    out = [np.empty(0, HASHED)] * len(paths)
+    for i, blob in zip(wanted, blobs):
+        out[i] = np.frombuffer(blob, HASHED)
+    return out
 
 
 def partitions_for(rows: int) -> int:
     return max(1, math.ceil(rows / ROWS_PER_PARTITION))
 
 
-def find_duplicates(store: ShardStore, partition: str, shards: list[str], firsts: list[int], parts: int) -> dict:
+def find_duplicates(store: ShardStore, partition: str, shards: list[str], parts: int) -> dict:
     """Rows of one hash partition whose non-empty URL appeared at an earlier row; written sorted by
     row index. Shards are read in order, so the first occurrence is the lowest row."""
-    part = int(partition)
-    paths = [store.path(INPUT, f"{s}.urls.npy") for s in shards]
-    blobs = store.fs.cat(paths)
-    hashes, rows = [], []
-    for path, first in zip(paths, firsts):
-        h = np.load(io.BytesIO(blobs[path]))
-        mine = (h % np.uint64(parts) == part) & (h != np.uint64(EMPTY_URL))
-        hashes.append(h[mine])
-        rows.append(np.flatnonzero(mine) + first)
-    h = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
-    r = np.concatenate(rows) if rows else np.empty(0, np.int64)
+    records = np.concatenate(read_partition(store, shards, int(partition), parts)) if shards else np.empty(0, HASHED)
+    h, r = records["hash"], records["row"]
     later = np.ones(len(h), dtype=bool)
     later[np.unique(h, return_index=True)[1]] = False
     duplicates = np.sort(r[later]).astype(np.int64)
