@@ -303,6 +303,33 @@ def map_shards(desc: str, store: ShardStore, names: list[str], work, *, kwargs: 
         raise ShardFailures({desc: failed})
 
 
+# Restamping: the markers of shards whose outputs stay, given new stamp fields (a new selection) --
+RESTAMP_BATCH = 500  # markers per restamp task
+
+
+def _restamp_batch(store: ShardStore, first: str, folder: str, shards: list[str], stamp: dict) -> dict:
+    """One task: read its markers in one batched fetch, write each back with the stamp's fields."""
+    written = 0
+    for shard, info in store.read_markers(folder, shards).items():
+        if any(info.get(k) != v for k, v in stamp.items()):
+            store.mark_done(folder, shard, {**info, **stamp})
+            written += 1
+    return {"restamped": written}
+
+
+def restamp(store: ShardStore, folder: str, shards: list[str], stamp: dict, retries: int = 2) -> int:
+    """Add `stamp`'s fields to the markers of these shards, in Ray tasks of RESTAMP_BATCH markers:
+    the driver sends names, never reads or writes a marker itself. Returns the markers written."""
+    if not shards or not stamp:
+        return 0
+    batches = {shards[i]: shards[i:i + RESTAMP_BATCH] for i in range(0, len(shards), RESTAMP_BATCH)}
+    written = []
+    map_shards(f"{folder}:restamp", store, list(batches), _restamp_batch, retries=retries,
+               kwargs={"folder": folder, "stamp": stamp}, shard_kwargs=lambda first: {"shards": batches[first]},
+               fold=lambda _, answer: written.append(answer["restamped"]))
+    return sum(written)
+
+
 def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs: dict | None = None,
               fingerprints: dict[str, str] | None = None, stamp: dict | None = None,
               num_cpus: float = 1, num_gpus: float = 0, actors: int | None = None, retries: int = 2,
@@ -323,17 +350,19 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
     for folder in (stage, *outputs):
         store.clear_temporaries(folder)
     markers = store.markers(stage)
-    todo = []
+    todo, stale_stamps = [], []
     for shard in shards:
         info = markers.get(shard)
         if matches(info, fingerprints.get(shard) if fingerprints is not None else None):
             run.skipped += 1
             if any(info.get(k) != v for k, v in stamp.items()):
-                store.mark_done(stage, shard, {**info, **stamp})
+                stale_stamps.append(shard)
         else:
             if info is not None:  # stale: its old outputs must never look done again
                 store.fs.rm(store.path(*store.marker(stage, shard)))
             todo.append(shard)
+    del markers
+    restamp(store, stage, stale_stamps, stamp, retries=retries)
     log.info("%s: %d of %d shards to do (%d already done).", stage, len(todo), len(shards), run.skipped)
     if not todo:
         return run
