@@ -50,7 +50,8 @@ def store(tmp_path):
     return store
 
 
-def test_markers_summaries_and_skip_by_fingerprint(ray_local, store):
+def test_markers_summaries_and_skip_by_fingerprint(ray_local, store, monkeypatch):
+    monkeypatch.setattr(runtime, "RESTAMP_BATCH", 3)  # restamped in two tasks
     fps = {s: "a" for s in SHARDS}
     run = runtime.run_stage("toy", store, SHARDS, copy_shard, fingerprints=fps, stamp={"selection": "s1"})
     assert sorted(run.done) == SHARDS and not run.failed and run.skipped == 0

@@ -26,7 +26,7 @@ def half_finished(tmp_path) -> RunConfig:
     store.mark_done("select", "00000", {"kept": 5, "dropped": 3})
     store.mark_done("caption", "00000", {"rows_in": 5, "captioned": 4, "fallback": {"degenerate": 1}})
     store.mark_done("tokens/256", "00000", {"rows_in": 5, "tokenized": 5, "no_caption": 0, "dropped": {},
-                                            "bytes": 100, "code_counts": "x"})
+                                            "bytes": 100})
     # Sharded checkpoints are finished once DCP's .metadata is there; step 9 of r2 is still being written.
     for run, stage, step in (("r1", "stage1", 2), ("r1", "stage1", 4), ("r1", "stage2", 1), ("r2", "stage1", 3)):
         folder = tmp_path / "runs" / run / stage / "checkpoints" / f"step-{step:08d}"

@@ -142,13 +142,24 @@ def test_manifest_and_empty_shard(tokenized):
         assert sum(s["samples"] for s in m["shards"].values()) == m["samples"]
         assert _tar(store, res, "00002") == {}
         assert store.done_info(f"tokens/{res}", "00002")["rows_in"] == 0
+        # The histogram is a sidecar beside the marker, and the manifest's usage is its sum.
+        assert "code_counts" not in store.done_info(f"tokens/{res}", "00000")
+        counts = sum(tokenize.unpack_counts(store.fs.cat_file(store.path(f"tokens/{res}", f"{s}.counts")))
+                     .astype(np.int64) for s in ("00000", "00001", "00002"))
+        assert int((counts > 0).sum()) == m["codes_used"] and counts.sum() == m["samples"] * (res // 16) ** 2
 
 
 def test_rerun_skips_done_shards(tokenized, monkeypatch):
     store, cfg, models, result, _ = tokenized
     before = {s: os.path.getmtime(store.path("tokens/256", f"{s}.done")) for s in ("00000", "00001")}
-    # Everything done: no Ray work at all, same counts.
-    monkeypatch.setattr(runtime, "_Pool", lambda *a, **k: pytest.fail("a finished run was redone"))
+    # Everything done: no shard is tokenized again (only the manifest's histogram sums run), same counts.
+    submit = runtime._map
+
+    def no_shard_work(desc, *args, stage=None, **kwargs):
+        assert stage != tokenize.STAGE, "a finished run was redone"
+        return submit(desc, *args, stage=stage, **kwargs)
+
+    monkeypatch.setattr(runtime, "_map", no_shard_work)
     assert tokenize.run(cfg, RayConfig(), store, models).per_resolution == result.per_resolution
     assert {s: os.path.getmtime(store.path("tokens/256", f"{s}.done")) for s in before} == before
 

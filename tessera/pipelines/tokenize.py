@@ -8,10 +8,12 @@ each resolution and encodes them. Each resolution gets tokens/{res}/{shard}.tar 
   {key}.codes_flip.npy  the same for the horizontally flipped image (tokenize.flip)
   {key}.t5.npy          float16 caption features (L, D), no padding (tokenize.text_encoder)
   {key}.json            key, caption, caption_long, caption_short, url, hash, sha256, scores
-then the marker tokens/{res}/{shard}.done with the shard's counts and lineage: its fingerprint
-(the shard's selection decisions, its caption marker, the tokenizer settings) and the selection
-it belongs to. tokens/{res}/manifest.json sums up every finished shard: the selection, samples,
-bytes per sample, codebook usage. A re-selection redoes exactly the shards whose inputs changed.
+the shard's code histogram tokens/{res}/{shard}.counts (zlib-compressed uint32 per code, a
+sidecar: the marker stays small), then the marker tokens/{res}/{shard}.done with the shard's
+counts and lineage: its fingerprint (the shard's selection decisions, its caption marker, the
+tokenizer settings) and the selection it belongs to. tokens/{res}/manifest.json sums up every
+finished shard: the selection, samples, bytes per sample, codebook usage (the histograms summed
+in Ray tasks, so the driver never holds them). A re-selection redoes exactly the shards whose inputs changed.
 
 Every kept sample ends, per resolution, tokenized or dropped with one reason: `too_small` (its
 original short side is below the resolution), `corrupt_image`, `missing_from_download`.
@@ -20,7 +22,6 @@ under `no_caption`.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -233,7 +234,7 @@ class TokenizeShard:
                                                 {"fingerprint": fingerprint, "selection": self.selection})
             else:
                 summary[str(res)] = {k: v for k, v in done[res].items()
-                                     if k not in ("code_counts", "fingerprint", "selection")}
+                                     if k not in ("fingerprint", "selection")}
         return {"rows_in": summary[str(self.cfg.resolutions[0])]["rows_in"], **summary}
 
     def encode(self, batch: dict, resolutions: list[int]) -> dict:
@@ -264,12 +265,44 @@ class TokenizeShard:
 
 
 # Writing a shard ------------------------------------------------------------------------------
-def _pack_counts(counts: np.ndarray) -> str:
-    return base64.b64encode(zlib.compress(counts.astype(np.uint32).tobytes())).decode()
+COUNTS = ".counts"  # tokens/{res}/{shard}.counts: the shard's code histogram
+COUNTS_BATCH = 500  # histograms summed per task
 
 
-def unpack_counts(packed: str) -> np.ndarray:
-    return np.frombuffer(zlib.decompress(base64.b64decode(packed)), dtype=np.uint32)
+def pack_counts(counts: np.ndarray) -> bytes:
+    return zlib.compress(counts.astype(np.uint32).tobytes())
+
+
+def unpack_counts(packed: bytes) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(packed), dtype=np.uint32)
+
+
+def write_counts(store: ShardStore, res: int, shard: str, counts: np.ndarray) -> None:
+    store.write_bytes(pack_counts(counts), tokens_folder(res), shard + COUNTS)
+
+
+def _sum_counts(store: ShardStore, first: str, folder: str, shards: list[str]) -> np.ndarray:
+    """One task: the summed histograms of these shards, read in one batched fetch."""
+    paths = [store.path(folder, s + COUNTS) for s in shards]
+    blobs = store.fs.cat(paths, on_error="omit")
+    missing = [s for s, p in zip(shards, paths) if p not in blobs]
+    if missing:
+        raise FileNotFoundError(f"{store.url(folder)}: no code histogram ({COUNTS}) for shard(s) "
+                                f"{', '.join(missing[:5])}; remove their markers and tokenize again")
+    total = None
+    for path in paths:
+        c = unpack_counts(blobs[path]).astype(np.int64)
+        total = c if total is None else total + c
+    return total
+
+
+def code_counts(store: ShardStore, res: int, shards: list[str]) -> np.ndarray | None:
+    """The code histogram summed over these shards (None for none), in Ray tasks of COUNTS_BATCH."""
+    batches = {shards[i]: shards[i:i + COUNTS_BATCH] for i in range(0, len(shards), COUNTS_BATCH)}
+    sums: list[np.ndarray] = []
+    runtime.map_shards(f"tokens/{res}:counts", store, list(batches), _sum_counts, kwargs={"folder": tokens_folder(res)},
+                       shard_kwargs=lambda first: {"shards": batches[first]}, fold=lambda _, c: sums.append(c))
+    return np.sum(sums, axis=0) if sums else None
 
 
 def _columns(rows: list[dict]) -> dict:
@@ -292,7 +325,8 @@ def write_shard(store: ShardStore, shard: str, res: int, rows: list[dict], codeb
         counts += np.bincount(decode_npy(row[f"codes_{res}"]).ravel(), minlength=codebook_size)
         no_caption += not row["captioned"]
     info = {"rows_in": len(rows), "tokenized": len(items), "no_caption": no_caption, "dropped": dict(dropped)}
-    size = write_token_shard(store, res, shard, items, {**info, "code_counts": _pack_counts(counts), **lineage})
+    write_counts(store, res, shard, counts)
+    size = write_token_shard(store, res, shard, items, {**info, **lineage})
     return {**info, "bytes": size}
 
 
@@ -333,9 +367,10 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
         num_gpus=cfg.num_gpus_per_actor, actors=cfg.num_actors, retries=cfg.shard_retries,
         outputs=tuple(STEP.folders(STEP.outputs, cfg.resolutions)), on_shard=on_shard)
     for res, markers in per_res.items():  # shards kept as they were, but now part of this selection
-        for shard in (s for s in shards if s not in ran.done and s not in ran.failed):
-            if markers[shard].get("selection") != selection:
-                store.mark_done(tokens_folder(res), shard, {**markers[shard], "selection": selection})
+        stale = [s for s in shards if s not in ran.done and s not in ran.failed
+                 and markers[s].get("selection") != selection]
+        runtime.restamp(store, tokens_folder(res), stale, {"selection": selection}, retries=cfg.shard_retries)
+    del per_res
     result = summarize(store, shards, cfg.resolutions, ran.failed)
     for res in cfg.resolutions:
         write_manifest(store, res, shards, cfg, selection)
@@ -374,10 +409,7 @@ def write_manifest(store: ShardStore, res: int, shards: list[str], cfg: Tokenize
     folder = tokens_folder(res)
     markers = store.markers(folder)
     infos = {s: markers[s] for s in shards if s in markers}
-    counts = None
-    for info in infos.values():
-        c = unpack_counts(info["code_counts"]).astype(np.int64)
-        counts = c if counts is None else counts + c
+    counts = code_counts(store, res, list(infos))
     samples = sum(i["tokenized"] for i in infos.values())
     total = int(counts.sum()) if counts is not None else 0
     p = counts[counts > 0] / total if total else np.zeros(0)
