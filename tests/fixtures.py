@@ -45,7 +45,8 @@ def write_download_shard(store: ShardStore, shard: str, n: int = 8, seed: int = 
             rows.append(meta)
     store.write_bytes(buf.getvalue(), "download", f"{shard}.tar")
     store.write_table(pa.Table.from_pylist(rows), "download", f"{shard}.parquet")
-    store.mark_done("download", shard, {"rows_in": len(rows), "downloaded": len(rows), "dropped": {}})
+    store.mark_done("download", shard, {"rows_in": len(rows), "downloaded": len(rows), "dropped": {},
+                                        "columns": sorted(rows[0]) if rows else []})
     return rows
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tessera.flows import all as all_module  # first: it sets Prefect's defaults before Prefect loads
+from tessera.flows.common import Throttle
 from tessera.core.store import ShardStore
 from prefect import flow  # noqa: E402,I001
 
@@ -123,3 +124,16 @@ def test_prefect_retries_what_may_pass_and_never_what_cannot():
         with pytest.raises(type(error)):
             run(error)
         assert len(attempts) == tries, (error, attempts)
+
+
+def test_progress_is_sent_at_most_once_per_interval_and_at_the_end():
+    now = [0.0]
+    throttle = Throttle(5.0, clock=lambda: now[0])
+    sent = []
+    for t in (0.5, 1.0, 4.9, 5.0, 6.0, 9.9, 10.1, 10.2):
+        now[0] = t
+        if throttle.ready():
+            sent.append(t)
+    assert sent == [5.0, 10.1]
+    now[0] = 10.3
+    assert throttle.ready(force=True)  # the last shard: sent at once

@@ -148,6 +148,17 @@ def test_one_clip_image_pass_feeds_every_clip_filter(scored, monkeypatch):
     assert out["embedding"].shape == (3, 32)
 
 
+def test_input_columns_come_from_the_download_markers(tmp_path):
+    store = ShardStore(str(tmp_path / "data"))
+    markers = {"00000": {"columns": ["key", "url", "punsafe", "pwatermark"]},
+               "00001": {"columns": ["key", "url", "punsafe"]}}  # no parquet on disk: never opened
+    assert score.input_columns(store, ["00000", "00001"], markers) == {"key", "url", "punsafe"}
+    # A marker written before markers carried columns: that shard's parquet schema is read.
+    store.write_table(pa.Table.from_pylist([{"key": "a", "url": "u", "similarity": 0.3}]), "download", "00002.parquet")
+    markers["00002"] = {"rows_in": 1}
+    assert score.input_columns(store, sorted(markers), markers) == {"key", "url"}
+
+
 def test_an_unreadable_shard_is_a_clear_error(tmp_path):
     store = ShardStore(str(tmp_path))
     store.write_bytes(b"not a tar" * 100, "download", "00007.tar")

@@ -206,7 +206,8 @@ def shard_record(folder: str, name: str) -> dict:
     """What a finished shard in a local folder holds, for its marker: `fingerprint`, a digest of
     every sample's key, status and image hash (a shard downloaded again with other bytes gets
     another one, so the stages after it redo that shard), and `tar_bytes`, the tar's size (a tar
-    cut short, even at a member boundary, no longer matches it)."""
+    cut short, even at a member boundary, no longer matches it), and `columns`, the columns of its
+    parquet (what a later stage can read from it, known without opening the file)."""
     status = pq.read_table(os.path.join(folder, f"{name}.parquet"))
     columns = [c for c in ("key", "status", "sha256") if c in status.column_names]
     h = hashlib.sha256()
@@ -214,7 +215,8 @@ def shard_record(folder: str, name: str) -> dict:
                   for row in zip(*(status.column(c).to_pylist() for c in columns)))  # written in any order
     for row in rows:
         h.update("\x1f".join(row).encode() + b"\x1e")
-    return {"fingerprint": h.hexdigest()[:16], "tar_bytes": os.path.getsize(os.path.join(folder, f"{name}.tar"))}
+    return {"fingerprint": h.hexdigest()[:16], "tar_bytes": os.path.getsize(os.path.join(folder, f"{name}.tar")),
+            "columns": sorted(status.column_names)}
 
 
 def drop_damaged(store: ShardStore, shards: list[str]) -> list[str]:

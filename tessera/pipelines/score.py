@@ -17,6 +17,7 @@ import io
 import json
 import logging
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -229,8 +230,6 @@ class ScoreShard:
         self.watermark_size = cfg.watermark.image_size if "watermark" in paths else None
 
     def __call__(self, store: ShardStore, shard: str) -> dict:
-        from concurrent.futures import ThreadPoolExecutor
-
         samples = read_shard(store, shard)
         size = self.cfg.batch_size
         chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
@@ -276,12 +275,20 @@ def write_shard(store: ShardStore, shard: str, columns: dict[str, list]) -> dict
     return {"rows_in": len(frame), "samples": len(frame), "unreadable": dict(errors)}
 
 
-def input_columns(store: ShardStore, shards: list[str]) -> set[str]:
-    """Columns every shard's download parquet has (a column missing anywhere counts as missing)."""
+def input_columns(store: ShardStore, shards: list[str], downloads: dict[str, dict]) -> set[str]:
+    """Columns every shard's download parquet has (a column missing anywhere counts as missing),
+    from the download markers; only a marker written without `columns` sends its parquet's
+    schema to be read (concurrently)."""
+    def schema_names(shard: str) -> list[str]:
+        with store.fs.open(store.path("download", f"{shard}.parquet"), "rb") as f:
+            return pq.read_schema(f).names
+
+    unknown = [s for s in shards if "columns" not in downloads[s]]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        read = dict(zip(unknown, pool.map(schema_names, unknown)))
     common: set[str] | None = None
     for shard in shards:
-        with store.fs.open(store.path("download", f"{shard}.parquet"), "rb") as f:
-            names = set(pq.read_schema(f).names)
+        names = set(read[shard] if shard in read else downloads[shard]["columns"])
         common = names if common is None else common & names
     return common or set()
 
@@ -298,9 +305,8 @@ def lineage(cfg: FiltersConfig, sources: dict, paths: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fingerprints(store: ShardStore, shards: list[str], stage_lineage: str) -> dict[str, str]:
+def fingerprints(downloads: dict[str, dict], shards: list[str], stage_lineage: str) -> dict[str, str]:
     """Per shard: this stage's lineage joined with the fingerprint of the shard's input marker."""
-    downloads = store.markers("download")
     out = {}
     for shard in shards:
         upstream = downloads[shard].get("fingerprint") or ""
@@ -312,26 +318,27 @@ def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
         on_shard=None) -> ScoreResult:
     """Score every downloaded shard not yet scored with these models; return the counts over all shards."""
 
-    shards = store.done_shards("download")
+    downloads = store.markers("download")
+    shards = sorted(downloads)
     if not shards:
         raise ValueError(f"{store.root}: no finished download shards to score (run the download first)")
-    sources = resolve_sources(cfg, input_columns(store, shards))
+    sources = resolve_sources(cfg, input_columns(store, shards, downloads))
     paths = model_paths(cfg, sources, models_root)
     init_ray(ray_cfg)
     device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
     ran = runtime.run_stage(
         STEP.name, store, shards, STEP.work, kwargs={"cfg": cfg, "sources": sources, "paths": paths, "device": device},
-        fingerprints=fingerprints(store, shards, lineage(cfg, sources, paths)), stamp={"sources": sources},
+        fingerprints=fingerprints(downloads, shards, lineage(cfg, sources, paths)), stamp={"sources": sources},
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor, actors=cfg.concurrency,
         retries=cfg.shard_retries, outputs=STEP.outputs, on_shard=on_shard)
-    return summarize(store, shards, ran.failed)
+    return summarize(store, shards, ran.failed, downloads)
 
 
 STEP = Stage(STAGE, inputs=("download",), outputs=(SCORES, EMBEDDINGS), work=ScoreShard, result=ScoreResult)
 
 
-def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> ScoreResult:
-    markers, downloads = store.markers(STAGE), store.markers("download")
+def summarize(store: ShardStore, shards: list[str], failed: dict[str, str], downloads: dict[str, dict]) -> ScoreResult:
+    markers = store.markers(STAGE)
     infos = [markers[s] for s in shards if s not in failed]
     unreadable: Counter = Counter()
     for info in infos:
