@@ -21,6 +21,7 @@ tessera.core.errors) is not retried. A shard that still fails after its retries 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import threading
@@ -71,8 +72,11 @@ def matches(info: dict | None, fingerprint: str | None) -> bool:
 
 
 def failures(store: ShardStore, stage: str) -> dict[str, dict]:
-    """The shards of a stage whose last attempt failed: shard -> {stage, shard, error, attempts}."""
-    return {n[: -len(FAILED)]: store.read_json(stage, n) for n in store.list(stage, FAILED)}
+    """The shards of a stage whose last attempt failed: shard -> {stage, shard, error, attempts}
+    (one listing and one batched read)."""
+    paths = {store.path(stage, n): n[: -len(FAILED)] for n in store.list(stage, FAILED)}
+    blobs = store.fs.cat(list(paths), on_error="omit") if paths else {}
+    return {shard: json.loads(blobs[path]) for path, shard in paths.items() if path in blobs}
 
 
 def _clear_failure(store: ShardStore, stage: str, shard: str) -> None:
@@ -350,7 +354,7 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
     for folder in (stage, *outputs):
         store.clear_temporaries(folder)
     markers = store.markers(stage)
-    todo, stale_stamps = [], []
+    todo, stale_stamps, stale = [], [], []
     for shard in shards:
         info = markers.get(shard)
         if matches(info, fingerprints.get(shard) if fingerprints is not None else None):
@@ -359,8 +363,10 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
                 stale_stamps.append(shard)
         else:
             if info is not None:  # stale: its old outputs must never look done again
-                store.fs.rm(store.path(*store.marker(stage, shard)))
+                stale.append(store.path(*store.marker(stage, shard)))
             todo.append(shard)
+    if stale:
+        store.fs.rm(stale)
     del markers
     restamp(store, stage, stale_stamps, stamp, retries=retries)
     log.info("%s: %d of %d shards to do (%d already done).", stage, len(todo), len(shards), run.skipped)
