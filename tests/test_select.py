@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tessera.config.filters import FiltersConfig
-from tessera.pipelines import score, select, select_reference
+from tessera.pipelines import score, select, select_reference, select_work
 from tessera.core.store import ShardStore
 
 # The select stage runs its per-shard work as Ray tasks.
@@ -72,6 +72,8 @@ def test_each_sample_gets_the_first_failing_filters_reason(tmp_path):
     decided = store.read_table("select", "00000.parquet").to_pandas().set_index("key")
     assert decided.loc["c", "reason"] == "low_aesthetic" and bool(decided.loc["a", "keep"])
     assert list(decided.index) == list(stored.index)
+    # The passes' compact scores files go once the decisions are written.
+    assert not store.exists(select_work.COMPACT) and not store.exists("semdedup")
 
 
 def test_target_count_is_exact_with_ties_broken_by_key(tmp_path):

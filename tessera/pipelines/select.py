@@ -292,8 +292,9 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
         for col, (k_, d_) in result["hist"].items():
             hists[col][0] += k_
             hists[col][1] += d_
-    if store.exists(semdedup.DEDUP):
-        store.fs.rm(store.path(semdedup.DEDUP), recursive=True)
+    for folder in (semdedup.DEDUP, select_work.COMPACT):
+        if store.exists(folder):
+            store.fs.rm(store.path(folder), recursive=True)
     store.write_json({c: {"edges": edges[c], "kept": h[0].tolist(), "dropped": h[1].tolist()}
                       for c, h in hists.items()}, "reports", "histograms.json")
     summary.update(kept=int(kept), dropped=dict(sorted(dropped.items())))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.config.filters import FiltersConfig
@@ -21,6 +22,8 @@ from tessera.filters.dedup import ExactDuplicateFilter, NearDuplicateFilter
 from tessera.pipelines import exchange, score, semdedup
 
 STAGE = "select"
+# The compact scores files of a selection in progress (removed when its decisions are written).
+COMPACT = f"{STAGE}/_compact"
 TEXT_COLUMNS = ("url", "caption", "sha256")
 
 # Score columns with a histogram, and their titles.
@@ -63,23 +66,46 @@ def badness(values: np.ndarray, higher: bool) -> np.ndarray:
     return b
 
 
-def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: bool = False) -> pd.DataFrame:
-    """One shard's scores without the text columns (with select's last decisions, from
-    select/{shard}.parquet, when asked; with the content hash, sha256, when asked)."""
-    unwanted = {c for c in TEXT_COLUMNS if not (hashes and c == "sha256")} | set(DECISION_COLUMNS)
+def scores_table(store: ShardStore, shard: str, decisions: bool = False) -> pa.Table:
+    """One shard's scores without the text columns (sha256 kept; with select's last decisions,
+    from select/{shard}.parquet, when asked): a full read of the scores shard."""
+    unwanted = {c for c in TEXT_COLUMNS if c != "sha256"} | set(DECISION_COLUMNS)
     with store.fs.open(store.path(score.SCORES, f"{shard}.parquet"), "rb") as f:
         names = pq.read_schema(f).names
     # Column projection: the text columns are most of a shard's bytes and are never read here.
-    wanted = [c for c in names if c not in unwanted]
-    table = store.read_table(score.SCORES, f"{shard}.parquet", columns=wanted)
-    if decisions:
-        table = with_decisions(store, shard, table)
+    table = store.read_table(score.SCORES, f"{shard}.parquet", columns=[c for c in names if c not in unwanted])
+    return with_decisions(store, shard, table) if decisions else table
+
+
+def to_frame(table: pa.Table, hashes: bool = False) -> pd.DataFrame:
+    if not hashes and "sha256" in table.column_names:
+        table = table.drop_columns(["sha256"])
     frame = table.to_pandas()
     if "error" not in frame:
         frame["error"] = ""
     frame["error"] = frame["error"].fillna("")
     frame["key"] = frame["key"].astype(object)
     return frame
+
+
+def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: bool = False) -> pd.DataFrame:
+    """One shard's scores from the scores parquet (see scores_table)."""
+    return to_frame(scores_table(store, shard, decisions), hashes)
+
+
+def write_compact(store: ShardStore, shard: str, table: pa.Table) -> None:
+    """The shard's compact scores file: the columns select's passes read (key, scores, sha256),
+    row i beside row i of embeddings/{shard}.npy, as lz4-compressed Arrow."""
+    with store.open_atomic(COMPACT, f"{shard}.arrow") as f:
+        with pa.ipc.new_file(f, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+            writer.write_table(table)
+
+
+def compact_frame(store: ShardStore, shard: str, hashes: bool = False) -> pd.DataFrame:
+    """One shard's scores from its compact file (written by the first pass, `stats`)."""
+    with store.fs.open(store.path(COMPACT, f"{shard}.arrow"), "rb") as f:
+        table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+    return to_frame(table, hashes)
 
 
 def reasons(frame: pd.DataFrame, plan: Plan, dups: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -109,7 +135,7 @@ def reasons(frame: pd.DataFrame, plan: Plan, dups: tuple[np.ndarray, np.ndarray]
 
 def decided(store: ShardStore, shard: str, plan: Plan) -> tuple[pd.DataFrame, np.ndarray]:
     """The shard's frame (with exact_duplicate_of and duplicate_of) and its reasons under the plan."""
-    frame = read_frame(store, shard)
+    frame = compact_frame(store, shard)
     dups = None
     if plan.dedup_done:
         dups = semdedup.duplicates(store, shard, frame["key"].to_numpy(dtype=object), plan.dedup_tasks)
@@ -125,7 +151,7 @@ def duplicate_of(frame: pd.DataFrame) -> np.ndarray:
 # Dedup: one task per group of shards (semdedup.py) -------------------------------------------------
 def survivors(store: ShardStore, shard: str, plan: Plan, hashes: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
     """The shard's frame and the rows that pass every filter before the duplicate filters."""
-    frame = read_frame(store, shard, hashes=hashes)
+    frame = compact_frame(store, shard, hashes=hashes)
     return frame, np.flatnonzero(reasons(frame, plan) == "")
 
 
@@ -188,8 +214,11 @@ def dedup_tasks(shards: list[str], shards_per_task: int) -> dict[str, list[str]]
 # Pass 1 --------------------------------------------------------------------------------------------
 def stats(store: ShardStore, shard: str, sketched: dict[str, tuple[str, bool]], ranged: list[str], k: int) -> dict:
     """Rows; a sketch of each keep_fraction score over the readable rows (as badness); the range of
-    each histogram column; the score columns present."""
-    frame = read_frame(store, shard)
+    each histogram column; the score columns present. Writes the shard's compact scores file,
+    which every later pass reads instead of the scores shard."""
+    table = scores_table(store, shard)
+    write_compact(store, shard, table)
+    frame = to_frame(table)
     readable = (frame["error"] == "").to_numpy()
     out = {"rows": len(frame), "columns": sorted(frame.columns), "sketches": {}, "ranges": {}}
     for name, (column, higher) in sketched.items():
@@ -212,7 +241,7 @@ def window(store: ShardStore, shard: str, plan: Plan, problems: dict[str, dict],
         frame, why = decided(store, shard, plan)
         alive = why == ""
     else:
-        frame = read_frame(store, shard)
+        frame = compact_frame(store, shard)
     readable = (frame["error"] == "").to_numpy()
     keys = frame["key"].to_numpy(dtype=object)
     out = {}
