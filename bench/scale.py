@@ -15,8 +15,9 @@ and the largest peak RSS of a worker that ran a dedup task (its worker's getrusa
 of the task's own peak, imports included). The in-memory path (select_reference.exact_reference)
 runs as the baseline where it fits (--baseline-max rows), and its decisions are checked against
 the distributed ones. Then caption and tokenize run over shards
-their markers say are finished for this selection (tokenize markers with a 16,384-code
-`code_counts`, as real ones): what a rerun of a finished curation costs the driver.
+their markers say are finished for this selection (with a 16,384-code histogram beside each
+tokenize marker, as real ones): what a rerun of a finished curation costs the driver. The driver's
+own cost per shard at 100,000 shards is measured by bench/scale_driver.py.
 
 Embeddings are 64-d float16 by default (--dim): 10M rows of 768-d embeddings would be 15 GB.
 
@@ -48,13 +49,15 @@ from tessera.core.raytools import init_ray
 from tessera.core.store import ShardStore
 from tessera.core.token_shards import tokens_folder
 from tessera.models.refs import resolve
-from tessera.pipelines import caption, filter_report, select, select_reference, semdedup, tokenize
+from tessera.pipelines import caption, filter_report, select, select_reference, select_work, semdedup, tokenize
 
-CODEBOOK = 16384   # LlamaGen's VQ: a real tokenize marker's code_counts
+CODEBOOK = 16384   # LlamaGen's VQ: a real shard's code histogram
 SOURCES = {"clip_score": {"source": "compute", "column": None}, "aesthetic": {"source": "compute", "column": None},
            "watermark": {"source": "metadata", "column": "pwatermark"},
            "nsfw": {"source": "metadata", "column": "punsafe"}}
 CENTERS = 256     # cluster centres, Zipf-sized
+# The per-shard work that reads a whole scores shard (select's later passes read its compact file).
+SCORES_READERS = (select_work.stats, filter_report.candidates, filter_report.with_keys)
 
 
 def filters_config(rows: int, shards: int):
@@ -152,13 +155,14 @@ def mark_finished(store, caption_cfg, tokenize_cfg, models_root: str) -> None:
         store.mark_done("caption", shard, {"rows_in": kept[shard], "captioned": kept[shard], "fallback": {},
                                            "fingerprint": fp, "selection": selection})
     vq = resolve(tokenize_cfg.vq, models_root)
-    counts = tokenize._pack_counts(np.random.default_rng(0).integers(0, 1000, CODEBOOK))
+    counts = np.random.default_rng(0).integers(0, 1000, CODEBOOK)
     fps = lineage.shard_fingerprints(store, shards, tokenize.lineage(tokenize_cfg, vq, None), upstream=("caption",))
     for shard, fp in fps.items():
         done = {"rows_in": kept[shard], "fingerprint": fp, "selection": selection}
         for res in tokenize_cfg.resolutions:
             info = {"rows_in": kept[shard], "tokenized": kept[shard], "no_caption": 0, "dropped": {},
-                    "bytes": 1000 * kept[shard], "code_counts": counts}
+                    "bytes": 1000 * kept[shard]}
+            tokenize.write_counts(store, res, shard, counts)
             store.mark_done(tokens_folder(res), shard, {**info, **done})
             done[str(res)] = info
         store.mark_done("tokenize", shard, done)
@@ -177,14 +181,13 @@ class Passes:
     def wrap(self, module, name: str) -> None:
         run = getattr(module, name)
 
-        def timed(desc, store, names, *args, **kwargs):
+        def timed(desc, store, names, work, *args, **kwargs):
             t = time.perf_counter()
             try:
-                return run(desc, store, names, *args, **kwargs)
+                return run(desc, store, names, work, *args, **kwargs)
             finally:
                 self.times[desc] = self.times.get(desc, 0.0) + time.perf_counter() - t
-                reads_scores = set(names) == self.shards or desc.endswith(("dedup-scan", "dedup-assign"))
-                self.full_reads += int(reads_scores and not desc.endswith("dedup-resolve"))
+                self.full_reads += int(set(names) == self.shards and work in SCORES_READERS)
 
         setattr(module, name, timed)
 
