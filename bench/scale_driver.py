@@ -9,8 +9,9 @@ of real size: img2dataset's download stats (about 2 KB), the score sources, the 
 and a sidecar code histogram per shard and resolution. The rows (`--rows`, split over the shards)
 only set the counts in the markers and the histograms.
 
-Each size runs in a fresh driver process, which prints its peak RSS (getrusage), the wall time of
-each stage and the driver's serial time per shard (all stages' wall time over the shard count).
+Each size runs in a fresh driver process, which prints the wall time of each stage, the driver's
+own CPU time (its serial work: listing, markers, lineage, submitting tasks) per shard, and its
+peak RSS while the stages run (/proc/self/status VmHWM, reset after the imports).
 
     python -m bench.scale_driver [--shards 1000,10000,100000] [--rows 1000000] [--cpus 2]
 """
@@ -145,16 +146,28 @@ def cpu_s() -> float:
     return used.ru_utime + used.ru_stime
 
 
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in MB."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def measure(root: str, cpus: int) -> dict:
-    """In this process (a fresh driver): the stages' skip paths; their wall times and peak RSS."""
+    """In this process (a fresh driver): the stages' skip paths; their wall times, the driver's CPU
+    time and its peak RSS while they run (the peak of the imports is reset first: it is the same at
+    any shard count and would hide what the stages add)."""
     logging.basicConfig(level=logging.WARNING)
     os.environ["TQDM_DISABLE"] = "1"
     store = ShardStore(root)
     models = os.path.join(root, "_models")
-    out = {"start_mb": peak_mb(), "stages": {}}
+    out = {"import_peak_mb": peak_mb(), "stages": {}}
     t = time.perf_counter()
     init_ray(RayConfig(num_cpus=cpus))
     out["ray_start_s"] = time.perf_counter() - t
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the RSS of now (Linux 4.0+)
+    out["start_mb"] = status_mb("VmRSS")
     cfg = FiltersConfig.model_validate(SCORE_CFG)
     steps = [("score", lambda: score.run(cfg, RayConfig(num_cpus=cpus), store, models)),
              ("select", lambda: select.run(cfg, store)),
@@ -170,7 +183,7 @@ def measure(root: str, cpus: int) -> dict:
         out["cpu"][name] = cpu_s() - cpu
     selection = lineage.selection_id(store)
     restamped = [m.get("selection") == selection for m in store.markers(tokens_folder(RESOLUTIONS[0])).values()]
-    out.update(peak_mb=peak_mb(), restamped=all(restamped) and len(restamped) > 0,
+    out.update(peak_mb=status_mb("VmHWM"), restamped=all(restamped) and len(restamped) > 0,
                manifest_samples=store.read_json(tokens_folder(RESOLUTIONS[0]), "manifest.json")["samples"])
     return out
 
@@ -204,8 +217,8 @@ def main() -> None:
         print("  wall: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items())
               + "; driver CPU: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["cpu"].items())
               + f"; per shard {1000 * total / shards:.2f} ms wall, {1000 * cpu / shards:.2f} ms of the driver's "
-              f"CPU; peak RSS {r['peak_mb']:.0f} MB "
-              f"(after imports {r['start_mb']:.0f} MB); every marker restamped: {r['restamped']}", flush=True)
+              f"CPU; peak RSS while the stages ran {r['peak_mb']:.0f} MB (RSS before them {r['start_mb']:.0f} MB; "
+              f"the imports' peak {r['import_peak_mb']:.0f} MB); every marker restamped: {r['restamped']}", flush=True)
         results.append((shards, r, total, cpu))
         shutil.rmtree(root, ignore_errors=True)
     if not args.dir:
@@ -218,7 +231,9 @@ def main() -> None:
               f"{1000 * total / shards:>14.2f} {1000 * cpu / shards:>20.2f} {r['peak_mb']:>8.0f}")
     first = results[0]
     for shards, r, _, _ in results[1:]:
-        print(f"{first[0]:,} -> {shards:,} shards: driver peak RSS {r['peak_mb'] / first[1]['peak_mb']:.2f}x")
+        print(f"{first[0]:,} -> {shards:,} shards: driver peak RSS {r['peak_mb'] / first[1]['peak_mb']:.2f}x "
+              f"({r['peak_mb'] - r['start_mb']:.0f} MB over the RSS before the stages, against "
+              f"{first[1]['peak_mb'] - first[1]['start_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":
