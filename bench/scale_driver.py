@@ -175,12 +175,13 @@ def measure(root: str, cpus: int) -> dict:
                                              models)),
              ("tokenize", lambda: tokenize.run(TokenizeConfig(resolutions=RESOLUTIONS), RayConfig(num_cpus=cpus),
                                                store, models))]
-    out["cpu"] = {}
+    out["cpu"], out["stage_peak_mb"] = {}, {}
     for name, step in steps:
         t, cpu = time.perf_counter(), cpu_s()
         step()
         out["stages"][name] = time.perf_counter() - t
         out["cpu"][name] = cpu_s() - cpu
+        out["stage_peak_mb"][name] = status_mb("VmHWM")
     selection = lineage.selection_id(store)
     restamped = [m.get("selection") == selection for m in store.markers(tokens_folder(RESOLUTIONS[0])).values()]
     out.update(peak_mb=status_mb("VmHWM"), restamped=all(restamped) and len(restamped) > 0,
@@ -216,6 +217,7 @@ def main() -> None:
         total, cpu = sum(r["stages"].values()), sum(r["cpu"].values())
         print("  wall: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items())
               + "; driver CPU: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["cpu"].items())
+              + "; peak RSS after: " + ", ".join(f"{k} {v:.0f} MB" for k, v in r["stage_peak_mb"].items())
               + f"; per shard {1000 * total / shards:.2f} ms wall, {1000 * cpu / shards:.2f} ms of the driver's "
               f"CPU; peak RSS while the stages ran {r['peak_mb']:.0f} MB (RSS before them {r['start_mb']:.0f} MB; "
               f"the imports' peak {r['import_peak_mb']:.0f} MB); every marker restamped: {r['restamped']}", flush=True)

@@ -62,7 +62,7 @@ def input_shards(store: ShardStore) -> list[str]:
 
 def kept_counts(store: ShardStore, shards) -> int:
     """Kept samples over these shards (the rows a later stage owes them)."""
-    markers = store.markers(SELECT)
+    markers = store.markers(SELECT, fields=("kept",))
     return sum(int(markers[s]["kept"]) for s in shards)
 
 
@@ -85,8 +85,8 @@ def shard_fingerprints(store: ShardStore, shards: list[str], stage_lineage: str,
                        upstream: tuple[str, ...] = ()) -> dict[str, str]:
     """Per shard: its selection's decisions, the fingerprints of its markers in `upstream` stages
     (absent counts as absent), and this stage's own settings."""
-    selected = store.markers(SELECT)
-    above = [store.markers(stage) for stage in upstream]
+    selected = store.markers(SELECT, fields=("decisions",))
+    above = [store.markers(stage, fields=("fingerprint",)) for stage in upstream]
     out = {}
     for shard in shards:
         parts = [selected[shard]["decisions"], stage_lineage]
@@ -98,7 +98,7 @@ def shard_fingerprints(store: ShardStore, shards: list[str], stage_lineage: str,
 def check_one_selection(store: ShardStore, folder: str, shards: list[str]) -> str | None:
     """The one selection every shard of an output folder belongs to; an error naming the shards
     when they come from different selections (a re-selection whose outputs were not all redone)."""
-    markers = store.markers(folder)
+    markers = store.markers(folder, fields=("selection",))
     groups: dict[str | None, list[str]] = {}
     for shard in shards:
         groups.setdefault(markers[shard].get("selection"), []).append(shard)

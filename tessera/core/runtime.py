@@ -353,7 +353,7 @@ def run_stage(stage: str, store: ShardStore, shards: list[str], work, *, kwargs:
     run = StageRun(stage)
     for folder in (stage, *outputs):
         store.clear_temporaries(folder)
-    markers = store.markers(stage)
+    markers = store.markers(stage, fields=("fingerprint", *stamp))
     todo, stale_stamps, stale = [], [], []
     for shard in shards:
         info = markers.get(shard)

@@ -35,6 +35,8 @@ from tessera.core.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
+# Markers fetched at once by `markers` and `read_markers`.
+MARKER_BATCH = 1000
 # Filesystems that rename a file atomically; the others (object stores) get whole-object uploads.
 RENAMING_PROTOCOLS = frozenset({"file", "local", "memory"})
 
@@ -224,27 +226,32 @@ class ShardStore:
         names = [(posixpath.basename(e["name"].rstrip("/")), e.get("size")) for e in self._entries(stage)]
         return sorted(n[: -len(".done")] for n, size in names if n.endswith(".done") and ".tmp-" not in n and size != 0)
 
-    def markers(self, stage: str) -> dict[str, dict]:
-        """Every done shard of a stage with its marker's contents: one listing and one batched
-        read (object stores fetch the files concurrently), not one request per shard in turn.
-        Unreadable markers are left out, with a warning naming each."""
+    def markers(self, stage: str, fields: tuple[str, ...] | None = None) -> dict[str, dict]:
+        """Every done shard of a stage with its marker's contents (only `fields` of it, when given):
+        one listing and batched reads (object stores fetch the files concurrently), not one
+        request per shard in turn. Unreadable markers are left out, with a warning naming each."""
         names = [(posixpath.basename(e["name"].rstrip("/")), e.get("size")) for e in self._entries(stage)]
         shards = sorted(n[: -len(".done")] for n, _ in names if n.endswith(".done") and ".tmp-" not in n)
-        return self.read_markers(stage, shards)
+        return self.read_markers(stage, shards, fields)
 
-    def read_markers(self, stage: str, shards: list[str]) -> dict[str, dict]:
-        """The markers of these shards in one batched read, without listing the folder; a shard
-        whose marker is absent or unreadable is left out."""
-        if not shards:
-            return {}
+    def read_markers(self, stage: str, shards: list[str], fields: tuple[str, ...] | None = None) -> dict[str, dict]:
+        """The markers of these shards (only `fields` of each, when given), read in batches of
+        MARKER_BATCH concurrent fetches without listing the folder: the driver holds one batch of
+        whole markers at a time. A shard whose marker is absent or unreadable is left out. Equal
+        list and dict values are one shared object: read them, never change them in place."""
         self.fresh(self.path(stage))
-        paths = [self.path(*self.marker(stage, s)) for s in shards]
-        blobs = self.fs.cat(paths, on_error="omit")
         out = {}
-        for shard, path in zip(shards, paths):
-            info = self._parse_marker(path, blobs[path]) if path in blobs else None
-            if info is not None:
-                out[shard] = info
+        shared: dict[str, object] = {}  # equal lists and dicts (the score sources, a column list) held once
+        for i in range(0, len(shards), MARKER_BATCH):
+            batch = shards[i:i + MARKER_BATCH]
+            paths = [self.path(*self.marker(stage, s)) for s in batch]
+            blobs = self.fs.cat(paths, on_error="omit")
+            for shard, path in zip(batch, paths):
+                info = self._parse_marker(path, blobs[path]) if path in blobs else None
+                if info is not None:
+                    kept = info if fields is None else {k: info[k] for k in fields if k in info}
+                    out[shard] = {k: shared.setdefault(json.dumps(v, sort_keys=True), v)
+                                  if isinstance(v, (list, dict)) else v for k, v in kept.items()}
         return out
 
     def clear_temporaries(self, stage: str) -> int:

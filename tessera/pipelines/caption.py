@@ -257,7 +257,7 @@ STEP = Stage(STAGE, inputs=("download", "select"), outputs=(OUTPUT,), work=Capti
 
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str]) -> CaptionResult:
-    markers = store.markers(STAGE)
+    markers = store.markers(STAGE, fields=("rows_in", "captioned", "fallback"))
     infos = [markers[s] for s in shards if s not in failed]
     fallback: Counter = Counter()
     for info in infos:

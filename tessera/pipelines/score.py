@@ -318,7 +318,7 @@ def run(cfg: FiltersConfig, ray_cfg: RayConfig, store: ShardStore, models_root: 
         on_shard=None) -> ScoreResult:
     """Score every downloaded shard not yet scored with these models; return the counts over all shards."""
 
-    downloads = store.markers("download")
+    downloads = store.markers("download", fields=("fingerprint", "columns", "downloaded"))
     shards = sorted(downloads)
     if not shards:
         raise ValueError(f"{store.root}: no finished download shards to score (run the download first)")
@@ -338,7 +338,7 @@ STEP = Stage(STAGE, inputs=("download",), outputs=(SCORES, EMBEDDINGS), work=Sco
 
 
 def summarize(store: ShardStore, shards: list[str], failed: dict[str, str], downloads: dict[str, dict]) -> ScoreResult:
-    markers = store.markers(STAGE)
+    markers = store.markers(STAGE, fields=("samples", "unreadable", "sources"))
     infos = [markers[s] for s in shards if s not in failed]
     unreadable: Counter = Counter()
     for info in infos:

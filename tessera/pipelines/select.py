@@ -286,7 +286,7 @@ def run(cfg: FiltersConfig, store: ShardStore, on_shard=None) -> SelectResult:
     kept, dropped = 0, Counter()
     hists = {c: [np.zeros(HIST_BINS, np.int64), np.zeros(HIST_BINS, np.int64)] for c in edges}
     selected = set(shards)
-    for result in (m for s, m in store.markers(STAGE).items() if s in selected):
+    for result in (m for s, m in store.markers(STAGE, fields=("kept", "reasons", "hist")).items() if s in selected):
         kept += result["kept"]
         dropped.update(result["reasons"])
         for col, (k_, d_) in result["hist"].items():

@@ -352,7 +352,7 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
     text_path = resolve(cfg.text_encoder, models_root) if cfg.text_encoder else None
     fingerprints = shard_fingerprints(store, shards, lineage(cfg, vq_path, text_path), upstream=("caption",))
     selection = selection_id(store)
-    per_res = {r: store.markers(tokens_folder(r)) for r in cfg.resolutions}
+    per_res = {r: store.markers(tokens_folder(r), fields=("fingerprint", "selection")) for r in cfg.resolutions}
     done = set(store.done_shards(STAGE))
     for shard in shards:  # a resolution missing (added, or removed by hand): the shard is not done
         if shard in done and not all(matches(per_res[r].get(shard), fingerprints[shard]) for r in cfg.resolutions):
@@ -392,7 +392,7 @@ def summarize(store: ShardStore, shards: list[str], resolutions: list[int], fail
     per: dict[int, dict] = {}
     lost = kept_counts(store, failed)
     for res in resolutions:
-        markers = store.markers(tokens_folder(res))
+        markers = store.markers(tokens_folder(res), fields=("rows_in", "tokenized", "no_caption", "dropped"))
         infos = [markers[s] for s in shards if s not in failed]
         dropped: Counter = Counter()
         for info in infos:
@@ -407,7 +407,7 @@ def summarize(store: ShardStore, shards: list[str], resolutions: list[int], fail
 def write_manifest(store: ShardStore, res: int, shards: list[str], cfg: TokenizeConfig, selection: str) -> dict:
     """tokens/{res}/manifest.json: the selection, shards, sample counts, bytes per sample, codebook usage."""
     folder = tokens_folder(res)
-    markers = store.markers(folder)
+    markers = store.markers(folder, fields=("tokenized", "dropped", "bytes"))
     infos = {s: markers[s] for s in shards if s in markers}
     counts = code_counts(store, res, list(infos))
     samples = sum(i["tokenized"] for i in infos.values())
