@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-gpu gpu-kit bench-download bench-ingest bench-score bench-scale report-screenshot
+.PHONY: setup demo test test-fast ui lock clean fetch-models status stage1 stage2 sample eval bench-train bench-sample bench-gpu gpu-kit bench-download bench-ingest bench-score bench-scale bench-scale-driver report-screenshot
 
 setup: $(VENV)/.installed
 
@@ -82,6 +82,10 @@ bench-score: setup
 SCALE_BENCH ?=
 bench-scale: setup
 	$(PY) -m bench.scale $(SCALE_BENCH)
+
+# The driver's own cost per shard (markers, lineage, restamps, token manifests), 1,000 to 100,000 shards.
+bench-scale-driver: setup
+	$(PY) -m bench.scale_driver
 
 report-screenshot:
 	@test -n "$(CHROMIUM)" || { echo "No chromium found: open $(DEMO_DIR)/data/reports/report.html in a browser."; exit 1; }
