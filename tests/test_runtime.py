@@ -120,3 +120,21 @@ def test_the_driver_receives_per_shard_summaries_only(ray_local, store, monkeypa
     assert len(received) == len(SHARDS)
     assert all(isinstance(v, dict) and len(pickle.dumps(v)) < 1024 for v in received)
     assert any(v["rows_in"] == 100_000 for v in received)
+
+
+def input_size(store: ShardStore, shard: str) -> int:
+    return len(store.fs.cat(store.path("input", f"{shard}.txt")))
+
+
+def last_bar(err: str) -> str:
+    return err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_bars_count_rows_only_where_the_answers_carry_them(ray_local, store, capfd):
+    runtime.run_stage("toy", store, SHARDS, copy_shard, unit="words")
+    assert "words=10" in last_bar(capfd.readouterr().err)  # 1 + 2 + 3 + 4 words
+    runtime.map_shards("toy:pass", store, SHARDS, copy_shard)  # answers with rows_in: counted
+    assert "rows=10" in last_bar(capfd.readouterr().err)
+    runtime.map_shards("toy:sizes", store, SHARDS, input_size)  # answers without rows: no row count
+    bar = last_bar(capfd.readouterr().err)
+    assert bar.startswith("toy:sizes: 100%") and "rows" not in bar and "failed=0" in bar, bar

@@ -252,7 +252,7 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
     queue = [(name, 0) for name in reversed(names)]  # popped from the end, in order
     pending: dict[Any, tuple[str, int]] = {}
     failed: dict[str, str] = {}
-    rows = 0
+    rows = None  # stays None while no answer counts rows (a pass's partial answers)
     try:
         with tqdm(total=len(names), desc=desc, unit="shard", mininterval=1) as bar:
             while queue or pending:
@@ -280,13 +280,15 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
                                           "attempts": attempt + 1}, stage, name + FAILED)
                 else:
                     pool.release(ready[0], None)
-                    rows += int(summary.get("rows_in", 0) or 0) if isinstance(summary, dict) else 0
+                    if isinstance(summary, dict) and "rows_in" in summary:
+                        rows = (rows or 0) + int(summary["rows_in"] or 0)
                     if on_result:
                         on_result(name, summary)
                     crash_point("after_result", desc.rsplit(":", 1)[-1], name)
                 # Rows per second beside the shards' rate and ETA: a shard can hold 10,000 rows.
-                per_s = rows / max(bar.format_dict["elapsed"], 1e-9)
-                bar.set_postfix({unit: rows, f"{unit}/s": f"{per_s:.1f}", "failed": len(failed)}, refresh=False)
+                counts = {} if rows is None else {
+                    unit: rows, f"{unit}/s": f"{rows / max(bar.format_dict['elapsed'], 1e-9):.1f}"}
+                bar.set_postfix({**counts, "failed": len(failed)}, refresh=False)
                 bar.update(1)
     finally:
         pool.close()
