@@ -4,9 +4,11 @@
 
 A head with no CPUs and two worker nodes, each with its own raylet, object store and one CPU, all on
 127.0.0.1 (Ray's single-machine mode, no cloud-metadata probe). The curation runs twice: once
-uninterrupted into ROOT/whole, once into ROOT/lost while the raylet of one worker node is killed
-(SIGKILL, by PID) as soon as it runs a download shard. OUT.json receives what each run produced
-and what was killed.
+uninterrupted into ROOT/whole, once into ROOT/lost while nodes are lost: the raylet of one worker
+node is killed (SIGKILL, by PID) as soon as it runs a download shard; a fresh worker node then
+joins, and its raylet is killed as soon as it runs a shard of a later stage (one of the model
+actors' stages: score, caption or tokenize). OUT.json receives what each run produced and what
+was killed.
 """
 from __future__ import annotations
 
@@ -41,27 +43,45 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def running_shard(raylet_pid: int) -> bool:
-    """Whether a worker of this raylet is running a shard (Ray titles it after the task)."""
+# Ray titles a worker process after what it runs: a task, or an actor's method while it runs.
+A_TASK_SHARD, AN_ACTOR_SHARD = b"ray::process_shard", b"ray::ShardActor.process"
+
+
+def running(raylet_pid: int, title: bytes) -> bool:
+    """Whether a worker of this raylet is running what `title` names."""
     for child in _children(raylet_pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"ray::process_shard" in f.read():
+                if title in f.read():
                     return True
         except OSError:
             continue
     return False
 
 
-def kill_when_busy(raylet_pid: int, killed: dict, timeout_s: float = 600) -> None:
+def kill_when_busy(raylet_pid: int, title: bytes, timeout_s: float = 600) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if running_shard(raylet_pid):
+        if running(raylet_pid, title):
             os.kill(raylet_pid, signal.SIGKILL)
-            killed.update(pid=raylet_pid, at=time.time())
-            logging.getLogger("multinode").warning("Killed raylet %d while it ran a shard.", raylet_pid)
-            return
+            logging.getLogger("multinode").warning("Killed raylet %d while it ran %s.", raylet_pid, title.decode())
+            return {"pid": raylet_pid, "running": title.decode(), "at": time.time()}
         time.sleep(0.2)
+    return {}
+
+
+def _raylet_pid(node) -> int:
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+def lose_nodes(cluster: Cluster, victim, killed: list) -> None:
+    """Kill `victim` in the download stage, then a fresh node in a later (model actor) stage."""
+    first = kill_when_busy(_raylet_pid(victim), A_TASK_SHARD)
+    if not first:
+        return
+    killed.append(first)
+    fresh = cluster.add_node(num_cpus=1)
+    killed.append(kill_when_busy(_raylet_pid(fresh), AN_ACTOR_SHARD))
 
 
 def main(out_path: str, config: str, root: str, overrides: list[str]) -> None:
@@ -73,9 +93,8 @@ def main(out_path: str, config: str, root: str, overrides: list[str]) -> None:
         cluster.wait_for_nodes()
         on_cluster = [*overrides, f"ray.address={cluster.address}"]
         serve_and_curate(config, [*on_cluster, f"data_root={root}/whole/data", f"runs_root={root}/whole/runs"])
-        victim = workers[1].all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-        killed: dict = {}
-        watcher = threading.Thread(target=kill_when_busy, args=(victim, killed), daemon=True)
+        killed: list = []
+        watcher = threading.Thread(target=lose_nodes, args=(cluster, workers[1], killed), daemon=True)
         watcher.start()
         serve_and_curate(config, [*on_cluster, f"data_root={root}/lost/data", f"runs_root={root}/lost/runs"])
         with open(out_path, "w") as f:
