@@ -18,6 +18,7 @@ from importlib.resources import files
 from tessera.config import ConfigError, RunConfig, load_config
 from tessera.core.lease import LeaseHeld, active_holder
 from tessera.core.store import ShardStore
+from tessera.models.cache import is_remote
 
 # The same environment whether a run starts from make or from `tessera`: runs are offline (models
 # come from models_root), and Prefect keeps its state in its own default home (~/.prefect) unless
@@ -229,6 +230,10 @@ def fetch_models_cmd(args) -> int:
         cfg = with_pins(load(args), args.sha256)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if is_remote(cfg.models_root):
+        print(f"error: fetch-models writes to a local models_root, and {cfg.models_root} is on object storage: fetch "
+              "into a local folder (--set models_root=models) and copy that folder to the bucket", file=sys.stderr)
         return 2
     check_model_names(cfg)
     check_writable("models_root", cfg.models_root)

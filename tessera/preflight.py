@@ -22,6 +22,7 @@ from tessera.config import RunConfig
 from tessera.config.steps import SECTIONS, has_section, runnable_steps
 from tessera.config.train import SampleConfig
 from tessera.fetch_models import named_models
+from tessera.models.cache import cache_root
 from tessera.models.fetch import ModelMissing, locate
 from tessera.models.gpt_configs import GPT_CONFIGS
 from tessera.models.refs import BUILDERS, PREFIX
@@ -157,7 +158,7 @@ def check_models(cfg: RunConfig, steps: list[str], config_path: str, columns: li
         except ModelMissing:
             missing.append(f"{key}={ref}")
     if tiny:  # built there on first use
-        check_writable("models_root", cfg.models_root)
+        check_writable("models_root", cache_root(cfg.models_root))
     if missing:
         raise PreflightError(f"{len(missing)} model(s) not in models_root {cfg.models_root}: {', '.join(missing)}; "
                              f"fetch them with `tessera fetch-models {config_path}`")

@@ -4,12 +4,15 @@
 
 A head with no CPUs and two worker nodes, each with its own raylet, object store and one CPU, all on
 127.0.0.1 (Ray's single-machine mode, no cloud-metadata probe). The curation runs twice: once
-uninterrupted into ROOT/whole, once into ROOT/lost while the raylet of one worker node is killed
-(SIGKILL, by PID) as soon as it runs a download shard. OUT.json receives what each run produced
-and what was killed.
+uninterrupted into ROOT/whole, once into ROOT/lost while nodes are lost. One worker node is killed
+(its raylet and worker processes, SIGKILL, by PID) as soon as it runs a task shard; a fresh node
+then joins, and is killed the same way as soon as it runs a shard of a later stage (one of the
+model actors' stages: score, caption or tokenize); a last node then joins, as an autoscaler would
+bring one. OUT.json receives what each run produced and what was killed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,27 +44,65 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def running_shard(raylet_pid: int) -> bool:
-    """Whether a worker of this raylet is running a shard (Ray titles it after the task)."""
+# Ray titles a worker process after what it runs: a task, or an actor's method while it runs.
+A_TASK_SHARD, AN_ACTOR_SHARD = b"ray::process_shard", b"ray::ShardActor.process"
+
+
+def running(raylet_pid: int, title: bytes) -> bool:
+    """Whether a worker of this raylet is running what `title` names."""
     for child in _children(raylet_pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"ray::process_shard" in f.read():
+                if title in f.read():
                     return True
         except OSError:
             continue
     return False
 
 
-def kill_when_busy(raylet_pid: int, killed: dict, timeout_s: float = 600) -> None:
+def kill_when_busy(raylet_pid: int, title: bytes, timeout_s: float = 600) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if running_shard(raylet_pid):
-            os.kill(raylet_pid, signal.SIGKILL)
-            killed.update(pid=raylet_pid, at=time.time())
-            logging.getLogger("multinode").warning("Killed raylet %d while it ran a shard.", raylet_pid)
-            return
+        if running(raylet_pid, title):
+            # The whole node goes at once: its worker processes (which could otherwise still hand
+            # a finished shard to the driver) and its raylet.
+            for pid in [*_children(raylet_pid), raylet_pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            logging.getLogger("multinode").warning("Killed raylet %d and its workers while it ran %s.", raylet_pid,
+                                                   title.decode())
+            return {"pid": raylet_pid, "running": title.decode(), "at": time.time()}
         time.sleep(0.2)
+    return {}
+
+
+def _raylet_pid(node) -> int:
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+def add_node(cluster: Cluster):
+    """A worker node added from this (non-main) thread. Ray's Node installs a SIGTERM handler,
+    which only the main thread may do; the main thread's handler (the head's) stays in place."""
+    hook = ray._private.utils.set_sigterm_handler
+    ray._private.utils.set_sigterm_handler = lambda handler: None
+    try:
+        return cluster.add_node(num_cpus=1)
+    finally:
+        ray._private.utils.set_sigterm_handler = hook
+
+
+def lose_nodes(cluster: Cluster, victim, killed: list, run_over: threading.Event) -> None:
+    """Kill `victim` in the first stage, then a node that joins after it in a model actors' stage.
+    Returns when the run is over: Ray starts a node's processes to die with the thread that
+    started them (PR_SET_PDEATHSIG), so the nodes this thread adds live only as long as it does."""
+    first = kill_when_busy(_raylet_pid(victim), A_TASK_SHARD)
+    if first:
+        killed.append(first)
+        second = kill_when_busy(_raylet_pid(add_node(cluster)), AN_ACTOR_SHARD)
+        killed.append(second)
+        if second:  # a node comes back, as an autoscaler brings one: the dead actor's replacement needs a CPU
+            add_node(cluster)
+    run_over.wait()
 
 
 def main(out_path: str, config: str, root: str, overrides: list[str]) -> None:
@@ -73,11 +114,14 @@ def main(out_path: str, config: str, root: str, overrides: list[str]) -> None:
         cluster.wait_for_nodes()
         on_cluster = [*overrides, f"ray.address={cluster.address}"]
         serve_and_curate(config, [*on_cluster, f"data_root={root}/whole/data", f"runs_root={root}/whole/runs"])
-        victim = workers[1].all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-        killed: dict = {}
-        watcher = threading.Thread(target=kill_when_busy, args=(victim, killed), daemon=True)
+        killed: list = []
+        run_over = threading.Event()
+        watcher = threading.Thread(target=lose_nodes, args=(cluster, workers[1], killed, run_over), daemon=True)
         watcher.start()
-        serve_and_curate(config, [*on_cluster, f"data_root={root}/lost/data", f"runs_root={root}/lost/runs"])
+        try:
+            serve_and_curate(config, [*on_cluster, f"data_root={root}/lost/data", f"runs_root={root}/lost/runs"])
+        finally:
+            run_over.set()
         with open(out_path, "w") as f:
             json.dump({"killed": killed, "whole": contents(f"{root}/whole/data"),
                        "lost": contents(f"{root}/lost/data")}, f)

@@ -1,10 +1,12 @@
 """The demo's curation on a real multi-node Ray (a head and two worker nodes on 127.0.0.1), with
-one worker node's raylet killed in the middle of the download stage: its shards are retried on
-the other node, and the outputs equal an uninterrupted run's."""
+one worker node's raylet killed in the middle of the download stage, and a node that joins later
+killed in the middle of a model actors' stage (score, caption or tokenize): their shards are
+retried on the other nodes, and the outputs equal an uninterrupted run's."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +15,9 @@ import pytest
 from tests.conftest import REPO
 
 SMALL = ["source.synthetic.num_images=30", "source.synthetic.bad_records=false", "download.shard_size=10",
-         "download.timeout=10", "download.max_tasks_in_flight=4"]
+         "download.timeout=10", "download.max_tasks_in_flight=4",
+         # Two model actors per stage: one on each worker node, so the node that joins later runs one.
+         "filters.concurrency=2", "caption.num_actors=2", "tokenize.num_actors=2"]
 
 
 @pytest.mark.slow
@@ -27,8 +31,12 @@ def test_curation_survives_losing_a_worker_node(tmp_path):
                           text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
-    assert result["killed"], "the worker node never ran a download shard"
+    download, later = result["killed"] + [{}] * (2 - len(result["killed"]))
+    assert download.get("running") == "ray::process_shard", "the worker node never ran a download shard"
+    assert later.get("running") == "ray::ShardActor.process", "the node that joined never ran a later stage's shard"
     log = proc.stdout + proc.stderr
-    assert "download: " in log and "failed (attempt 1 of" in log  # its shard was lost and retried
+    # Each lost shard was retried: one of the first node's, one of a later stage's on the second.
+    assert "failed (attempt 1 of" in log
+    assert re.search(r"(score|caption|tokenize): \d{5} failed \(attempt 1 of", log), log[-3000:]
     assert any(k.startswith("tokens/") for k in result["whole"])
     assert result["lost"] == result["whole"]

@@ -2,17 +2,24 @@
 writes, unreadable markers, and the storage section reaching every filesystem and Ray worker."""
 from __future__ import annotations
 
+import io
 import logging
 import pickle
+import urllib.request
 
 import fsspec
 import pytest
+import torch
 
-from tessera.config import ConfigError, load_config
+from tessera.config import load_config
 from tessera.config.storage import StorageConfig, apply_storage, forwarded_env
 from tessera.core import runtime
 from tessera.core.raytools import worker_env
-from tessera.core.store import ShardStore
+from tessera.core.store import ShardStore, viewable_link
+from tessera.models.cache import CACHE_ENV
+from tessera.models.fetch import ModelMissing
+from tessera.models.refs import resolve
+from tessera.models.vq import load_vq
 from tests.s3server import s3_with_credentials
 
 
@@ -111,6 +118,49 @@ def test_ray_workers_reach_the_store_with_the_drivers_options(bucket, endpoint, 
     assert store.fs.cat(store.path("out", "00002.txt")) == b"00002"
 
 
-def test_models_root_on_object_storage_is_refused_by_name():
-    with pytest.raises(ConfigError, match="models_root must be a local folder"):
-        load_config("configs/demo.yaml", ["models_root=s3://bucket/models"])
+def test_models_root_on_object_storage_is_read_through_a_cache_fetched_again_on_change(bucket, endpoint, tmp_path,
+                                                                                       monkeypatch, caplog):
+    """A real model folder (the tiny VQ, in its real format) and a one-file model in the bucket:
+    copied once into the local cache, loaded from there, copied again only when an object changes."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    fs = fsspec.filesystem("s3")
+    built = resolve("tiny:vq", str(tmp_path / "built"))
+    fs.put(built, f"{bucket}/models/vq", recursive=True)
+    fs.pipe(f"{bucket}/models/heads/head.pt", _tensor_file(1.0))
+    models_root = f"{bucket}/models"
+    cfg = load_config("configs/demo.yaml", [f"models_root={models_root}", "sample.vq=vq",
+                                                  f"storage.endpoint={endpoint}"])
+    with caplog.at_level(logging.INFO, logger="tessera.models.cache"):
+        vq_path = resolve(cfg.sample.vq, cfg.models_root)
+        assert vq_path.startswith(str(tmp_path / "cache")) and load_vq(vq_path).quantize.embedding.weight.shape[0] > 0
+        head = resolve("heads/head.pt", models_root)
+        assert torch.load(head, weights_only=True)["w"].item() == 1.0
+        assert resolve("vq", models_root) == vq_path and resolve("heads/head.pt", models_root) == head
+        assert sum("Copying" in r.getMessage() for r in caplog.records) == 2  # once each
+        fs.pipe(f"{bucket}/models/heads/head.pt", _tensor_file(2.0))  # replaced on the store
+        assert torch.load(resolve("heads/head.pt", models_root), weights_only=True)["w"].item() == 2.0
+        assert sum("Copying" in r.getMessage() for r in caplog.records) == 3
+    # Tiny models are built in the cache; a model that is not in the bucket is named with the URL.
+    assert resolve("tiny:t5", models_root).startswith(str(tmp_path / "cache"))
+    with pytest.raises(ModelMissing, match=f"'missing.pt' is not in models_root \\({models_root}\\)"):
+        resolve("missing.pt", models_root)
+
+
+def _tensor_file(value: float) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.tensor(value)}, buf)
+    return buf.getvalue()
+
+
+def test_report_link_is_a_presigned_url_a_browser_opens_without_credentials(bucket, tmp_path):
+    store = ShardStore(f"{bucket}/data")
+    page = b"<!doctype html><title>Filter report</title><h1>funnel</h1>"
+    store.write_bytes(page, "reports", "report.html")
+    link = viewable_link(store.url("reports", "report.html"))
+    assert link.startswith("http://127.0.0.1:") and "Signature=" in link and "Expires=" in link
+    with urllib.request.urlopen(link, timeout=10) as response:  # plain HTTP, no AWS client or keys
+        assert response.read() == page and response.headers["Content-Type"].startswith("text/html")
+    assert viewable_link(store.url("reports")) == store.url("reports")  # a folder: its URL
+    local = ShardStore(str(tmp_path / "data"))
+    local.write_bytes(page, "reports", "report.html")
+    assert viewable_link(local.url("reports", "report.html")) == f"file://{tmp_path}/data/reports/report.html"

@@ -12,7 +12,7 @@ from types import UnionType
 from typing import Any, Iterable, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from tessera.config.base import Section
 from tessera.config.caption import CaptionConfig
@@ -46,6 +46,7 @@ class RunConfig(Section):
     runs_root: str = "runs"
     # Where models live: `tiny:NAME` ones are built here (tessera.models.tiny), `tessera fetch-models`
     # downloads the others here, and runs look for them here (a relative model path is under it).
+    # An object-store URL (s3://bucket/models) is read through a local cache ($TESSERA_MODEL_CACHE).
     models_root: str = "models"
     # Where `tessera fetch-models` gets the models this config names, keyed by the name as written
     # (path, file name or hub id); these add to and override the built-in sources.
@@ -72,14 +73,6 @@ class RunConfig(Section):
     sample: SampleConfig | None = None
     # Evaluation of checkpoints (FID, CLIP score, prompt-following) and of the tokenizer.
     eval: EvalConfig | None = None
-
-    @field_validator("models_root")
-    @classmethod
-    def _local_models_root(cls, value: str) -> str:
-        if "://" in value:  # models load from local files (HF, open_clip, torch); tiny ones are built there
-            raise ValueError(f"{value!r}: models_root must be a local folder (on a cluster, one every node mounts, "
-                             "or fetched on each node with `tessera fetch-models`), not an object-store URL")
-        return value
 
 
 def _is_text(annotation: Any) -> bool:

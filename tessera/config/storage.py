@@ -25,7 +25,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}, "gcs
 
 # Variables a Ray worker needs to reach the same storage as the driver, when the driver has them.
 FORWARDED_PREFIXES = ("FSSPEC_", "AWS_", "GOOGLE_", "GCLOUD_")
-FORWARDED_NAMES = ("S3_ENDPOINT", "CLOUDSDK_CONFIG")
+FORWARDED_NAMES = ("S3_ENDPOINT", "CLOUDSDK_CONFIG", "TESSERA_MODEL_CACHE")
 
 
 class StorageConfig(Section):

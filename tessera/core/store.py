@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 MARKER_BATCH = 1000
 # Filesystems that rename a file atomically; the others (object stores) get whole-object uploads.
 RENAMING_PROTOCOLS = frozenset({"file", "local", "memory"})
+# How long a presigned link to a report stays valid: a week, the longest S3 (SigV4) allows.
+LINK_EXPIRES_S = 7 * 24 * 3600
 
 
 def shard_name(index: int) -> str:
@@ -260,6 +262,23 @@ class ShardStore:
         for p in stale:
             self.fs.rm(p, recursive=True)
         return len(stale)
+
+
+def viewable_link(url: str, expires_s: int = LINK_EXPIRES_S) -> str:
+    """A link a person can open in a browser: a presigned HTTPS URL for a file on an object store,
+    a file:// URL for a local path, and the URL itself for anything else (a folder, memory://, a
+    store that cannot sign, such as GCS with user credentials)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return f"file://{os.path.abspath(path)}"
+    if protocol in RENAMING_PROTOCOLS or not fs.isfile(path):
+        return url
+    try:
+        return fs.sign(path, expiration=expires_s)
+    except (NotImplementedError, ValueError, AttributeError, OSError) as e:
+        log.warning("Cannot presign %s (%s); linking the object's URL instead.", url, e)
+        return url
 
 
 def _fsync_file(path: str) -> None:

@@ -7,13 +7,11 @@ re-running `all` after a failure redoes only the unfinished work.
 """
 from __future__ import annotations
 
-import os
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from tessera.config import load_config
-from tessera.core.store import ShardStore
+from tessera.core.store import ShardStore, viewable_link
 from tessera.config.steps import STEPS, runnable_steps
 from tessera.flows.common import logger
 from tessera.flows.curate import curate
@@ -55,10 +53,6 @@ def all_stages(config: str, overrides: list[str] | None = None, run: str | None 
     return results
 
 
-def _link(path: str) -> str:
-    return path if "://" in path else f"file://{os.path.abspath(path)}"
-
-
 def publish_summary(data_root: str, results: dict) -> list[tuple[str, str]]:
     """One markdown artifact linking every report and output the steps wrote; returns the links."""
 
@@ -76,7 +70,7 @@ def publish_summary(data_root: str, results: dict) -> list[tuple[str, str]]:
     if evals and evals[0].get("page"):
         links.append(("evaluation: samples by prompt", evals[0]["page"]))
         links.append(("evaluation: metrics.jsonl", evals[0]["metrics_file"]))
-    markdown = "\n".join(f"- [{title}]({_link(str(url))})" for title, url in links)
+    markdown = "\n".join(f"- [{title}]({viewable_link(str(url))})" for title, url in links)
     create_markdown_artifact(key="pipeline-outputs", markdown=markdown or "nothing was written",
                              description="Links to the reports and outputs of this run of `all`.")
     return links

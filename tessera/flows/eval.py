@@ -10,6 +10,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from tessera.config import load_config
+from tessera.core.store import viewable_link
 from tessera.flows.common import RETRY_ONCE, logger, publish_table
 from tessera.pipelines import evaluate
 
@@ -61,7 +62,8 @@ def eval_flow(config: str, overrides: list[str] | None = None, run: str | None =
         publish_table("eval-tokenizer", tok, "The VQ tokenizer on held-out images: rFID, PSNR, SSIM, codebook usage.")
     if result.page:
         create_markdown_artifact(key="eval-samples", description="Samples grouped by prompt.",
-                                 markdown=f"Samples by prompt: `{result.page}`\n\nmetrics: `{result.metrics_file}`")
+                                 markdown=(f"Samples by prompt: [{result.page}]({viewable_link(result.page)})\n\n"
+                                           f"metrics: [{result.metrics_file}]({viewable_link(result.metrics_file)})"))
     if result.failed:
         logger().error("eval: failed shards: %s", {k: sorted(v) for k, v in result.failed.items()})
         raise RuntimeError(f"eval: shards failed for {', '.join(result.failed)}; rerun to redo only those")

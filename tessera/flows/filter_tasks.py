@@ -1,8 +1,6 @@
 """Prefect tasks of the curate flow's filtering: score, select, and the filter report."""
 from __future__ import annotations
 
-import os
-
 from prefect import task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
@@ -11,7 +9,7 @@ from tessera.config import RunConfig
 from tessera.flows.common import RETRIES, ShardProgress, logger, publish_table
 from tessera.pipelines import filter_report, score, select
 from tessera.core.raytools import init_ray
-from tessera.core.store import ShardStore
+from tessera.core.store import ShardStore, viewable_link
 
 @task(name="score", **RETRIES)
 def score_task(cfg: RunConfig, store: ShardStore) -> score.ScoreResult:
@@ -39,8 +37,8 @@ def select_task(cfg: RunConfig, store: ShardStore) -> select.SelectResult:
 @task(name="filter-report", cache_policy=NO_CACHE)
 def report_task(store: ShardStore, funnel: list[dict], examples: int, sections: list[str] | None = None) -> str:
     url = filter_report.build(store, funnel, examples, sections or [])
-    link = f"file://{os.path.abspath(url)}" if store.protocol in ("file", "local") else url
-    create_link_artifact(key="filter-report", link=link, link_text="report.html",
+    # On an object store the link is presigned: a browser opens it without credentials.
+    create_link_artifact(key="filter-report", link=viewable_link(url), link_text="report.html",
                          description="Filter report: funnel, score histograms with thresholds, examples near each threshold.")
-    logger().info("Filter report: %s", link)
+    logger().info("Filter report: %s", url)
     return url

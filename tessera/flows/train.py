@@ -10,6 +10,7 @@ from prefect.artifacts import (create_image_artifact, create_markdown_artifact, 
                                 update_progress_artifact)
 
 from tessera.config import load_config
+from tessera.core.store import viewable_link
 from tessera.flows.common import RETRY_ONCE, logger, publish_table
 from tessera.pipelines import sample as sampling
 from tessera.pipelines import train
@@ -78,7 +79,8 @@ def sample(config: str, overrides: list[str] | None = None, run: str | None = No
     logger().info("Sampled %d images from %s into %s (%.0f tokens/s).", result.images, result.checkpoint,
                   result.grid, result.tokens_per_s)
     if "://" in result.grid and not result.grid.startswith("file://"):
-        create_image_artifact(image_url=result.grid, key="sample-grid", description="Samples")
+        create_image_artifact(image_url=viewable_link(result.grid), key="sample-grid", description="Samples")
     create_markdown_artifact(key="sample-result", description="Where the samples are.", markdown=(
-        f"{result.images} images from `{result.checkpoint}`: `{result.grid}` ({result.tokens_per_s:.0f} tokens/s)"))
+        f"{result.images} images from `{result.checkpoint}`: [{result.grid}]({viewable_link(result.grid)}) "
+        f"({result.tokens_per_s:.0f} tokens/s)"))
     return result.__dict__

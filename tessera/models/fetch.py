@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import urllib.error
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from tessera.config.download import UrlPolicy
 from tessera.config.models import ModelSource
 from tessera.core.urlcheck import BlockedAddress, check_url, make_opener
+from tessera.models.cache import cache_root, cached_copy, is_remote
 from tessera.models.hubguard import hub_guard
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ class FetchError(RuntimeError):
 
 class ModelMissing(FileNotFoundError):
     def __init__(self, ref: str, models_root: str, detail: str = ""):
-        where = "does not exist" if os.path.isabs(ref) else f"is not in models_root ({os.path.abspath(models_root)})"
+        root = models_root if is_remote(models_root) else os.path.abspath(models_root)
+        where = "does not exist" if os.path.isabs(ref) else f"is not in models_root ({root})"
         super().__init__(f"model {ref!r} {where}{detail}: fetch it with `{FETCH_COMMAND}`")
 
 
@@ -105,9 +108,16 @@ def source_for(ref: str, sources: dict[str, ModelSource] | None = None) -> Model
 
 # Resolution at run time ---------------------------------------------------------------------------
 def locate(ref: str, models_root: str) -> str:
-    """The local path of a model a config names. Never downloads."""
+    """The local path of a model a config names. Never downloads from the internet (a models_root on
+    object storage is read through the local model cache, tessera.models.cache)."""
     if "://" in ref:
         return ref
+    if is_remote(models_root) and not os.path.isabs(ref):
+        # An object-store models_root: the model is copied into the local cache (again only when it changed).
+        local = cached_copy(posixpath.join(models_root.rstrip("/"), ref), target_path(ref, cache_root(models_root)))
+        if local is None:
+            raise ModelMissing(ref, models_root)
+        models_root = cache_root(models_root)
     path = target_path(ref, models_root)
     if os.path.exists(path):
         if os.path.isdir(os.path.join(path, ".cache", "huggingface")) and not os.path.exists(

@@ -14,6 +14,7 @@ import os
 import shutil
 from typing import Callable
 
+from tessera.models.cache import cache_root
 from tessera.models.fetch import locate
 from tessera.models.tiny import WORLD_WEIGHTS
 
@@ -45,7 +46,7 @@ def resolve(ref: str, models_root: str) -> str:
     name = ref[len(PREFIX):]
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {ref!r}; known: {', '.join(sorted(BUILDERS)) or 'none'}")
-    path = os.path.join(models_root, name)
+    path = os.path.join(cache_root(models_root), name)  # built locally, also for a models_root on a store
     wanted = build_id(name)
     if _built(path) != wanted:
         module, func = BUILDERS[name].split(":")

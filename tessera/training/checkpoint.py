@@ -162,7 +162,8 @@ def read_model_state(url: str) -> dict[str, torch.Tensor]:
 
 def _reader(url: str):
     if "://" in url and not url.startswith("file://"):
-        from torch.distributed.checkpoint import FsspecReader
+        # torch exports no public name for it (dcp.save/load pick it by URL themselves).
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         return FsspecReader(url)
     return dcp.FileSystemReader(url.removeprefix("file://"))
