@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import posixpath
 import shlex
 import subprocess
 import sys
@@ -53,14 +54,17 @@ def load(args) -> RunConfig:
 
 def preflight_run(args, cfg: RunConfig, steps: list[str], run: str | None = None) -> bool:
     """The checks of a run of `steps`; then whether to run it (not with --check) and, if so, the
-    resolved config saved beside its outputs."""
-    from tessera import preflight, resolved
+    resolved config saved beside the run's outputs (a curation saves its own under data_root once
+    it holds the lease)."""
+    from tessera import preflight
+    from tessera.core import resolved
 
     preflight.check_run(cfg, steps, config_of(args))
     if args.check:
         print(f"preflight passed: {args.command} {config_of(args)} ({', '.join(steps)})")
         return False
-    for url in resolved.save(cfg, args.command, steps, run):
+    if {"stage1", "stage2", "sample", "eval"} & set(steps):
+        url = resolved.save(cfg, args.command, posixpath.join(cfg.runs_root.rstrip("/"), run or cfg.name))
         logging.getLogger("tessera").info("Resolved config saved to %s.", url)
     return True
 
@@ -211,7 +215,7 @@ def submit_cmd(args) -> int:
 
 def config_cmd(args) -> int:
     from tessera.preflight import check_model_names
-    from tessera.resolved import as_yaml
+    from tessera.core.resolved import as_yaml
 
     cfg = load(args)
     check_model_names(cfg)
@@ -320,7 +324,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     from tessera.config.steps import STEPS
-    from tessera.resolved import tessera_version
+    from tessera.core.resolved import tessera_version
     from tessera.submit import add_arguments
 
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__,

@@ -14,6 +14,7 @@ from tessera.cli import main
 from tessera.config.storage import StorageConfig, apply_storage
 from tessera.core.lease import LEASE, Lease, LeaseHeld, LeaseLost
 from tessera.core.store import ShardStore
+from tessera.flows.curate import curate
 from tests.s3server import s3_with_credentials
 
 
@@ -109,3 +110,13 @@ def test_the_cli_refuses_in_one_line_while_another_run_writes(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 3 and len(err.splitlines()) == 1
     assert "is being written by curate demo" in err and f"pid {os.getpid()}" in err and "--wait" in err
+
+
+def test_a_refused_curation_leaves_the_holders_resolved_config_alone(tmp_path):
+    """The CLI's early check can pass before the first run takes the lease; the flow itself then
+    refuses, and must not have replaced the holder's record of what it runs."""
+    store = ShardStore(str(tmp_path / "data"))
+    store.write_bytes(b"# the holder's config\n", "resolved-config.yaml")
+    with Lease(store, "curate demo"), pytest.raises(LeaseHeld, match="curate demo"):
+        curate.fn(config="configs/demo.yaml", overrides=[f"data_root={tmp_path}/data"])
+    assert store.fs.cat(store.path("resolved-config.yaml")) == b"# the holder's config\n"

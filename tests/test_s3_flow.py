@@ -53,6 +53,7 @@ def test_curation_on_s3_reruns_and_equals_a_local_run(tmp_path):
     stages = ("download/", "score/", "scores/", "embeddings/", "select/", "caption/", "captions/", "tokens/")
     outputs = {k: v for k, v in first.items() if k.startswith(stages)}
     assert any(k.startswith("tokens/") for k in outputs) and "download/00001.done" in outputs
+    assert "resolved-config.yaml" in first  # saved by the flow once it held the lease
     # A rerun writes nothing in any stage folder.
     assert {k: v for k, v in again.items() if k.startswith(stages)} == outputs
     # Exactly the damaged shards are written again: download 00001 (marker deleted), download 00002

@@ -11,6 +11,7 @@ from tessera.flows.tokenize_tasks import tokenize_task
 from tessera.pipelines import sources
 from tessera.pipelines.intake import DownloadResult
 from tessera.core.funnel import write_funnel
+from tessera.core import resolved
 from tessera.core.lease import Lease
 from tessera.core.runtime import ShardFailures
 from tessera.core.store import ShardStore
@@ -33,6 +34,8 @@ def curate(config: str, overrides: list[str] | None = None, wait: bool = False) 
     cfg = load_config(config, overrides or [])
     store = ShardStore(cfg.data_root)
     with Lease(store, f"curate {cfg.name}", cfg.storage.lease_stale_after_s, wait=wait) as lease:
+        # Saved once the lease is held: a run that is refused never replaces the holder's record.
+        logger().info("Resolved config saved to %s.", resolved.save(cfg, "curate", cfg.data_root))
         return _curate(cfg, store, lease)
 
 
