@@ -138,3 +138,11 @@ def test_bars_count_rows_only_where_the_answers_carry_them(ray_local, store, cap
     runtime.map_shards("toy:sizes", store, SHARDS, input_size)  # answers without rows: no row count
     bar = last_bar(capfd.readouterr().err)
     assert bar.startswith("toy:sizes: 100%") and "rows" not in bar and "failed=0" in bar, bar
+
+
+@pytest.mark.timeout(300)
+def test_shards_go_only_to_actors_the_cluster_could_place(ray_local, store, tmp_path):
+    """Three one-CPU actors on a two-CPU Ray: the third cannot start, and no shard waits on it."""
+    run = runtime.run_stage("toy", store, SHARDS, Upper, kwargs={"flag_dir": str(tmp_path)}, actors=3)
+    assert sorted(run.done) == SHARDS and not run.failed
+    assert len({s["pid"] for s in run.done.values()}) <= 2

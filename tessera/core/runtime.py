@@ -188,7 +188,9 @@ def _timeout_note(error: BaseException, limits: StageLimits) -> str:
 
 class _Pool:
     """Submits shards to Ray tasks, or to a fixed pool of actors (replacing one that dies). The
-    keyword arguments are put in Ray's object store once, not sent with every task."""
+    keyword arguments are put in Ray's object store once, not sent with every task. An actor gets
+    shards only once it has started: one the cluster cannot place (yet) never holds a shard that
+    the placed ones could process."""
 
     def __init__(self, work, kwargs: dict, num_cpus: float, num_gpus: float, actors: int | None):
         import ray
@@ -198,14 +200,27 @@ class _Pool:
         if self.is_class:
             self.actor_class = ray.remote(max_restarts=0, **opts)(ShardActor)
             self.args = (work, kwargs, max(1, int(num_cpus)) if num_gpus == 0 else None)
-            self.idle = [self._new_actor() for _ in range(max(1, actors or 1))]
+        self.idle: list[Any] = []
+        self.starting: dict[Any, Any] = {}  # readiness ref -> actor
+        self.busy: dict[Any, Any] = {}  # ref -> actor
+        if self.is_class:
+            for _ in range(max(1, actors or 1)):
+                self._new_actor()
         else:
             self.task = ray.remote(max_retries=0, **opts)(process_shard)
             self.work, self.kwargs = work, ray.put(kwargs)
-        self.busy: dict[Any, Any] = {}  # ref -> actor
 
-    def _new_actor(self):
-        return self.actor_class.remote(*self.args)
+    def _new_actor(self) -> None:
+        actor = self.actor_class.remote(*self.args)
+        self.starting[actor.__ray_ready__.remote()] = actor
+
+    def started(self, ref) -> bool:
+        """Whether `ref` was an actor's readiness; that actor then takes shards. One whose
+        constructor failed takes them too: its shards fail with the constructor's error."""
+        actor = self.starting.pop(ref, None)
+        if actor is not None:
+            self.idle.append(actor)
+        return actor is not None
 
     def can_submit(self, in_flight: int, max_in_flight: int) -> bool:
         return bool(self.idle) if self.is_class else in_flight < max_in_flight
@@ -227,13 +242,14 @@ class _Pool:
         actor = self.busy.pop(ref)
         if isinstance(error, ray.exceptions.RayActorError):
             log.warning("A model actor died (%s); starting a new one.", _describe(error))
-            actor = self._new_actor()
-        self.idle.append(actor)
+            self._new_actor()
+        else:
+            self.idle.append(actor)
 
     def close(self) -> None:
         import ray
 
-        for actor in [*self.idle, *self.busy.values()] if self.is_class else []:
+        for actor in [*self.idle, *self.starting.values(), *self.busy.values()]:
             ray.kill(actor)
 
 
@@ -261,7 +277,9 @@ def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | N
                     fp = fingerprints.get(name) if fingerprints is not None else None
                     extra = shard_kwargs(name) if shard_kwargs else {}
                     pending[pool.submit(store, stage, name, fp, stamp, extra, limits.shard_timeout_s)] = (name, attempt)
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait([*pending, *pool.starting], num_returns=1)
+                if pool.started(ready[0]):
+                    continue
                 name, attempt = pending.pop(ready[0])
                 try:
                     summary = ray.get(ready[0])
