@@ -103,15 +103,21 @@ def test_a_rerun_after_a_kill_equals_an_uninterrupted_run(at, done, left, tmp_pa
     assert state(store) == uninterrupted
 
 
-def test_markers_and_outputs_are_fsynced_before_they_count(tmp_path, monkeypatch):
-    synced: list[str] = []
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The paths fsynced from here on, in order."""
+    paths: list[str] = []
     real = os.fsync
 
     def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
+def test_markers_and_outputs_are_fsynced_before_they_count(tmp_path, synced):
     store = ShardStore(str(tmp_path / "data"))
     store.write_bytes(b"output", "toy", "00000.txt")
     store.mark_done("toy", "00000", {"rows_in": 1})
@@ -164,16 +170,7 @@ def test_a_training_killed_inside_a_checkpoint_save_resumes_from_the_last_whole_
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
 
 
-def test_a_checkpoint_is_fsynced_part_by_part_with_its_metadata_last(tmp_path, monkeypatch):
-
-    synced: list[str] = []
-    real = os.fsync
-
-    def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+def test_a_checkpoint_is_fsynced_part_by_part_with_its_metadata_last(tmp_path, synced):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
