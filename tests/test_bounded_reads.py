@@ -169,17 +169,20 @@ def webdataset_tar(path: Path, samples: int, extra: bytes = b"") -> bytes:
     return buf.getvalue()
 
 
-INGEST_SHARDS = """
+# The counts; what a marker also carries (the lineage: fingerprint, tar_bytes; the parquet's columns
+# for score) is tested with the store and with score.
+MARKER_ONLY = ("fingerprint", "tar_bytes", "columns")
+INGEST_SHARDS = f"""
+MARKER_ONLY = {MARKER_ONLY!r}
 from tessera.config.download import DownloadConfig, SourceConfig
 from tessera.core.store import ShardStore
 from tessera.pipelines import ingest
 source = SourceConfig.model_validate_json(sys.argv[2])
 cfg = DownloadConfig.model_validate_json(sys.argv[3])
 store = ShardStore(sys.argv[1])
-# The counts; the lineage a marker also carries (fingerprint, tar_bytes) is tested with the store.
-infos = [{k: v for k, v in ingest.ingest_shard(store, s, source=source, cfg=cfg).items()
-          if k not in ("fingerprint", "tar_bytes")} for s in sys.argv[4].split(",")]
-result = {"infos": infos}
+infos = [{{k: v for k, v in ingest.ingest_shard(store, s, source=source, cfg=cfg).items()
+          if k not in MARKER_ONLY}} for s in sys.argv[4].split(",")]
+result = {{"infos": infos}}
 """
 
 
@@ -213,7 +216,7 @@ def test_a_member_over_the_cap_drops_its_sample(tmp_path):
     store = ShardStore(str(tmp_path / "data"))
     (shard,) = ingest.prepare(source, cfg, store)
     info = ingest.ingest_shard(store, shard, source=source, cfg=cfg)
-    counts = {k: v for k, v in info.items() if k not in ("fingerprint", "tar_bytes")}
+    counts = {k: v for k, v in info.items() if k not in MARKER_ONLY}
     assert counts == {"rows_in": 3, "downloaded": 2, "dropped": {"too_large": 1}, "repaired": {}}
 
 
