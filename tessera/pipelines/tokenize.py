@@ -233,8 +233,7 @@ class TokenizeShard:
                 summary[str(res)] = write_shard(store, shard, res, encoded, self.codebook_size,
                                                 {"fingerprint": fingerprint, "selection": self.selection})
             else:
-                summary[str(res)] = {k: v for k, v in done[res].items()
-                                     if k not in ("fingerprint", "selection")}
+                summary[str(res)] = {k: done[res][k] for k in SUMMARY}
         return {"rows_in": summary[str(self.cfg.resolutions[0])]["rows_in"], **summary}
 
     def encode(self, batch: dict, resolutions: list[int]) -> dict:
@@ -266,6 +265,7 @@ class TokenizeShard:
 
 # Writing a shard ------------------------------------------------------------------------------
 COUNTS = ".counts"  # tokens/{res}/{shard}.counts: the shard's code histogram
+SUMMARY = ("rows_in", "tokenized", "no_caption", "dropped", "bytes")  # a resolution's part of the stage marker
 COUNTS_BATCH = 500  # histograms summed per task
 
 
@@ -327,7 +327,7 @@ def write_shard(store: ShardStore, shard: str, res: int, rows: list[dict], codeb
     info = {"rows_in": len(rows), "tokenized": len(items), "no_caption": no_caption, "dropped": dict(dropped)}
     write_counts(store, res, shard, counts)
     size = write_token_shard(store, res, shard, items, {**info, **lineage})
-    return {**info, "bytes": size}
+    return {**info, "bytes": size}  # SUMMARY's fields
 
 
 def lineage(cfg: TokenizeConfig, vq_path: str, text_path: str | None) -> str:
