@@ -4,7 +4,8 @@ Ray started with this process's environment (storage settings and credentials re
     python -m tests.flow_steps OUT.json STEP...
 
 A STEP is a JSON list: ["curate", config, [override, ...]], ["rm", url], ["empty", url] (a marker
-left empty by a crash), ["cut_tar", url] (a tar cut at its last member's boundary: a shorter tar
+left empty by a crash), ["eval", config, [override, ...], [checkpoint, ...]] (the eval stage on the
+demo's held-out prompts; its rows), ["cut_tar", url] (a tar cut at its last member's boundary: a shorter tar
 that still reads as valid), ["snapshot", root] (every object's size and etag or mtime), or ["contents", root] (what the run
 produced, comparable across roots). OUT.json receives one result per step.
 """
@@ -22,8 +23,10 @@ import fsspec
 import pyarrow.parquet as pq
 
 from tessera.config import load_config
+from tessera.demo.flow import heldout_prompts
 from tessera.demo.synthetic import SyntheticSource
 from tessera.flows.curate import curate
+from tessera.pipelines import evaluate
 
 # Keys that name where a run's inputs lived (model paths under models_root) or how long it took.
 RUN_SPECIFIC = {"seconds", "fingerprint", "selection"}
@@ -82,6 +85,10 @@ def main(out_path: str, steps: list[list]) -> None:
         if kind == "curate":
             serve_and_curate(args[0], args[1])
             results.append(None)
+        elif kind == "eval":
+            overrides = args[1] + heldout_prompts(load_config(args[0], args[1]))
+            result = evaluate.run(load_config(args[0], overrides), checkpoints=args[2])
+            results.append(json.loads(json.dumps(result.rows, default=str)))
         elif kind == "rm":
             fs, path = fsspec.core.url_to_fs(args[0])
             fs.rm(path)

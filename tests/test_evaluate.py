@@ -11,30 +11,34 @@ import torch
 from tessera.config import load_config
 from tessera.demo.flow import heldout_prompts
 from tessera.eval.fid import Moments
+from tessera.models.gpt import build_gpt
 from tessera.pipelines import evaluate
+from tessera.training.checkpoint import Checkpointer
 from tessera.core.store import ShardStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def write_nano_checkpoint(run_dir: str) -> None:
+    """A stage-1 checkpoint at step 2 of an untrained GPT-nano at 256px (the tiny VQ's codebook,
+    the tiny T5's width)."""
+    torch.manual_seed(0)
+    model = build_gpt("GPT-nano", grid=16, vocab_size=512)
+    optimizer = torch.optim.AdamW(model.parameters())
+    Checkpointer(ShardStore(run_dir), keep=1).save(
+        2, model, optimizer, {"config": {"stage": "stage1", "resolution": 256,
+                                         "model_config": dataclasses.asdict(model.cfg)}})
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, ray_local):
-    from tessera.models.gpt import build_gpt
-
     tmp = tmp_path_factory.mktemp("eval")
     overrides = [
         f"data_root={tmp}/data", f"runs_root={tmp}/runs", f"models_root={tmp}/models",
         "eval.synthetic_prompts=4", "eval.images_per_prompt=1", "eval.shard_size=2", "eval.batch_size=2",
         "eval.tokenizer.max_images=2"]
     cfg = load_config("configs/demo.yaml", overrides + heldout_prompts(load_config("configs/demo.yaml", overrides)))
-    from tessera.training.checkpoint import Checkpointer
-
-    torch.manual_seed(0)
-    model = build_gpt("GPT-nano", grid=16, vocab_size=512)  # the tiny VQ's codebook, the tiny T5's width
-    optimizer = torch.optim.AdamW(model.parameters())
-    Checkpointer(ShardStore(f"{tmp}/runs/demo/stage1"), keep=1).save(
-        2, model, optimizer, {"config": {"stage": "stage1", "resolution": 256,
-                                         "model_config": dataclasses.asdict(model.cfg)}})
+    write_nano_checkpoint(f"{tmp}/runs/demo/stage1")
     result = evaluate.run(cfg, checkpoints=["untrained", "stage1"])
     return cfg, result, ShardStore(f"{tmp}/runs/demo/eval")
 

@@ -12,8 +12,10 @@ import sys
 import fsspec
 import pytest
 
+from tessera.config.storage import StorageConfig, apply_storage
 from tests.conftest import REPO
-from tests.s3server import CREDENTIALS, s3_server
+from tests.s3server import CREDENTIALS, s3_server, s3_with_credentials
+from tests.test_evaluate import write_nano_checkpoint
 
 SMALL = ["source.synthetic.num_images=30", "source.synthetic.bad_records=false",
          "download.shard_size=10", "download.timeout=10"]
@@ -64,3 +66,21 @@ def test_curation_on_s3_reruns_and_equals_a_local_run(tmp_path):
     assert all(k.startswith(("download/00001", "download/00002", "score/00000")) for k in changed), changed
     assert redone["download/00002.tar"][0] == outputs["download/00002.tar"][0]  # whole again
     assert s3_out == local_out
+
+
+@pytest.mark.slow  # a moto server, a fresh Ray, sampling and the reference features: about a minute
+def test_evaluation_on_s3_writes_rows_page_samples_and_tensorboard_there(tmp_path):
+    with s3_with_credentials() as endpoint:
+        apply_storage(StorageConfig(endpoint=endpoint))
+        fsspec.filesystem("s3").mkdir("tessera")
+        write_nano_checkpoint("s3://tessera/ev/runs/demo/stage1")
+        overrides = ["storage.endpoint=" + endpoint, "data_root=s3://tessera/ev/data", "runs_root=s3://tessera/ev/runs",
+                     f"models_root={tmp_path}/models", "eval.synthetic_prompts=4", "eval.images_per_prompt=1",
+                     "eval.shard_size=2", "eval.batch_size=2", "eval.tokenizer.max_images=2"]
+        rows, written = run_steps(tmp_path, [["eval", "configs/demo.yaml", overrides, ["untrained", "stage1"]],
+                                             ["snapshot", "s3://tessera/ev/runs/demo/eval"]])
+    assert [r["label"] for r in rows] == ["untrained", "stage1-step-00000002"]
+    assert all(r["images"] == 4 and r["failed_shards"] == 0 for r in rows)
+    assert {"metrics.jsonl", "samples.html"} <= set(written)
+    assert {k.split("/")[1] for k in written if k.startswith("tensorboard/")} == {"untrained", "stage1"}
+    assert len([k for k in written if k.endswith(".png") and "/samples/" in k]) == 8, sorted(written)
