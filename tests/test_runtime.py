@@ -117,9 +117,48 @@ def test_the_driver_receives_per_shard_summaries_only(ray_local, store, monkeypa
     big = " ".join(["word"] * 100_000)
     store.write_bytes(big.encode(), "input", "00003.txt")
     runtime.run_stage("toy", store, SHARDS, copy_shard)
-    assert len(received) == len(SHARDS)
-    assert all(isinstance(v, dict) and len(pickle.dumps(v)) < 1024 for v in received)
-    assert any(v["rows_in"] == 100_000 for v in received)
+    assert len(received) == len(SHARDS)  # one task per shard, each answering [(ok, summary)]
+    summaries = [summary for answer in received for ok, summary in answer if ok]
+    assert len(summaries) == len(SHARDS)
+    assert all(isinstance(v, dict) and len(pickle.dumps(v)) < 1024 for v in summaries)
+    assert any(v["rows_in"] == 100_000 for v in summaries)
+
+
+def task_of(store: ShardStore, name: str, fail: tuple[str, ...] = (), flaky_dir: str = "") -> dict:
+    """A pass's work that answers which Ray task ran it (and fails as copy_shard does)."""
+    import ray
+
+    if name in fail:
+        raise ValueError(f"{name} is broken")
+    if flaky_dir and not os.path.exists(os.path.join(flaky_dir, name)):
+        open(os.path.join(flaky_dir, name), "w").close()
+        raise OSError("a transient error")
+    return {"task": ray.get_runtime_context().get_task_id()}
+
+
+def test_a_pass_runs_its_names_in_few_tasks_and_a_failing_name_alone(ray_local, store, tmp_path, monkeypatch):
+    names = [f"{i:05d}" for i in range(10)]
+    monkeypatch.setattr(runtime, "TASKS_PER_PASS", 3)  # 10 names: 4 per task, in 3 tasks
+    tasks = {}
+    runtime.map_shards("toy:batched", store, names, task_of, fold=lambda n, a: tasks.__setitem__(n, a["task"]))
+    assert sorted(tasks) == names
+    assert [len([n for n in names if tasks[n] == t]) for t in dict.fromkeys(tasks[n] for n in names)] == [4, 4, 2]
+    # A name failing for good fails alone: the others of its task are answered.
+    tasks.clear()
+    with pytest.raises(runtime.ShardFailures) as failure:
+        runtime.map_shards("toy:broken", store, names, task_of, kwargs={"fail": ("00005",)},
+                           fold=lambda n, a: tasks.__setitem__(n, a["task"]))
+    assert failure.value.failures == {"toy:broken": {"00005": "ValueError: 00005 is broken"}}
+    assert sorted(tasks) == [n for n in names if n != "00005"]
+    # A transient failure is retried on its own, in a task of its own; the config sets the batch.
+    runtime.set_stage_limits({"toy": runtime.StageLimits(shards_per_task=5)})
+    try:
+        tasks.clear()
+        runtime.map_shards("toy:flaky", store, names, task_of, kwargs={"flaky_dir": str(tmp_path)},
+                           fold=lambda n, a: tasks.__setitem__(n, a["task"]), retries=1)
+    finally:
+        runtime.set_stage_limits({})
+    assert sorted(tasks) == names and len(set(tasks.values())) == 10  # every name failed once, retried alone
 
 
 def input_size(store: ShardStore, shard: str) -> int:

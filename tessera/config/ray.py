@@ -14,6 +14,10 @@ class StageLimits(Section):
     # Seconds one attempt at one shard may take; a slower one is cancelled and counted as a
     # failed attempt (retried, then written down as {stage}/{shard}.failed). None: no limit.
     shard_timeout_s: float | None = Field(default=None, gt=0)
+    # Shards one Ray task processes in turn (each still marked, retried and timed on its own).
+    # None: one per task for a stage; for a pass of a global decision, as many as keep it within
+    # about 2,048 tasks, since at 100,000 shards Ray's cost per task outweighs a pass's work.
+    shards_per_task: int | None = Field(default=None, ge=1)
 
 
 class RayConfig(Section):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 FAILED = ".failed"
 # Tasks in flight when neither the stage nor the config says: every shard up to this many.
 DEFAULT_MAX_IN_FLIGHT = 1024
+# A pass of a global decision (map_shards) runs in about this many Ray tasks at most, each taking
+# its names in turn: its per-name work is small, and 100,000 one-shard tasks per pass would cost
+# more in Ray's scheduling than in work. A stage runs one shard per task unless its limits say.
+TASKS_PER_PASS = 2048
 
 
 @dataclass
@@ -161,6 +166,22 @@ def process_shard(work: Callable[..., dict], store: ShardStore, stage: str | Non
     return summary
 
 
+def process_batch(work: Callable[..., dict], store: ShardStore, stage: str | None,
+                  items: list[tuple[str, str | None, dict]], stamp: dict, kwargs: dict,
+                  timeout_s: float | None = None) -> list[tuple[bool, Any]]:
+    """Run several shards' work in turn in one task: per (shard, fingerprint, shard_kwargs) item,
+    (True, summary), or (False, (error, permanent)) when it raised: one failing shard never takes
+    the others of its task with it, and is retried on its own."""
+    out = []
+    for shard, fingerprint, shard_kwargs in items:
+        try:
+            out.append((True, process_shard(work, store, stage, shard, fingerprint, stamp, kwargs, shard_kwargs,
+                                            timeout_s)))
+        except Exception as e:  # noqa: BLE001 - answered per shard; the driver retries or records it
+            out.append((False, (_describe(e), is_permanent(e))))
+    return out
+
+
 class ShardActor:
     """One replica of a model-holding work class; processes one shard per call."""
 
@@ -207,7 +228,7 @@ class _Pool:
             for _ in range(max(1, actors or 1)):
                 self._new_actor()
         else:
-            self.task = ray.remote(max_retries=0, **opts)(process_shard)
+            self.task = ray.remote(max_retries=0, **opts)(process_batch)
             self.work, self.kwargs = work, ray.put(kwargs)
 
     def _new_actor(self) -> None:
@@ -225,14 +246,22 @@ class _Pool:
     def can_submit(self, in_flight: int, max_in_flight: int) -> bool:
         return bool(self.idle) if self.is_class else in_flight < max_in_flight
 
-    def submit(self, store, stage, shard, fingerprint, stamp, shard_kwargs: dict, timeout_s: float | None):
+    def submit(self, store, stage, items: list[tuple[str, str | None, dict]], stamp, timeout_s: float | None):
+        """One task for these (shard, fingerprint, shard_kwargs) items; an actor takes one item."""
         if not self.is_class:
-            return self.task.remote(self.work, store, stage, shard, fingerprint, stamp, self.kwargs, shard_kwargs,
-                                    timeout_s)
+            return self.task.remote(self.work, store, stage, items, stamp, self.kwargs, timeout_s)
         actor = self.idle.pop()
+        (shard, fingerprint, shard_kwargs), = items
         ref = actor.process.remote(store, stage, shard, fingerprint, stamp, shard_kwargs, timeout_s)
         self.busy[ref] = actor
         return ref
+
+    def answers(self, ref) -> list[tuple[bool, Any]]:
+        """The per-item answers of a finished task (raises what the task or the actor raised)."""
+        import ray
+
+        answer = ray.get(ref)
+        return [(True, answer)] if self.is_class else answer
 
     def release(self, ref, error: BaseException | None) -> None:
         import ray
@@ -255,59 +284,75 @@ class _Pool:
 
 def _map(desc: str, store: ShardStore, names: list[str], work, *, stage: str | None, kwargs: dict,
          shard_kwargs, fingerprints, stamp: dict, num_cpus: float, num_gpus: float, actors: int | None,
-         retries: int, max_in_flight: int | None, on_result, unit: str) -> dict[str, str]:
+         retries: int, max_in_flight: int | None, on_result, unit: str, per_task: int | None = None) -> dict[str, str]:
     """The one submission loop: every name once, retried; on_result(name, summary) as each arrives.
+    A task takes `per_task` names in turn (an actor one); a name that fails is retried on its own.
     Returns the names that failed every attempt, with their errors."""
     import ray
 
     if not ray.is_initialized():
         raise RuntimeError(f"{desc}: start Ray first (tessera.core.raytools.init_ray)")
     limits = stage_limits(stage or desc)
-    max_in_flight = in_flight_limit(len(names), max_in_flight, limits)
     pool = _Pool(work, kwargs, num_cpus, num_gpus, actors)
-    queue = [(name, 0) for name in reversed(names)]  # popped from the end, in order
-    pending: dict[Any, tuple[str, int]] = {}
+    batch = 1 if pool.is_class else max(1, limits.shards_per_task or per_task or 1)
+    # Popped from the end, in order: (names, attempt).
+    queue = [(names[i:i + batch], 0) for i in reversed(range(0, len(names), batch))]
+    max_in_flight = in_flight_limit(len(queue), max_in_flight, limits)
+    pending: dict[Any, tuple[list[str], int]] = {}
     failed: dict[str, str] = {}
     rows = None  # stays None while no answer counts rows (a pass's partial answers)
+
+    def failure(name: str, attempt: int, error: str, permanent: bool) -> int:
+        """Queue the name again, or write it down as failed; returns the names finished (0 or 1)."""
+        if attempt < retries and not permanent:
+            log.warning("%s: %s failed (attempt %d of %d): %s", desc, name, attempt + 1, retries + 1, error)
+            queue.append(([name], attempt + 1))
+            return 0
+        failed[name] = error
+        log.error("%s: %s failed after %d attempt(s)%s: %s", desc, name, attempt + 1,
+                  " (not retried: it cannot succeed on a retry)" if permanent else "", error)
+        if stage is not None:
+            store.write_json({"stage": stage, "shard": name, "error": error, "attempts": attempt + 1},
+                             stage, name + FAILED)
+        return 1
+
     try:
         with tqdm(total=len(names), desc=desc, unit="shard", mininterval=1) as bar:
             while queue or pending:
                 while queue and pool.can_submit(len(pending), max_in_flight):
-                    name, attempt = queue.pop()
-                    fp = fingerprints.get(name) if fingerprints is not None else None
-                    extra = shard_kwargs(name) if shard_kwargs else {}
-                    pending[pool.submit(store, stage, name, fp, stamp, extra, limits.shard_timeout_s)] = (name, attempt)
+                    group, attempt = queue.pop()
+                    items = [(name, fingerprints.get(name) if fingerprints is not None else None,
+                              shard_kwargs(name) if shard_kwargs else {}) for name in group]
+                    pending[pool.submit(store, stage, items, stamp, limits.shard_timeout_s)] = (group, attempt)
                 ready, _ = ray.wait([*pending, *pool.starting], num_returns=1)
                 if pool.started(ready[0]):
                     continue
-                name, attempt = pending.pop(ready[0])
+                group, attempt = pending.pop(ready[0])
+                finished = 0
                 try:
-                    summary = ray.get(ready[0])
-                except Exception as e:  # noqa: BLE001 - one shard never stops the others
+                    answers = pool.answers(ready[0])
+                except Exception as e:  # noqa: BLE001 - the task or its worker failed: each of its names did
                     pool.release(ready[0], e)
                     error = _describe(e) + _timeout_note(e, limits)
-                    if attempt < retries and not is_permanent(e):
-                        log.warning("%s: %s failed (attempt %d of %d): %s", desc, name, attempt + 1, retries + 1, error)
-                        queue.append((name, attempt + 1))
-                        continue
-                    failed[name] = error
-                    log.error("%s: %s failed after %d attempt(s)%s: %s", desc, name, attempt + 1,
-                              " (not retried: it cannot succeed on a retry)" if is_permanent(e) else "", failed[name])
-                    if stage is not None:
-                        store.write_json({"stage": stage, "shard": name, "error": failed[name],
-                                          "attempts": attempt + 1}, stage, name + FAILED)
+                    finished = sum(failure(name, attempt, error, is_permanent(e)) for name in group)
+                    answers = []
                 else:
                     pool.release(ready[0], None)
-                    if isinstance(summary, dict) and "rows_in" in summary:
-                        rows = (rows or 0) + int(summary["rows_in"] or 0)
+                for name, (ok, answer) in zip(group, answers):
+                    if not ok:
+                        finished += failure(name, attempt, *answer)
+                        continue
+                    finished += 1
+                    if isinstance(answer, dict) and "rows_in" in answer:
+                        rows = (rows or 0) + int(answer["rows_in"] or 0)
                     if on_result:
-                        on_result(name, summary)
+                        on_result(name, answer)
                     crash_point("after_result", desc.rsplit(":", 1)[-1], name)
                 # Rows per second beside the shards' rate and ETA: a shard can hold 10,000 rows.
                 counts = {} if rows is None else {
                     unit: rows, f"{unit}/s": f"{rows / max(bar.format_dict['elapsed'], 1e-9):.1f}"}
                 bar.set_postfix({**counts, "failed": len(failed)}, refresh=False)
-                bar.update(1)
+                bar.update(finished)
     finally:
         pool.close()
     return failed
@@ -318,11 +363,13 @@ def map_shards(desc: str, store: ShardStore, names: list[str], work, *, kwargs: 
                num_cpus: float = 1, retries: int = 2, max_in_flight: int | None = None) -> None:
     """Run `work(store, name, **kwargs)` for each name (a shard, a partition) as a Ray task and pass
     each answer (small: a sketch, counts, a few candidate rows) to `fold(name, answer)` as it arrives,
-    keeping none: the passes of a global decision, which leave no marker. Raises ShardFailures when
+    keeping none: the passes of a global decision, which leave no marker. They run in at most about
+    TASKS_PER_PASS tasks, each taking its names in turn; answers still arrive one name at a time. Raises ShardFailures when
     a name still fails after its retries, since the decision cannot be made without it."""
     failed = _map(desc, store, names, work, stage=None, kwargs=kwargs or {}, shard_kwargs=shard_kwargs,
                   fingerprints=None, stamp={}, num_cpus=num_cpus, num_gpus=0, actors=None, retries=retries,
-                  max_in_flight=max_in_flight, on_result=fold, unit="rows")
+                  max_in_flight=max_in_flight, on_result=fold, unit="rows",
+                  per_task=math.ceil(len(names) / TASKS_PER_PASS))
     if failed:
         raise ShardFailures({desc: failed})
 
