@@ -57,7 +57,7 @@ SOURCES = {"clip_score": {"source": "compute", "column": None}, "aesthetic": {"s
            "nsfw": {"source": "metadata", "column": "punsafe"}}
 CENTERS = 256     # cluster centres, Zipf-sized
 # The per-shard work that reads a whole scores shard (select's later passes read its compact file).
-SCORES_READERS = (select_work.stats, filter_report.candidates, filter_report.with_keys)
+SCORES_READERS = (select_work.stats,)
 
 
 def filters_config(rows: int, shards: int):

@@ -63,3 +63,22 @@ def test_report_has_examples_on_both_sides_of_each_threshold(tmp_path):
     captions = [s["caption"][:60] for s in score.read_shard(store, "00000")]
     assert any(caption in section for caption in captions)
     assert "near-duplicates" in page and "dup of" in page
+
+
+def test_the_report_reads_only_the_score_columns_it_shows(tmp_path, monkeypatch):
+    """Its per-shard work reads key, error and the thresholds' columns, not the whole scores shard."""
+    store, _, _ = build(tmp_path)
+    reads, real = [], ShardStore.read_table
+
+    def recording(self, *parts, columns=None):
+        reads.append((parts[0], set(columns) if columns is not None else None))
+        return real(self, *parts, columns=columns)
+
+    monkeypatch.setattr(ShardStore, "read_table", recording)
+    grids = filter_report.example_grids(store.read_json("reports", "thresholds.json"))
+    offered = filter_report.candidates(store, "00000", grids, 3)
+    originals = filter_report.with_keys(store, "00000", set(offered[-1][1]["duplicate_of"]))
+    shown = {g["column"] for g in grids} - {None}
+    assert "clip_score" in shown and len(shown) < 4 and grids[-1]["column"] is None  # near-duplicates last
+    assert [columns for folder, columns in reads if folder == "scores"] == [{"key", "error", *shown}, {"key", "error"}]
+    assert originals["key"].tolist() == offered[-1][1]["duplicate_of"].tolist()  # the pair's original

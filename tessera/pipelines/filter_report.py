@@ -161,8 +161,9 @@ def near_threshold(frame: pd.DataFrame, column: str, threshold: float, higher: b
     return tuple(side.assign(_d=distance).sort_values(["_d", "key"]).head(n) for side in (above, below))
 
 
-def decisions_frame(store: ShardStore, shard: str) -> pd.DataFrame:
-    frame = select_work.read_frame(store, shard, decisions=True)
+def decisions_frame(store: ShardStore, shard: str, columns: list[str]) -> pd.DataFrame:
+    """One shard's key, error, decisions and these score columns (a projected read, not a full one)."""
+    frame = select_work.read_frame(store, shard, decisions=True, columns=columns)
     for col, default in (("keep", False), ("reason", ""), ("duplicate_of", "")):
         if col not in frame:
             frame[col] = default
@@ -176,7 +177,7 @@ def decisions_frame(store: ShardStore, shard: str) -> pd.DataFrame:
 def candidates(store: ShardStore, shard: str, grids: list[dict], n: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
     """One shard's nearest n samples on each side of each grid's threshold, and its first n
     near-duplicates by key: at most 2n rows per grid, whatever the shard's size."""
-    frame = decisions_frame(store, shard)
+    frame = decisions_frame(store, shard, [g["column"] for g in grids if g["column"]])
     out = []
     for g in grids:
         if g["column"] is None:
@@ -190,7 +191,8 @@ def candidates(store: ShardStore, shard: str, grids: list[dict], n: int) -> list
 
 
 def with_keys(store: ShardStore, shard: str, keys: set[str]) -> pd.DataFrame:
-    frame = decisions_frame(store, shard)
+    """The near-duplicate originals among one shard's rows (their cards show no score)."""
+    frame = decisions_frame(store, shard, [])
     return frame[frame["key"].isin(keys)]
 
 

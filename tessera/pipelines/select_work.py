@@ -66,14 +66,17 @@ def badness(values: np.ndarray, higher: bool) -> np.ndarray:
     return b
 
 
-def scores_table(store: ShardStore, shard: str, decisions: bool = False) -> pa.Table:
+def scores_table(store: ShardStore, shard: str, decisions: bool = False, columns: list[str] | None = None) -> pa.Table:
     """One shard's scores without the text columns (sha256 kept; with select's last decisions,
-    from select/{shard}.parquet, when asked): a full read of the scores shard."""
+    from select/{shard}.parquet, when asked): a full read of the scores shard, or of its key, error
+    and `columns` only, when given."""
     unwanted = {c for c in TEXT_COLUMNS if c != "sha256"} | set(DECISION_COLUMNS)
     with store.fs.open(store.path(score.SCORES, f"{shard}.parquet"), "rb") as f:
         names = pq.read_schema(f).names
+    wanted = None if columns is None else {"key", "error", *columns}
     # Column projection: the text columns are most of a shard's bytes and are never read here.
-    table = store.read_table(score.SCORES, f"{shard}.parquet", columns=[c for c in names if c not in unwanted])
+    table = store.read_table(score.SCORES, f"{shard}.parquet",
+                             columns=[c for c in names if c not in unwanted and (wanted is None or c in wanted)])
     return with_decisions(store, shard, table) if decisions else table
 
 
@@ -88,9 +91,10 @@ def to_frame(table: pa.Table, hashes: bool = False) -> pd.DataFrame:
     return frame
 
 
-def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: bool = False) -> pd.DataFrame:
+def read_frame(store: ShardStore, shard: str, decisions: bool = False, hashes: bool = False,
+               columns: list[str] | None = None) -> pd.DataFrame:
     """One shard's scores from the scores parquet (see scores_table)."""
-    return to_frame(scores_table(store, shard, decisions), hashes)
+    return to_frame(scores_table(store, shard, decisions, columns), hashes)
 
 
 def write_compact(store: ShardStore, shard: str, table: pa.Table) -> None:
