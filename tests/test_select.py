@@ -1,5 +1,8 @@
 """Selection: thresholds absolute or from distributions, near-duplicates across shards, an exact
 target count with ties broken by key, one reason per sample, thresholds.json, rerun skipping."""
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -150,3 +153,21 @@ def test_a_score_missing_everywhere_drops_every_sample_with_its_reason(tmp_path)
     result = select.run(cfg(aesthetic={"source": "metadata", "on_missing_column": "drop", "keep_fraction": 0.5}), store)
     assert decisions(store, ["00000"]) == {"a": "aesthetic_missing", "b": "low_clip_score"}
     assert result.thresholds["filters"]["aesthetic"]["mode"] == "keep_fraction 0.5 (no valid scores)"
+
+
+def test_the_selection_fingerprint_digests_its_inputs_one_batch_of_markers_at_a_time(tmp_path, monkeypatch):
+    """The digest of one JSON text of config, markers and shards, read a batch at a time: what a
+    selection made before markers were read in batches was stamped with, so it is kept."""
+    store = ShardStore(str(tmp_path))
+    shards = ["00000", "00001", "00002"]
+    for i, shard in enumerate(shards):
+        write_scores(store, shard, [row(f"{shard}{j}", clip=0.1 * j) for j in range(i + 1)])
+    config = cfg()
+    infos = [{k: v for k, v in store.done_info(score.STAGE, s).items() if k != "seconds"} for s in shards]
+    text = json.dumps({"cfg": config.model_dump(mode="json"), "shards": shards, "infos": infos}, sort_keys=True)
+    monkeypatch.setattr(select, "MARKER_BATCH", 2)  # two batches
+    assert select.fingerprint(config, store, shards) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert select.fingerprint(config, store, shards[:2]) != select.fingerprint(config, store, shards)
+    store.write_bytes(b"{not json", score.STAGE, "00001.done")
+    with pytest.raises(ValueError, match="00001.done: the score marker is unreadable"):
+        select.fingerprint(config, store, shards)

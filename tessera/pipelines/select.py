@@ -33,7 +33,7 @@ from tessera.core import quantiles
 from tessera.core.funnel import DROPPED, StageResult, by_reason
 from tessera.core.runtime import ShardFailures, map_shards, run_stage
 from tessera.core.stage import Stage
-from tessera.core.store import ShardStore
+from tessera.core.store import MARKER_BATCH, ShardStore
 from tessera.filters import BELOW_TARGET, ORDER, ThresholdFilter, score_configs
 from tessera.pipelines import score, select_work, semdedup
 from tessera.pipelines.select_work import HISTOGRAMS, STAGE, Plan, histogram_marks
@@ -59,11 +59,21 @@ STEP = Stage(STAGE, inputs=(score.SCORES, score.EMBEDDINGS), outputs=(STAGE,), w
 
 
 def fingerprint(cfg: FiltersConfig, store: ShardStore, shards: list[str]) -> str:
-    """The selection's inputs: its config and what each scored shard holds (not how long it took)."""
-    markers = store.markers(score.STAGE)
-    infos = [{k: v for k, v in markers[s].items() if k != "seconds"} for s in shards]
-    blob = json.dumps({"cfg": cfg.model_dump(mode="json"), "shards": shards, "infos": infos}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The selection's inputs: its config and what each scored shard holds (not how long it took).
+    The digest of json.dumps({"cfg", "infos", "shards"}, sort_keys=True), fed one batch of score
+    markers at a time: the driver never holds every marker, nor the whole text."""
+    digest = hashlib.sha256(f'{{"cfg": {json.dumps(cfg.model_dump(mode="json"), sort_keys=True)}, "infos": ['.encode())
+    for i in range(0, len(shards), MARKER_BATCH):
+        batch = shards[i:i + MARKER_BATCH]
+        markers = store.read_markers(score.STAGE, batch)
+        if len(markers) < len(batch):
+            missing = next(s for s in batch if s not in markers)
+            raise ValueError(f"{store.url(*store.marker(score.STAGE, missing))}: the score marker is unreadable; "
+                             "remove it to score that shard again")
+        infos = (json.dumps({k: v for k, v in markers[s].items() if k != "seconds"}, sort_keys=True) for s in batch)
+        digest.update(((", " if i else "") + ", ".join(infos)).encode())
+    digest.update(f'], "shards": {json.dumps(shards)}}}'.encode())
+    return digest.hexdigest()[:16]
 
 
 def choose_thresholds(cfg: FiltersConfig, plan: Plan, store: ShardStore, shards: list[str],
