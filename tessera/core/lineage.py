@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from tessera.core.store import ShardStore
+from tessera.core.store import MARKER_BATCH, ShardStore
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -85,13 +85,18 @@ def shard_fingerprints(store: ShardStore, shards: list[str], stage_lineage: str,
                        upstream: tuple[str, ...] = ()) -> dict[str, str]:
     """Per shard: its selection's decisions, the fingerprints of its markers in `upstream` stages
     (absent counts as absent), and this stage's own settings."""
-    selected = store.markers(SELECT, fields=("decisions",))
-    above = [store.markers(stage, fields=("fingerprint",)) for stage in upstream]
     out = {}
-    for shard in shards:
-        parts = [selected[shard]["decisions"], stage_lineage]
-        parts += [m[shard].get("fingerprint", "") if shard in m else "-" for m in above]
-        out[shard] = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+    for i in range(0, len(shards), MARKER_BATCH):  # the driver holds one batch of markers at a time
+        batch = shards[i:i + MARKER_BATCH]
+        selected = store.read_markers(SELECT, batch, fields=("decisions",))
+        above = [store.read_markers(stage, batch, fields=("fingerprint",)) for stage in upstream]
+        for shard in batch:
+            if shard not in selected:
+                raise ValueError(f"{store.url(*store.marker(SELECT, shard))}: no readable selection marker; "
+                                 "run select again")
+            parts = [selected[shard]["decisions"], stage_lineage]
+            parts += [m[shard].get("fingerprint", "") if shard in m else "-" for m in above]
+            out[shard] = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
     return out
 
 

@@ -352,11 +352,16 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
     text_path = resolve(cfg.text_encoder, models_root) if cfg.text_encoder else None
     fingerprints = shard_fingerprints(store, shards, lineage(cfg, vq_path, text_path), upstream=("caption",))
     selection = selection_id(store)
-    per_res = {r: store.markers(tokens_folder(r), fields=("fingerprint", "selection")) for r in cfg.resolutions}
-    done = set(store.done_shards(STAGE))
-    for shard in shards:  # a resolution missing (added, or removed by hand): the shard is not done
-        if shard in done and not all(matches(per_res[r].get(shard), fingerprints[shard]) for r in cfg.resolutions):
-            store.fs.rm(store.path(*store.marker(STAGE, shard)))
+    # One resolution's markers at a time: which shards are not whole at every resolution (one
+    # added, or removed by hand), and which carry an older selection (restamped if kept below).
+    unfinished, other_selection = set(), {}
+    for res in cfg.resolutions:
+        markers = store.markers(tokens_folder(res), fields=("fingerprint", "selection"))
+        unfinished.update(s for s in shards if not matches(markers.get(s), fingerprints[s]))
+        other_selection[res] = [s for s in shards if s in markers and markers[s].get("selection") != selection]
+        del markers
+    for shard in unfinished & set(store.done_shards(STAGE)):
+        store.fs.rm(store.path(*store.marker(STAGE, shard)))
     init_ray(ray_cfg)
     device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
     ran = runtime.run_stage(
@@ -366,11 +371,9 @@ def run(cfg: TokenizeConfig, ray_cfg: RayConfig, store: ShardStore, models_root:
         fingerprints=fingerprints, stamp={"selection": selection}, num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor, actors=cfg.num_actors, retries=cfg.shard_retries,
         outputs=tuple(STEP.folders(STEP.outputs, cfg.resolutions)), on_shard=on_shard)
-    for res, markers in per_res.items():  # shards kept as they were, but now part of this selection
-        stale = [s for s in shards if s not in ran.done and s not in ran.failed
-                 and markers[s].get("selection") != selection]
+    for res, older in other_selection.items():  # shards kept as they were, but now part of this selection
+        stale = [s for s in older if s not in ran.done and s not in ran.failed]
         runtime.restamp(store, tokens_folder(res), stale, {"selection": selection}, retries=cfg.shard_retries)
-    del per_res
     result = summarize(store, shards, cfg.resolutions, ran.failed)
     for res in cfg.resolutions:
         write_manifest(store, res, shards, cfg, selection)
