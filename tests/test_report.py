@@ -3,6 +3,7 @@ marked, and example images on both sides of each threshold."""
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tessera.pipelines import filter_report, score, select
@@ -82,3 +83,12 @@ def test_the_report_reads_only_the_score_columns_it_shows(tmp_path, monkeypatch)
     assert "clip_score" in shown and len(shown) < 4 and grids[-1]["column"] is None  # near-duplicates last
     assert [columns for folder, columns in reads if folder == "scores"] == [{"key", "error", *shown}, {"key", "error"}]
     assert originals["key"].tolist() == offered[-1][1]["duplicate_of"].tolist()  # the pair's original
+
+
+def test_examples_near_a_threshold_break_ties_by_key_and_a_side_with_no_rows_offers_none():
+    frame = pd.DataFrame({"key": ["b", "a", "c", "d"], "error": "", "keep": True, "reason": "",
+                          "clip_score": [0.4, 0.4, 0.9, 0.35]})
+    above, below = filter_report.near_threshold(frame, "clip_score", 0.3, True, "low_clip_score", 2)
+    assert above["key"].tolist() == ["d", "a"] and below.empty  # nothing was dropped by it
+    above, _ = filter_report.near_threshold(frame, "clip_score", 0.3, True, "low_clip_score", 3)
+    assert above["key"].tolist() == ["d", "a", "b"]

@@ -151,14 +151,25 @@ def near_threshold(frame: pd.DataFrame, column: str, threshold: float, higher: b
                    n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The n samples passing this threshold closest to it, and the n dropped by it closest to it.
     reason None: the samples kept and those dropped below the target."""
-    values = frame[column]
-    distance = (values - threshold).abs()
+    values = frame[column].to_numpy(dtype=np.float64)
+    distance = np.abs(values - threshold)
     if reason is None:
-        above, below = frame[frame["keep"]], frame[frame["reason"] == "below_target"]
+        above, below = frame["keep"].to_numpy(), (frame["reason"] == "below_target").to_numpy()
     else:
         passing = values >= threshold if higher else values <= threshold
-        above, below = frame[passing & (frame["error"] == "")], frame[frame["reason"] == reason]
-    return tuple(side.assign(_d=distance).sort_values(["_d", "key"]).head(n) for side in (above, below))
+        above, below = passing & (frame["error"] == "").to_numpy(), (frame["reason"] == reason).to_numpy()
+    return tuple(nearest(frame, side, distance, n) for side in (above, below))
+
+
+def nearest(frame: pd.DataFrame, rows: np.ndarray, distance: np.ndarray, n: int) -> pd.DataFrame:
+    """The n of these rows nearest (by distance, then key), sorting only the candidates within
+    the n-th smallest distance: a shard's report work stays small whatever its size."""
+    d = distance[rows]
+    if len(d) > n:
+        cut = np.partition(d, n - 1)[n - 1]
+        if np.isfinite(cut):
+            rows = rows & (distance <= cut)
+    return frame[rows].assign(_d=distance[rows]).sort_values(["_d", "key"]).head(n)
 
 
 def decisions_frame(store: ShardStore, shard: str, columns: list[str]) -> pd.DataFrame:
