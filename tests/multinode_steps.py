@@ -45,7 +45,7 @@ def _children(pid: int) -> list[int]:
 
 
 # Ray titles a worker process after what it runs: a task, or an actor's method while it runs.
-A_TASK_SHARD, AN_ACTOR_SHARD = b"ray::process_shard", b"ray::ShardActor.process"
+A_TASK_SHARD, AN_ACTOR_SHARD = b"ray::process_batch", b"ray::ShardActor.process"
 
 
 def running(raylet_pid: int, title: bytes) -> bool:

@@ -32,7 +32,7 @@ def test_curation_survives_losing_a_worker_node(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
     download, later = result["killed"] + [{}] * (2 - len(result["killed"]))
-    assert download.get("running") == "ray::process_shard", "the worker node never ran a download shard"
+    assert download.get("running") == "ray::process_batch", "the worker node never ran a download shard"
     assert later.get("running") == "ray::ShardActor.process", "the node that joined never ran a later stage's shard"
     log = proc.stdout + proc.stderr
     # Each lost shard was retried: one of the first node's, one of a later stage's on the second.
